@@ -1,0 +1,1 @@
+"""HART: hybrid autoregressive text-to-image generation in plain PyTorch."""

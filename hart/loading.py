@@ -1,0 +1,231 @@
+"""Loading checkpoints saved in the official HART layout, with errors that say what is wrong.
+
+Generic pieces (`read_weights`, `load_checked`) serve every model; the `*_tokenizer*` functions map
+the official tokenizer folder (`config.json` + `model.safetensors` / `pytorch_model.bin`) onto
+`HybridTokenizer`, the `*_transformer*` functions the official `llm/` folder onto `HARTTransformer`. Every size comes from the checkpoint's own config.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, Iterable, Mapping, Union
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from .models.tokenizer import HybridTokenizer
+from .models.transformer import HARTTransformer
+
+PathLike = Union[str, Path]
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Codebook-usage statistics of the reference quantizer: saved, never needed to run the model.
+OFFICIAL_TOKENIZER_TOLERATED = (r"quantize\.ema_vocab_hit_SV",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder that cannot be loaded as asked."""
+
+
+def read_weights(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors` or torch pickle (`.bin`/`.pt`/`.pth`) file, on CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, pickle and zip readers each raise their own types
+        raise CheckpointError(f"cannot read weights file {path} (truncated or corrupt?): {e}") from e
+    if isinstance(sd, Mapping):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(sd.get(wrapper), Mapping):
+                sd = sd[wrapper]
+                break
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"weights file {path} does not hold a flat name -> tensor state dict")
+    return dict(sd)
+
+
+def _listing(title: str, items: list, limit: int = 10) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{len(items)} {title}: " + ", ".join(items[:limit]) + more
+
+
+def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: PathLike,
+                 tolerated: Iterable[str] = ()) -> None:
+    """Strictly load `state_dict` into `module`, explaining every missing, extra or misshaped key.
+
+    Keys matching one of the `tolerated` regexes (full match) may be in the file without being module
+    keys: they are dropped.
+    """
+    expected = module.state_dict()
+    patterns = [re.compile(t) for t in tolerated]
+    sd = {k: v for k, v in state_dict.items()
+          if k in expected or not any(p.fullmatch(k) for p in patterns)}
+    missing = sorted(k for k in expected if k not in sd)
+    unexpected = sorted(k for k in sd if k not in expected)
+    mismatched = sorted(f"{k} (file {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+                        for k, v in sd.items() if k in expected and v.shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        problems = [_listing(t, ks) for t, ks in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                 ("shape mismatches", mismatched)) if ks]
+        raise CheckpointError(f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(problems))
+    module.load_state_dict(sd, strict=True)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+def tokenizer_config_from_official(cfg: Mapping, source: PathLike = "tokenizer config.json") -> dict:
+    """Official tokenizer `config.json` fields -> `HybridTokenizer` keyword arguments."""
+    missing = [k for k in ("vocab_size", "z_channels", "ch", "ch_mult", "v_patch_nums") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{source} lacks the tokenizer size fields {missing}")
+    quantizer_type = cfg.get("quantizer_type", "var")  # the official config class default
+    if quantizer_type not in ("var", "var_hybrid"):
+        raise CheckpointError(f"{source}: quantizer_type {quantizer_type!r} is not supported (need 'var_hybrid' or 'var')")
+    if cfg.get("double_decoder", False):
+        raise CheckpointError(f"{source}: double_decoder tokenizers (decoder2) are not supported")
+    share = int(cfg.get("share_quant_resi", 4))
+    # share_quant_resi: 0 = one phi per scale, 1 = a single shared phi, k > 1 = k partially shared.
+    num_phi = share if share > 0 else int(cfg.get("default_qresi_counts", 0) or len(cfg["v_patch_nums"]))
+    return dict(
+        vocab_size=int(cfg["vocab_size"]),
+        latent_channels=int(cfg["z_channels"]),
+        base_channels=int(cfg["ch"]),
+        channel_multipliers=tuple(int(m) for m in cfg["ch_mult"]),
+        dropout=float(cfg.get("dropout", 0.0)),
+        beta=float(cfg.get("beta", 0.25)),
+        quant_conv_kernel_size=int(cfg.get("quant_conv_ks", 3)),
+        phi_ratio=float(cfg.get("quant_resi", 0.5)),
+        num_phi=num_phi,
+        using_znorm=bool(cfg.get("using_znorm", False)),
+        patch_nums=tuple(int(p) for p in cfg["v_patch_nums"]),
+    )
+
+
+_PHI_RENAMES = (
+    (re.compile(r"^quantize\.quant_resi\.qresi_ls\.(\d+)\."), r"quantize.phi.\1."),  # partially shared
+    (re.compile(r"^quantize\.quant_resi\.qresi\."), "quantize.phi.0."),  # fully shared
+    (re.compile(r"^quantize\.quant_resi\.(\d+)\."), r"quantize.phi.\1."),  # one per scale
+)
+
+
+def official_tokenizer_state_dict(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Official `vae.*` tokenizer keys -> `HybridTokenizer` keys (the `disc.*` discriminator is dropped)."""
+    # HARTAutoEncoderWithDisc prefixes `vae.`; a bare HARTAutoEncoder save has no prefix.
+    if any(k.startswith("vae.") for k in sd):
+        sd = {k[len("vae."):]: v for k, v in sd.items() if k.startswith("vae.")}
+    else:
+        sd = {k: v for k, v in sd.items() if not k.startswith("disc.")}
+    out = {}
+    for k, v in sd.items():
+        for pattern, repl in _PHI_RENAMES:
+            k = pattern.sub(repl, k)
+        out[k] = v
+    return out
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"no weights file ({' or '.join(WEIGHT_FILES)}) in {folder}")
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"no config.json in {folder}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def load_official_tokenizer(folder: PathLike) -> HybridTokenizer:
+    """The official `tokenizer/` folder as a `HybridTokenizer` (eval mode, float32, CPU)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"tokenizer folder not found: {folder}")
+    kwargs = tokenizer_config_from_official(_read_config(folder), folder / "config.json")
+    weights = _weights_file(folder)
+    model = HybridTokenizer(**kwargs)
+    load_checked(model, official_tokenizer_state_dict(read_weights(weights)), weights, OFFICIAL_TOKENIZER_TOLERATED)
+    return model.float().eval()
+
+
+# ---- transformer (official `llm/` folder) ------------------------------------------------------
+
+# Buffers the reference saves but this package computes when needed.
+TRANSFORMER_TOLERATED = (r"lvl_1L", r"attn_bias_for_masking", r"blocks\.\d+\.attn\.zero_k_bias")
+
+# Official options whose other values change the architecture; this package implements the
+# released variant only, and says so instead of loading the weights into the wrong network.
+_RELEASED_VARIANT = {
+    "attn_type": "llama",
+    "mlp_type": "llama",
+    "disable_aln": False,
+    "use_timestep_embed": False,
+    "use_cross_attn": False,
+    "sampler": "iddpm",
+}
+
+
+def transformer_config_from_official(cfg: dict, state_dict: Dict[str, torch.Tensor], source: str) -> dict:
+    """Map the official `llm/config.json` (plus sizes read off the weights) to HARTTransformer kwargs."""
+    for key, released in _RELEASED_VARIANT.items():
+        if cfg.get(key, released) != released:
+            raise CheckpointError(
+                f"{source}: {key}={cfg[key]!r} is not supported; this package implements the released "
+                f"HART variant ({key}={released!r})."
+            )
+    for key in ("word_embed.weight", "head.weight"):
+        if key not in state_dict:
+            raise CheckpointError(f"{source}: key {key!r} is missing; is this a HART transformer checkpoint?")
+    try:
+        return dict(
+            patch_nums=tuple(cfg["patch_nums"]),
+            context_tokens=cfg["context_token"],
+            context_dim=cfg["context_dim"],
+            embed_dim=cfg["embed_dim"],
+            depth=cfg["depth"],
+            num_heads=cfg["num_heads"],
+            mlp_ratio=cfg.get("mlp_ratio", 4.0),
+            vocab_size=state_dict["head.weight"].shape[0],
+            latent_channels=state_dict["word_embed.weight"].shape[1],
+            norm_eps=cfg.get("norm_eps", 1e-6),
+            attn_l2_norm=cfg.get("attn_l2_norm", False),
+            cond_pooling=cfg.get("sep_aln_pooling_mode", "max"),
+            use_context_norm=cfg.get("use_context_norm", False),
+            cond_drop_rate=cfg.get("cond_drop_rate", 0.1),
+            diff_width=cfg.get("diff_width", 1024),
+            diff_depth=cfg.get("diff_depth", 6),
+            num_sampling_steps=str(cfg.get("num_sampling_steps", "8")),
+            diffusion_batch_mul=cfg.get("diffusion_batch_mul", 4),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{source}: config.json has no {e.args[0]!r} field") from None
+
+
+def official_transformer_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Official transformer keys -> this package's (the diffusion head is `diffusion_head`)."""
+    return {re.sub(r"^diffloss\.", "diffusion_head.", k): v for k, v in state_dict.items()}
+
+
+def load_official_transformer(folder: PathLike, use_ema: bool = True) -> HARTTransformer:
+    """Load an official `llm/` folder; `ema_model.bin` (EMA weights) replaces the weights when present."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"transformer folder not found: {folder}")
+    cfg = _read_config(folder)
+    weights_file = _weights_file(folder)
+    state_dict = read_weights(weights_file)
+    ema_file = folder / "ema_model.bin"
+    if use_ema and ema_file.is_file():
+        weights_file, state_dict = ema_file, read_weights(ema_file)
+    model = HARTTransformer(**transformer_config_from_official(cfg, state_dict, str(folder / "config.json")))
+    load_checked(model, official_transformer_state_dict(state_dict), str(weights_file), TRANSFORMER_TOLERATED)
+    return model.eval()

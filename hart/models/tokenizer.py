@@ -1,0 +1,212 @@
+"""HART hybrid tokenizer: convolutional autoencoder + multi-scale residual quantizer (spec §1).
+
+Submodule names follow the official checkpoint (`encoder.down.{l}.block.{b}.norm1`, `...attn.{b}.qkv`,
+`decoder.up.{l}.upsample.conv`, ...) so its weights load after only the quantizer renames.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+
+from .quantizer import MultiScaleQuantizer
+
+
+def _norm(C: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, C, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, C_in: int, C_out: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(C_in), nn.Conv2d(C_in, C_out, 3, padding=1)
+        self.norm2, self.conv2 = _norm(C_out), nn.Conv2d(C_out, C_out, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.nin_shortcut = nn.Conv2d(C_in, C_out, 1) if C_in != C_out else nn.Identity()
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        h_BChw = self.conv1(F.silu(self.norm1(x_BChw)))
+        h_BChw = self.conv2(self.dropout(F.silu(self.norm2(h_BChw))))
+        return self.nin_shortcut(x_BChw) + h_BChw
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the spatial positions (scale C^-1/2, SDPA's default)."""
+
+    def __init__(self, C: int):
+        super().__init__()
+        self.norm = _norm(C)
+        self.qkv = nn.Conv2d(C, 3 * C, 1)
+        self.proj_out = nn.Conv2d(C, C, 1)
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x_BChw.shape
+        qkv_B3CL = self.qkv(self.norm(x_BChw)).view(B, 3, C, H * W)
+        q_BLC, k_BLC, v_BLC = qkv_B3CL.transpose(2, 3).unbind(1)
+        o_BLC = F.scaled_dot_product_attention(q_BLC, k_BLC, v_BLC)
+        return x_BChw + self.proj_out(o_BLC.transpose(1, 2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, C: int):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, stride=2)
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        # Asymmetric zero pad (right/bottom only), as the checkpoint was trained with.
+        return self.conv(F.pad(x_BChw, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, C: int):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x_BChw, scale_factor=2.0, mode="nearest"))
+
+
+def _mid(C: int, dropout: float) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(C, C, dropout), AttnBlock(C), ResnetBlock(C, C, dropout)
+    return mid
+
+
+def _run_mid(mid: nn.Module, h_BChw: torch.Tensor) -> torch.Tensor:
+    return mid.block_2(mid.attn_1(mid.block_1(h_BChw)))
+
+
+def _level(C_in: int, C_out: int, num_blocks: int, with_attn: bool, dropout: float) -> nn.Module:
+    """One resolution level: ResnetBlocks (first one changes width), attention after each if asked."""
+    level = nn.Module()
+    level.block = nn.ModuleList(ResnetBlock(C_in if b == 0 else C_out, C_out, dropout) for b in range(num_blocks))
+    level.attn = nn.ModuleList(AttnBlock(C_out) for _ in range(num_blocks if with_attn else 0))
+    return level
+
+
+def _run_level(level: nn.Module, h_BChw: torch.Tensor) -> torch.Tensor:
+    for b, block in enumerate(level.block):
+        h_BChw = block(h_BChw)
+        if len(level.attn):
+            h_BChw = level.attn[b](h_BChw)
+    return h_BChw
+
+
+class Encoder(nn.Module):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float):
+        super().__init__()
+        n, widths = len(ch_mult), [ch * m for m in ch_mult]
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        for l in range(n):
+            level = _level(widths[l - 1] if l else ch, widths[l], num_res_blocks, l == n - 1, dropout)
+            if l != n - 1:
+                level.downsample = Downsample(widths[l])
+            self.down.append(level)
+        self.mid = _mid(widths[-1], dropout)
+        self.norm_out = _norm(widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], z_channels, 3, padding=1)
+
+    def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
+        h_BChw = self.conv_in(x_B3HW)
+        for level in self.down:
+            h_BChw = _run_level(level, h_BChw)
+            if hasattr(level, "downsample"):
+                h_BChw = level.downsample(h_BChw)
+        h_BChw = _run_mid(self.mid, h_BChw)
+        return self.conv_out(F.silu(self.norm_out(h_BChw)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float):
+        super().__init__()
+        n, widths = len(ch_mult), [ch * m for m in ch_mult]
+        self.conv_in = nn.Conv2d(z_channels, widths[-1], 3, padding=1)
+        self.mid = _mid(widths[-1], dropout)
+        # Stored as up[l] (finest first) but built and run coarsest first.
+        up = []
+        for l in range(n):
+            level = _level(widths[l + 1] if l < n - 1 else widths[-1], widths[l], num_res_blocks + 1, l == n - 1, dropout)
+            if l != 0:
+                level.upsample = Upsample(widths[l])
+            up.append(level)
+        self.up = nn.ModuleList(up)
+        self.norm_out = _norm(ch * ch_mult[0])
+        self.conv_out = nn.Conv2d(ch * ch_mult[0], 3, 3, padding=1)
+
+    def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
+        h_BChw = _run_mid(self.mid, self.conv_in(z_BChw))
+        for level in reversed(self.up):
+            h_BChw = _run_level(level, h_BChw)
+            if hasattr(level, "upsample"):
+                h_BChw = level.upsample(h_BChw)
+        return self.conv_out(F.silu(self.norm_out(h_BChw)))
+
+
+class HybridTokenizer(ModelMixin, ConfigMixin):
+    """Image <-> (per-scale codes, continuous residual). Images are (B, 3, H, W) in [-1, 1]."""
+
+    @register_to_config
+    def __init__(
+        self,
+        vocab_size: int = 4096,
+        latent_channels: int = 32,
+        base_channels: int = 160,
+        channel_multipliers: Sequence[int] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        dropout: float = 0.0,
+        beta: float = 0.25,
+        quant_conv_kernel_size: int = 3,
+        phi_ratio: float = 0.5,
+        num_phi: int = 4,
+        using_znorm: bool = False,
+        patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
+    ):
+        super().__init__()
+        args = (base_channels, tuple(channel_multipliers), num_res_blocks, latent_channels, dropout)
+        self.encoder, self.decoder = Encoder(*args), Decoder(*args)
+        ks = quant_conv_kernel_size
+        self.quant_conv = nn.Conv2d(latent_channels, latent_channels, ks, padding=ks // 2)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, ks, padding=ks // 2)
+        self.quantize = MultiScaleQuantizer(vocab_size, latent_channels, num_phi, phi_ratio, beta, using_znorm)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.channel_multipliers) - 1)
+
+    def _patch_nums(self, patch_nums: Optional[Sequence[int]]) -> Tuple[int, ...]:
+        return tuple(self.config.patch_nums if patch_nums is None else patch_nums)
+
+    def encode_latent(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) image in [-1, 1] -> latent f (B, Cvae, H/16, W/16)."""
+        d = self.downsample_factor
+        if img_B3HW.ndim != 4 or img_B3HW.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(img_B3HW.shape)}")
+        if img_B3HW.shape[2] % d or img_B3HW.shape[3] % d:
+            raise ValueError(f"image height and width must be multiples of {d}, got {tuple(img_B3HW.shape[2:])}")
+        return self.quant_conv(self.encoder(img_B3HW))
+
+    def decode_latent(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1)
+
+    def img_to_tokens(self, img_B3HW: torch.Tensor, patch_nums: Optional[Sequence[int]] = None
+                      ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """Per-scale codes (B, p*p) and the continuous residual (B, P*P, Cvae) of an image."""
+        return self.quantize.encode(self.encode_latent(img_B3HW), self._patch_nums(patch_nums))
+
+    def tokens_to_img(self, idx_list: Sequence[torch.Tensor], residual_BLC: Optional[torch.Tensor] = None,
+                      patch_nums: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Decode codes (plus the residual; discrete-only when None) to an image in [-1, 1]."""
+        f_hat_BChw = self.quantize.idx_to_fhat(idx_list, self._patch_nums(patch_nums), residual_BLC)
+        return self.decode_latent(f_hat_BChw.to(self.post_quant_conv.weight.dtype))
+
+    def forward(self, img_B3HW: torch.Tensor, skip_continuous: bool = False
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training forward: (unclamped reconstruction, VQ loss, per-scale code hits (S, V))."""
+        f_BChw = self.encode_latent(img_B3HW)
+        f_hat_BChw, vq_loss, hits_SV = self.quantize(f_BChw, self._patch_nums(None), skip_continuous)
+        return self.decoder(self.post_quant_conv(f_hat_BChw)), vq_loss, hits_SV

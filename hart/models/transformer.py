@@ -1,0 +1,343 @@
+"""The scale-wise HART transformer (llama variant: RMSNorm, RoPE, SwiGLU, AdaLN).
+
+The sequence is the text tokens followed by the token maps of scales 1..S-1; the 1x1 scale has no
+input slot: the last text position predicts it. Attention is block-causal by scale (bidirectional
+inside a scale). Training runs the whole sequence with that mask; inference runs one scale at a time
+against a KV cache, which gives the same structure without any mask.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+
+from hart.models.attention import attention
+from hart.models.diffusion import DiffusionHead
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm reduced in fp32, weight applied in the input dtype (as HF LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.to(x.dtype) * y.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x_BHLd: torch.Tensor, cos_BLd: torch.Tensor, sin_BLd: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos_BLd.unsqueeze(1).to(x_BHLd.dtype), sin_BLd.unsqueeze(1).to(x_BHLd.dtype)
+    return x_BHLd * cos + rotate_half(x_BHLd) * sin
+
+
+class Rope:
+    """Rotary angles: 1-D for text tokens, the reference's 2-D variant for image tokens.
+
+    The 2-D angles are `[a*g, a*g, b*g, b*g]` in four blocks and are applied with the same
+    rotate-half as 1-D, so dim d pairs with d + hd/2, which carries the other axis' angle. That is
+    not a true rotation, but the released weights were trained with it (spec 2.5).
+    """
+
+    def __init__(self, head_dim: int, base: float):
+        self.head_dim = head_dim
+        self.inv_freq_1d = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        half = head_dim // 2
+        self.inv_freq_2d = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))
+
+    def text(self, pos_BT: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        ang = pos_BT.float().unsqueeze(-1) * self.inv_freq_1d.to(pos_BT.device)
+        ang = torch.cat([ang, ang], dim=-1)
+        return ang.cos(), ang.sin()
+
+    def image(self, a_Bl: torch.Tensor, b_Bl: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        g = self.inv_freq_2d.to(a_Bl.device)
+        ang_a, ang_b = a_Bl.unsqueeze(-1) * g, b_Bl.unsqueeze(-1) * g
+        ang = torch.cat([ang_a, ang_a, ang_b, ang_b], dim=-1)
+        return ang.cos(), ang.sin()
+
+
+def image_positions(
+    side: int, final_side: int, offset_B: torch.Tensor, index_Bl: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """2-D RoPE coordinates of the tokens of one `side` x `side` scale (row-major).
+
+    Coordinates live on the final grid: `(r / side) * final_side`, divided before multiplying, in
+    fp32, plus the row's last text position on both axes (spec 2.5). `index_Bl` selects tokens.
+    """
+    k = torch.arange(side * side, device=offset_B.device)
+    r = torch.div(k, side, rounding_mode="floor").float()
+    c = (k % side).float()
+    a = (r / side) * final_side
+    b = (c / side) * final_side
+    a_Bl = a.unsqueeze(0) + offset_B.float().unsqueeze(1)
+    b_Bl = b.unsqueeze(0) + offset_B.float().unsqueeze(1)
+    if index_Bl is not None:
+        a_Bl, b_Bl = a_Bl.gather(1, index_Bl), b_Bl.gather(1, index_Bl)
+    return a_Bl, b_Bl
+
+
+class KVCache:
+    """Per-layer keys and values (after RoPE) of the scales run so far in one sampling call."""
+
+    def __init__(self, depth: int):
+        self.kv: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * depth
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        old = self.kv[layer]
+        if old is not None:
+            k, v = torch.cat([old[0], k], dim=2), torch.cat([old[1], v], dim=2)
+        self.kv[layer] = (k, v)
+        return k, v
+
+
+class SelfAttention(nn.Module):
+    """Llama-style attention with q/v biases, the VAR softmax scale and optional QK-norm."""
+
+    def __init__(self, dim: int, num_heads: int, l2_norm: bool):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv_proj = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+        self.l2_norm = l2_norm
+        if l2_norm:
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+            self.scale = 1.0
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)  # VAR's convention, not 1/sqrt(hd)
+
+    def forward(self, x_BLC, rope_cos_sin, mask_LL=None, cache: Optional[KVCache] = None, layer: int = 0):
+        B, L, C = x_BLC.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x_BLC, self.qkv_proj.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
+        if self.l2_norm:
+            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp(max=math.log(100.0)).exp()
+            k = F.normalize(k, dim=-1)
+        cos, sin = rope_cos_sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)
+        out = attention(q, k, v, scale=self.scale, mask_LL=mask_LL)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class AdaLNBlock(nn.Module):
+    """Pre-norm block whose norms are modulated (scale, shift) and branches gated by the text."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float, l2_norm: bool):
+        super().__init__()
+        self.ln_wo_grad = RMSNorm(dim, eps)
+        self.attn = SelfAttention(dim, num_heads, l2_norm)
+        self.ffn = SwiGLU(dim, mlp_hidden)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x_BLC, cond_BD, rope_cos_sin, mask_LL=None, cache=None, layer=0):
+        ada = self.ada_lin(cond_BD).view(-1, 1, 6, x_BLC.shape[-1]).to(x_BLC.dtype)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
+        h = self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1
+        x_BLC = x_BLC + gamma1 * self.attn(h, rope_cos_sin, mask_LL, cache, layer)
+        h = self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2
+        return x_BLC + gamma2 * self.ffn(h)
+
+
+class AdaLNHead(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.ln_wo_grad = RMSNorm(dim, eps)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x_BLC, cond_BD):
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, x_BLC.shape[-1]).to(x_BLC.dtype).unbind(2)
+        return self.ln_wo_grad(x_BLC) * (1 + scale) + shift
+
+
+def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
+    return int(dim * mlp_ratio * 2 / 3 + 255) // 256 * 256
+
+
+class HARTTransformer(ModelMixin, ConfigMixin):
+    """Predicts each scale's tokens from the text and all coarser scales; owns the diffusion head."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
+        context_tokens: int = 300,
+        context_dim: int = 1536,
+        embed_dim: int = 1536,
+        depth: int = 16,
+        num_heads: int = 24,
+        mlp_ratio: float = 4.0,
+        vocab_size: int = 4096,
+        latent_channels: int = 32,
+        norm_eps: float = 1e-6,
+        attn_l2_norm: bool = False,
+        cond_pooling: str = "max",
+        use_context_norm: bool = False,
+        cond_drop_rate: float = 0.1,
+        rope_base: float = 10000.0,
+        diff_width: int = 1024,
+        diff_depth: int = 6,
+        num_sampling_steps: str = "8",
+        diffusion_batch_mul: int = 4,
+    ):
+        super().__init__()
+        if cond_pooling not in ("max", "avg"):
+            raise ValueError(f"cond_pooling must be 'max' or 'avg', got {cond_pooling!r}")
+        if embed_dim % num_heads or (embed_dim // num_heads) % 4:
+            raise ValueError(f"embed_dim {embed_dim} must split into heads of a size divisible by 4 (2-D RoPE)")
+        C = embed_dim
+        self.context_norm = RMSNorm(context_dim, norm_eps) if use_context_norm else nn.Identity()
+        self.context_embed = nn.Linear(context_dim, C)
+        self.word_embed = nn.Linear(latent_channels, C)
+        self.lvl_embed = nn.Embedding(len(patch_nums), C)
+        hidden = swiglu_hidden(C, mlp_ratio)
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(C, num_heads, hidden, norm_eps, attn_l2_norm) for _ in range(depth)
+        )
+        self.head_nm = AdaLNHead(C, norm_eps)
+        self.head = nn.Linear(C, vocab_size)
+        self.decoder_norm = RMSNorm(C, norm_eps)
+        self.diffusion_head = DiffusionHead(
+            latent_channels, C, diff_width, diff_depth, num_sampling_steps, diffusion_batch_mul
+        )
+        self.rope = Rope(C // num_heads, rope_base)
+        self.gradient_checkpointing = False
+
+    # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def patch_nums(self) -> Tuple[int, ...]:
+        return tuple(self.config.patch_nums)
+
+    @property
+    def scale_starts(self) -> List[int]:
+        """Start of each scale k >= 1 in the image part of the sequence (scale 1 starts at 0)."""
+        starts, n = [], 0
+        for p in self.patch_nums[1:]:
+            starts.append(n)
+            n += p * p
+        return starts
+
+    # ---- conditioning ------------------------------------------------------------------------
+    def embed_context(self, context_BTC: torch.Tensor) -> torch.Tensor:
+        """Text features -> `cond_BTD`: the text input tokens and the AdaLN conditioning source."""
+        if context_BTC.shape[1:] != (self.config.context_tokens, self.config.context_dim):
+            raise ValueError(
+                f"text features must have shape (B, {self.config.context_tokens}, {self.config.context_dim}), "
+                f"got {tuple(context_BTC.shape)}: is the text encoder the one this model was trained with?"
+            )
+        dtype = self.context_embed.weight.dtype
+        return self.context_embed(self.context_norm(context_BTC.to(dtype)))
+
+    def pool_condition(self, cond_BTD: torch.Tensor, mask_BT: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(block conditioning, head conditioning). Max pooling includes padding, as released."""
+        cond_max = cond_BTD.max(dim=1).values
+        if self.config.cond_pooling == "max":
+            return cond_max, cond_max
+        m = mask_BT.to(cond_BTD.dtype).unsqueeze(-1)
+        return (cond_BTD * m).sum(1) / m.sum(1).clamp(min=1), cond_max
+
+    # ---- running the blocks ------------------------------------------------------------------
+    def run_blocks(self, x_BLC, cond_BD, rope_cos_sin, mask_LL=None, cache: Optional[KVCache] = None):
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training:
+                x_BLC = torch.utils.checkpoint.checkpoint(
+                    block, x_BLC, cond_BD, rope_cos_sin, mask_LL, None, i, use_reentrant=False
+                )
+            else:
+                x_BLC = block(x_BLC, cond_BD, rope_cos_sin, mask_LL, cache, i)
+        return x_BLC
+
+    def logits(self, hidden_BLC: torch.Tensor, head_cond_BD: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_nm(hidden_BLC, head_cond_BD)).float()
+
+    def diffusion_condition(self, hidden_BlC: torch.Tensor, code_embed_BlCv: torch.Tensor) -> torch.Tensor:
+        """Condition of the residual diffusion: the last hidden state plus the sampled code's embedding."""
+        return self.decoder_norm(hidden_BlC + self.word_embed(code_embed_BlCv.to(hidden_BlC.dtype)))
+
+    # ---- training forward (spec 5) -----------------------------------------------------------
+    def forward(
+        self,
+        context_BTC: torch.Tensor,
+        context_mask_BT: torch.Tensor,
+        context_position_ids_BT: torch.Tensor,
+        x_BLCv_wo_first_l: torch.Tensor,
+        keep_idx_BK: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass over the whole sequence.
+
+        `x_BLCv_wo_first_l` holds the inputs of scales 1..S-1 (the tokenizer's teacher-forcing
+        input). `keep_idx_BK` (ascending row-major indices) keeps only those last-scale tokens, as
+        HART's MAR-style subsampling; None keeps all. Returns the logits from the last text position
+        on, `(B, 1 + sum_{k=1}^{S-2} p_k^2 + K, V)`, and the last scale's hidden states `(B, K, C)`.
+        """
+        B, T = context_BTC.shape[0], self.config.context_tokens
+        pn, P = self.patch_nums, self.patch_nums[-1]
+        n_prev = x_BLCv_wo_first_l.shape[1] - P * P
+        if x_BLCv_wo_first_l.shape[1] != sum(p * p for p in pn) - 1:
+            raise ValueError(f"x_BLCv_wo_first_l has {x_BLCv_wo_first_l.shape[1]} tokens, expected {sum(p * p for p in pn) - 1}")
+        cond_BTD = self.embed_context(context_BTC)
+        cond_blocks, cond_head = self.pool_condition(cond_BTD, context_mask_BT)
+        tokens = self.word_embed(x_BLCv_wo_first_l.to(cond_BTD.dtype))
+        last = tokens[:, n_prev:]
+        if keep_idx_BK is not None:
+            last = last.gather(1, keep_idx_BK.unsqueeze(-1).expand(-1, -1, last.shape[-1]))
+        K = last.shape[1]
+        levels = torch.cat([
+            torch.full((p * p,), k, dtype=torch.long) for k, p in enumerate(pn[1:-1], start=1)
+        ] + [torch.full((K,), len(pn) - 1, dtype=torch.long)]).to(context_BTC.device)
+        x = torch.cat([cond_BTD, tokens[:, :n_prev], last], dim=1)
+        x = x + self.lvl_embed(torch.cat([levels.new_zeros(T), levels])).unsqueeze(0)
+
+        offset_B = context_position_ids_BT[:, -1]
+        cos_sin = [self.rope.text(context_position_ids_BT)]
+        for k, p in enumerate(pn[1:], start=1):
+            index = keep_idx_BK if (k == len(pn) - 1 and keep_idx_BK is not None) else None
+            cos_sin.append(self.rope.image(*image_positions(p, P, offset_B, index)))
+        rope_cos_sin = (torch.cat([c for c, _ in cos_sin], 1), torch.cat([s for _, s in cos_sin], 1))
+
+        all_levels = torch.cat([levels.new_zeros(T), levels])
+        mask_LL = all_levels.unsqueeze(1) >= all_levels.unsqueeze(0)  # block-causal by scale
+        hidden = self.run_blocks(x, cond_blocks, rope_cos_sin, mask_LL)
+        logits = self.logits(hidden[:, T - 1 :], cond_head)
+        return logits, hidden[:, -K:]
+
+    # ---- inference: one scale against the KV cache -------------------------------------------
+    def stage_rope(self, si: int, offset_B: torch.Tensor, context_position_ids_BT=None, index_Bl=None):
+        if si == 0:
+            return self.rope.text(context_position_ids_BT)
+        return self.rope.image(*image_positions(self.patch_nums[si], self.patch_nums[-1], offset_B, index_Bl))
+
+    def stage_input(self, si: int, next_BCvl: torch.Tensor) -> torch.Tensor:
+        """Embed the inputs of scale si >= 1 (area-downsampled f-hat as tokens, (B, l, Cvae))."""
+        x = self.word_embed(next_BCvl.to(self.word_embed.weight.dtype))
+        return x + self.lvl_embed.weight[si]

@@ -1,0 +1,1 @@
+"""Training utilities: the HART objective (and, later, data, caching and loops)."""

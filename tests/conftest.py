@@ -1,0 +1,21 @@
+"""Shared test set-up: offline mode and the reference fixtures."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest
+
+from tests.utils import Recorded, fixture_root
+
+
+@pytest.fixture(scope="session")
+def fixtures():
+    return fixture_root()
+
+
+@pytest.fixture(scope="session")
+def recorded(fixtures):
+    """`recorded("generation/default")` loads one recorded call."""
+    return lambda name: Recorded(fixtures, name)

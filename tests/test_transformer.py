@@ -1,0 +1,82 @@
+"""The transformer's training forward and objective match the reference (transformer_forward/)."""
+import pytest
+import torch
+
+from hart import rng
+from hart.loading import load_official_tokenizer, load_official_transformer, read_weights
+from hart.text import TextConditioning
+from hart.training.objective import draw_dropped, draw_kept_tokens, hart_loss
+from tests.utils import assert_close
+
+
+@pytest.fixture(scope="module")
+def models(fixtures):
+    return load_official_transformer(fixtures / "ckpt" / "llm"), load_official_tokenizer(fixtures / "ckpt" / "tokenizer")
+
+
+def test_every_official_key_is_accounted_for(fixtures, models):
+    transformer, _ = models
+    file_keys = set(read_weights(fixtures / "ckpt" / "llm" / "model.safetensors"))
+    model_keys = set(transformer.state_dict())
+    renamed = {k.replace("diffloss.", "diffusion_head.", 1) for k in file_keys}
+    buffers = {k for k in renamed - model_keys if k in ("lvl_1L", "attn_bias_for_masking") or k.endswith("zero_k_bias")}
+    assert renamed - buffers == model_keys
+
+
+def _reference_case(recorded, models):
+    transformer, vae = models
+    inp, rec, tok = recorded("transformer_forward/inputs"), recorded("transformer_forward/nodrop"), recorded("tokenizer/tokenizer")
+    S = len(transformer.patch_nums)
+    gt_idx = [tok[f"idx_s{i}"] for i in range(S)]
+    assert torch.equal(gt_idx[-1], inp["last_layer_gt_discrete"])
+    B = inp["context"].shape[0]
+    batch, token = rec["mask_wo_prev_stages_batch"], rec["mask_wo_prev_stages_token"]
+    keep_idx_BK = torch.stack([token[batch == b].sort().values for b in range(B)])
+    cond = TextConditioning(inp["context"], inp["context_mask"], inp["context_position_ids"])
+    return transformer, vae, inp, rec, gt_idx, cond, keep_idx_BK
+
+
+def test_teacher_forcing_input_matches_reference(recorded, models):
+    transformer, vae, inp, _, gt_idx, _, _ = _reference_case(recorded, models)
+    x = vae.quantize.teacher_forcing_input(gt_idx, transformer.patch_nums)
+    assert_close(x, inp["x_BLCv_wo_first_l"], 1e-4, "x_BLCv_wo_first_l")
+
+
+def test_training_forward_and_loss_match_reference(recorded, models):
+    transformer, vae, inp, rec, gt_idx, cond, keep_idx_BK = _reference_case(recorded, models)
+    B = cond.batch_size
+    with torch.no_grad():
+        out = hart_loss(
+            transformer, vae.quantize, cond, inp["x_BLCv_wo_first_l"], gt_idx, inp["last_layer_gt"],
+            keep_idx_BK=keep_idx_BK, drop_B=torch.zeros(B, dtype=torch.bool),
+            sampled_idx_BK=rec["idx_BL_sampled"], diffusion_t=rec["diffusion_t"], diffusion_noise=rec["diffusion_noise"],
+        )
+        assert_close(out.logits_BLV, rec["logits"], 1e-4, "logits")
+        assert_close(out.diffusion_loss, rec["diff_loss"], 1e-4, "diff_loss")
+        _, hidden_BKC = transformer(cond.features_BTC, cond.mask_BT, cond.position_ids_BT, inp["x_BLCv_wo_first_l"], keep_idx_BK)
+        code = vae.quantize.embedding.weight[rec["idx_BL_sampled"]]
+        assert_close(transformer.diffusion_condition(hidden_BKC, code), rec["last_layer_cond"], 1e-4, "last_layer_cond")
+
+
+def test_objective_draws_come_from_the_generator(recorded, models):
+    transformer, vae, inp, _, gt_idx, cond, _ = _reference_case(recorded, models)
+    run = lambda seed: hart_loss(
+        transformer, vae.quantize, cond, inp["x_BLCv_wo_first_l"], gt_idx, inp["last_layer_gt"],
+        generator=torch.Generator().manual_seed(seed),
+    ).loss
+    with torch.no_grad():
+        a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_condition_dropout_rate_is_the_configured_rate():
+    g = torch.Generator().manual_seed(0)
+    drops = torch.cat([draw_dropped(1000, 0.1, g, "cpu") for _ in range(20)])
+    assert abs(drops.float().mean().item() - 0.1) < 0.01
+
+
+def test_kept_tokens_keep_at_least_32():
+    g = torch.Generator().manual_seed(0)
+    assert draw_kept_tokens(2, 16, g, "cpu").shape == (2, 16)
+    keep = draw_kept_tokens(3, 1024, g, "cpu")
+    assert 32 <= keep.shape[1] <= 512 and bool((keep.diff(dim=1) > 0).all())

@@ -1,0 +1,41 @@
+"""Test helpers: the reference fixture folder, recorded calls and a tolerance check."""
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def fixture_root() -> Path:
+    """The reference fixture folder: `$HART_FIXTURES`, else `../shared/fixtures/official-tiny`."""
+    root = Path(os.environ.get("HART_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "official-tiny"))
+    if not (root / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"Reference fixtures not found at {root}: set HART_FIXTURES to the official-tiny folder."
+        )
+    return root
+
+
+class Recorded:
+    """One recorded call: `X.safetensors` tensors plus the `X.json` description beside it."""
+
+    def __init__(self, root: Path, name: str):
+        self.tensors = load_file(str(root / f"{name}.safetensors"))
+        self.meta = json.loads((root / f"{name}.json").read_text())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name: str = "") -> None:
+    """Max-abs comparison with a message that names the tensor and the difference."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert tuple(actual.shape) == tuple(expected.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual.double().cpu() - expected.double().cpu()).abs().max().item() if actual.numel() else 0.0
+    assert diff <= atol, f"{name}: max abs difference {diff:.3g} > {atol:g}"
