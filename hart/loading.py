@@ -229,3 +229,65 @@ def load_official_transformer(folder: PathLike, use_ema: bool = True) -> HARTTra
     model = HARTTransformer(**transformer_config_from_official(cfg, state_dict, str(folder / "config.json")))
     load_checked(model, official_transformer_state_dict(state_dict), str(weights_file), TRANSFORMER_TOLERATED)
     return model.eval()
+
+
+# ---- text encoder and the whole release ---------------------------------------------------------
+
+def resolve_folder(name_or_path: PathLike) -> Path:
+    """A local folder as is; otherwise a hub repository name, downloaded (where the network allows)."""
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; expected a model folder")
+        return path
+    if str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/")):
+        raise CheckpointError(f"model folder not found: {path}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path)))
+    except Exception as e:  # offline mode, unknown repository, no network: one clear message
+        raise CheckpointError(f"model folder {path} not found locally and could not be downloaded: {e}") from e
+
+
+def load_text_encoder(name_or_path: PathLike, torch_dtype: torch.dtype = torch.float32):
+    """(tokenizer, text model) from a Hugging Face folder or hub name.
+
+    The tokenizer class named in `tokenizer_config.json` is honoured: transformers 5's AutoTokenizer
+    picks the class from the model type (qwen2 -> Qwen2Tokenizer), which misreads other tokenizers.
+    """
+    import transformers
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = resolve_folder(name_or_path)
+    tok_cfg = folder / "tokenizer_config.json"
+    tokenizer_cls = AutoTokenizer
+    if tok_cfg.is_file():
+        named = json.loads(tok_cfg.read_text()).get("tokenizer_class")
+        if named == "PreTrainedTokenizerFast":
+            tokenizer_cls = transformers.PreTrainedTokenizerFast
+    tokenizer = tokenizer_cls.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, dtype=torch_dtype)
+    return tokenizer, model.eval()
+
+
+def load_official_components(path: PathLike, text_encoder: PathLike, tokenizer_path: PathLike = None,
+                             use_ema: bool = True) -> dict:
+    """The components of `HARTPipeline` from the official release layout.
+
+    `path`: the release folder holding `llm/` and `tokenizer/` (or the `llm/` folder itself, with
+    `tokenizer/` beside it); `tokenizer_path` overrides where the image tokenizer is.
+    """
+    path = resolve_folder(path)
+    llm = path / "llm" if (path / "llm").is_dir() else path
+    tokenizer_dir = Path(tokenizer_path) if tokenizer_path is not None else (
+        path / "tokenizer" if (path / "llm").is_dir() else llm.parent / "tokenizer")
+    if not (llm / "config.json").is_file():
+        raise CheckpointError(f"{path} is not an official HART folder: no llm/config.json")
+    text_tokenizer, text_model = load_text_encoder(text_encoder)
+    return dict(
+        tokenizer=text_tokenizer,
+        text_encoder=text_model,
+        transformer=load_official_transformer(llm, use_ema=use_ema),
+        vae=load_official_tokenizer(tokenizer_dir),
+    )

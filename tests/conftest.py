@@ -19,3 +19,11 @@ def fixtures():
 def recorded(fixtures):
     """`recorded("generation/default")` loads one recorded call."""
     return lambda name: Recorded(fixtures, name)
+
+
+@pytest.fixture(scope="session")
+def fixture_pipe(fixtures):
+    """HARTPipeline built from the fixture checkpoint in the official layout (do not modify it)."""
+    from hart import HARTPipeline
+
+    return HARTPipeline.from_official(fixtures / "ckpt", text_encoder=fixtures / "ckpt" / "text_encoder")
