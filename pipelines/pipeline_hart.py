@@ -19,6 +19,7 @@ from hart.text import SYSTEM_PROMPT, TextConditioning, check_prompts, encode_pro
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSORS = ("f_hat", "idx", "logits", "preview")
+PREVIEW_MAX_SIDE = 16  # latent tokens: previews stay at most 256 px, whatever the model's resolution
 
 EXAMPLE_DOC = """
     Examples:
@@ -222,7 +223,7 @@ class HARTPipeline(DiffusionPipeline):
                     tensors = {"f_hat": stage.f_hat_BChw, "idx": stage.idx_Bl, "logits": stage.logits_BlV}
                     tensors = {k: v for k, v in tensors.items() if k in wanted}
                     if "preview" in wanted:
-                        side = min(pn[stage.si], max(pn[-1] // 4, 1))
+                        side = min(pn[stage.si], PREVIEW_MAX_SIDE)
                         tensors["preview"] = (self.preview(stage.f_hat_BChw, side) + 1) / 2
                     callback_on_step_end(self, stage.si, pn[stage.si], tensors)
                 return not self._interrupt

@@ -80,3 +80,26 @@ def test_kept_tokens_keep_at_least_32():
     assert draw_kept_tokens(2, 16, g, "cpu").shape == (2, 16)
     keep = draw_kept_tokens(3, 1024, g, "cpu")
     assert 32 <= keep.shape[1] <= 512 and bool((keep.diff(dim=1) > 0).all())
+
+
+def test_package_layout_round_trip_is_exact(recorded, models, tmp_path):
+    transformer, vae, inp, _, gt_idx, cond, keep_idx_BK = _reference_case(recorded, models)
+    transformer.save_pretrained(tmp_path)
+    loaded = type(transformer).from_pretrained(tmp_path).eval()
+    args = (cond.features_BTC, cond.mask_BT, cond.position_ids_BT, inp["x_BLCv_wo_first_l"], keep_idx_BK)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(transformer(*args), loaded(*args)))
+
+
+def test_unsupported_official_variants_are_refused(fixtures, tmp_path):
+    import json
+    import shutil
+
+    from hart.loading import CheckpointError
+
+    folder = tmp_path / "llm"
+    shutil.copytree(fixtures / "ckpt" / "llm", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "attn_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="attn_type"):
+        load_official_transformer(folder)

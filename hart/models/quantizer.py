@@ -69,7 +69,8 @@ class MultiScaleQuantizer(nn.Module):
             return h_BChw
         conv = self.phi[self.phi_index(si, num_scales)]
         r = self.phi_ratio
-        return h_BChw * (1 - r) + conv(h_BChw) * r
+        # f-hat accumulates in float32 whatever the weights' dtype (bf16/fp16 pipelines)
+        return h_BChw * (1 - r) + conv(h_BChw.to(conv.weight.dtype)).to(h_BChw.dtype) * r
 
     # ---------------------------------------------------------------- codebook
     @torch.no_grad()
