@@ -23,15 +23,17 @@ class ForcedTokens:
 
     `idx[si]` is `(B, p_si^2)` or None (nothing forced at that scale); `mask[si]` (bool, same shape)
     marks the forced positions, None meaning all of them. A forced position takes the hard code
-    embedding. `residual_BLCv` (with `residual_mask_BL`) replaces the diffusion output at the last
-    scale. Random draws still happen at forced positions, so the free positions see the same
-    random stream whatever is forced.
+    embedding. `residual_BLCv` replaces the diffusion output at the last scale. `latent_BChw` pins
+    the final f-hat where `latent_mask_Bhw` is True (inpainting: the known region ends exactly at
+    the input's latent, whatever the coarse scales drew). Random draws still happen at forced
+    positions, so the free positions see the same random stream whatever is forced.
     """
 
     idx: Sequence[Optional[torch.Tensor]] = ()
     mask: Sequence[Optional[torch.Tensor]] = ()
     residual_BLCv: Optional[torch.Tensor] = None
-    residual_mask_BL: Optional[torch.Tensor] = None
+    latent_BChw: Optional[torch.Tensor] = None
+    latent_mask_Bhw: Optional[torch.Tensor] = None
 
     def at(self, si: int):
         idx = self.idx[si] if si < len(self.idx) else None
@@ -229,14 +231,13 @@ def _last_scale(
             z_cond, z_uncond, guidance_scale=t, generator=generator, num_images=B
         ).view(B, n, Cv).float()
         if forced.residual_BLCv is not None:
-            res_mask = forced.residual_mask_BL
-            res_mask = torch.ones(B, P * P, dtype=torch.bool, device=f_hat.device) if res_mask is None else res_mask
-            known = forced.residual_BLCv.to(residual).gather(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv))
-            residual = torch.where(res_mask.gather(1, pred_Bn).unsqueeze(-1), known, residual)
+            residual = forced.residual_BLCv.to(residual).gather(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv))
         tokens_BLCv.scatter_(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv), h_BnCv + residual)
         idx_BL.scatter_(1, pred_Bn, idx_Bn)
         logits_BLV = logits_BnV if num_maskgit_iters == 1 else None
     f_hat = f_hat + tokens_BLCv.transpose(1, 2).reshape(B, Cv, P, P)  # no phi at the last scale
+    if forced.latent_BChw is not None:
+        f_hat = torch.where(forced.latent_mask_Bhw.unsqueeze(1), forced.latent_BChw.to(f_hat), f_hat)
     if callback is not None:
         callback(StageOutput(si, idx_BL, logits_BLV, f_hat))
     return f_hat

@@ -198,6 +198,19 @@ class HARTPipeline(DiffusionPipeline):
             prompt, negative_prompt, num_images_per_prompt, guidance_scale, top_k, top_p, output_type,
             generator, max_sequence_length, callback_on_step_end_tensor_inputs,
         )
+        f_hat = self.generate_latent(
+            prompts, negatives, num_images_per_prompt, guidance_scale, top_k, top_p, more_smooth, generator,
+            callback_on_step_end, callback_on_step_end_tensor_inputs, use_system_prompt, max_sequence_length,
+            stale_last_scale_guidance=stale_last_scale_guidance, num_maskgit_iters=num_maskgit_iters,
+        )
+        return self.finish(f_hat, output_type, return_dict)
+
+    def generate_latent(
+        self, prompts, negatives, num_images_per_prompt, guidance_scale, top_k, top_p, more_smooth, generator,
+        callback_on_step_end, callback_on_step_end_tensor_inputs, use_system_prompt, max_sequence_length,
+        forced=None, **sampler_kwargs,
+    ) -> torch.Tensor:
+        """The shared body of the pipelines: encode the prompts and run the scale loop -> f-hat."""
         self._interrupt = False
         device = self._execution_device
         cond = self.encode_prompt(prompts, device, use_system_prompt, max_sequence_length)
@@ -228,17 +241,24 @@ class HARTPipeline(DiffusionPipeline):
                     callback_on_step_end(self, stage.si, pn[stage.si], tensors)
                 return not self._interrupt
 
-            f_hat = sample_scales(
+            return sample_scales(
                 self.transformer, quantizer, cond, uncond, guidance_scale=float(guidance_scale),
                 top_k=top_k, top_p=top_p or 0.0, more_smooth=more_smooth, generator=generator,
-                stale_last_scale_guidance=stale_last_scale_guidance, num_maskgit_iters=num_maskgit_iters,
-                callback=on_scale,
+                forced=forced, callback=on_scale, **sampler_kwargs,
             )
 
+    def finish(self, f_hat: torch.Tensor, output_type: str, return_dict: bool, postprocess=None):
+        """Decode (unless `output_type="latent"`), convert and wrap the output.
+
+        `postprocess` maps the decoded images (B, 3, H, W in [-1, 1]) before conversion.
+        """
         if output_type == "latent":
             images = f_hat
         else:
-            images = self.image_processor.postprocess(self.decode_latent(f_hat), output_type=output_type)
+            decoded = self.decode_latent(f_hat)
+            if postprocess is not None:
+                decoded = postprocess(decoded)
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

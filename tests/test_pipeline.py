@@ -164,3 +164,10 @@ def test_missing_or_unknown_model_folders_are_refused(tmp_path, fixtures):
         HARTPipeline.from_official(tmp_path / "nope", text_encoder=fixtures / "ckpt" / "text_encoder")
     with pytest.raises(CheckpointError, match="llm/config.json"):
         HARTPipeline.from_official(tmp_path, text_encoder=fixtures / "ckpt" / "text_encoder")
+
+
+def test_model_cpu_offload_hooks_fire_for_hart_calls(pipe):
+    offloaded = copy.deepcopy(pipe)
+    offloaded.enable_model_cpu_offload(device="cpu")  # the same hooks a GPU run installs
+    assert hasattr(offloaded.transformer, "_hf_hook")
+    assert torch.equal(run(offloaded), run(pipe))
