@@ -1,0 +1,395 @@
+"""The `hart` command: `hart generate ...`, `hart convert --model ... --text-encoder ... --out ...`.
+
+A sub-command is one `add_<name>_command(subparsers)` function that sets `run=` to its handler,
+listed in `SUBCOMMANDS`. Handlers raise `UsageError` (or `CheckpointError`) for bad input: `main`
+prints the message and returns exit status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+METADATA_KEY = "hart"  # PNG text chunk holding the JSON of everything needed to regenerate the image
+SAMPLING_DEFAULTS = dict(seed=0, guidance_scale=4.5, top_k=None, top_p=None, more_smooth=True, negative_prompt=None)
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as a one-line message, exit status 2."""
+
+
+@dataclass
+class Job:
+    """One image: the prompt's index in the run, the image's index for that prompt, its seed."""
+
+    prompt_index: int
+    image_index: int
+    prompt: str
+    seed: int
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.prompt_index:05d}_{self.image_index:02d}.png"
+
+
+# ---- shared helpers -------------------------------------------------------------------------------
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hart")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _as_recorded(name: Optional[str]) -> Optional[str]:
+    """A local folder as an absolute path (so the PNG's metadata works from anywhere), a hub name as is."""
+    return str(Path(name).resolve()) if name is not None and Path(name).exists() else name
+
+
+def load_pipeline(model: str, text_encoder: Optional[str] = None, device=None, dtype: str = "fp32",
+                  use_ema: bool = True):
+    """HARTPipeline from this package's layout (`model_index.json`) or the official one (`llm/` + `tokenizer/`)."""
+    import torch
+    from hart import HARTPipeline
+    from hart.loading import CheckpointError, resolve_folder
+
+    def folder(flag, name):
+        try:
+            return resolve_folder(name)
+        except CheckpointError as e:
+            raise UsageError(f"{flag}: {e}") from None
+
+    path = folder("--model", model)
+    if (path / "model_index.json").is_file():
+        if text_encoder is not None:
+            raise UsageError(f"--text-encoder: {path} has its own text encoder (model_index.json); drop --text-encoder")
+        pipe = HARTPipeline.from_pretrained(path)
+    elif (path / "llm").is_dir() and (path / "tokenizer").is_dir():
+        if text_encoder is None:
+            raise UsageError(f"--text-encoder is required: {path} is in the official layout (llm/ + tokenizer/), "
+                             "which has no text encoder; pass the Qwen2 text model folder")
+        pipe = HARTPipeline.from_official(path, text_encoder=folder("--text-encoder", text_encoder), use_ema=use_ema)
+    else:
+        raise UsageError(f"--model: {path} is neither a hart pipeline folder (model_index.json) "
+                         "nor an official HART release folder (llm/ and tokenizer/)")
+    pipe.set_progress_bar_config(disable=True)
+    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    if {pipe.transformer.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} != {torch_dtype}:
+        pipe.to(torch_dtype)  # only when needed: diffusers 0.42 warns on every cast
+    return pipe.to(device) if device is not None else pipe
+
+
+# ---- hart generate --------------------------------------------------------------------------------
+
+def read_prompts(path: Path) -> List[str]:
+    """One prompt per line (blank lines skipped), or JSON lines with a "prompt" field (`.jsonl`)."""
+    if not path.is_file():
+        raise UsageError(f"--prompts-file: file not found: {path}")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                line = json.loads(line)["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UsageError(f"--prompts-file: {path}:{n} is not a JSON object with a \"prompt\" field") from None
+        if not str(line).strip():
+            raise UsageError(f"--prompts-file: {path}:{n} has an empty prompt")
+        prompts.append(str(line).strip())
+    if not prompts:
+        raise UsageError(f"--prompts-file: {path} holds no prompts")
+    return prompts
+
+
+def plan_from_args(args) -> dict:
+    """Jobs, batches and settings of a run described on the command line."""
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise UsageError("give a PROMPT or --prompts-file (one of them), or --from-png")
+    if args.model is None:
+        raise UsageError("--model is required (no default model is bundled yet)")
+    prompts = read_prompts(Path(args.prompts_file)) if args.prompts_file else [args.prompt.strip()]
+    if not prompts[0]:
+        raise UsageError("PROMPT is empty")
+    if args.negative_prompt is not None and not args.negative_prompt.strip():
+        raise UsageError("--negative-prompt is empty; leave it out instead")
+    settings = {k: SAMPLING_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k) for k in SAMPLING_DEFAULTS}
+    seed = settings.pop("seed")
+    n = args.num_images
+    jobs = [Job(p, i, prompt, seed + p * n + i) for p, prompt in enumerate(prompts) for i in range(n)]
+    batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
+    return dict(batches=batches, keep=None, settings=settings,
+                model=_as_recorded(args.model), text_encoder=_as_recorded(args.text_encoder),
+                dtype=args.dtype, grid_columns=n if n > 1 else math.ceil(math.sqrt(len(jobs))))
+
+
+def plan_from_png(args) -> dict:
+    """The run that made a PNG: its whole batch is replayed (batch peers change the float rounding)."""
+    from PIL import Image
+
+    given = [f"--{k.replace('_', '-')}" for k in SAMPLING_DEFAULTS if getattr(args, k) is not None]
+    given += [flag for flag, v in (("PROMPT", args.prompt), ("--prompts-file", args.prompts_file)) if v is not None]
+    if given:
+        raise UsageError(f"--from-png takes the prompt and sampling settings from the image; drop {', '.join(given)}")
+    png = Path(args.from_png)
+    if not png.is_file():
+        raise UsageError(f"--from-png: file not found: {png}")
+    try:
+        meta = json.loads(Image.open(png).text[METADATA_KEY])
+    except (OSError, AttributeError, KeyError, json.JSONDecodeError):
+        raise UsageError(f"--from-png: {png} carries no hart metadata (not written by `hart generate`?)") from None
+    if (Path(args.out) / png.name).resolve() == png.resolve():
+        raise UsageError(f"--out: regenerating {png} into its own folder would overwrite it; choose another --out")
+    batch = [Job(**job) for job in meta["batch"]]
+    return dict(batches=[batch], keep={(meta["prompt_index"], meta["image_index"])},
+                settings={k: meta[k] for k in SAMPLING_DEFAULTS if k != "seed"},
+                model=args.model or meta["model"],
+                text_encoder=args.text_encoder if args.model else meta["text_encoder"],
+                dtype=args.dtype or meta["dtype"], grid_columns=1)
+
+
+def generate_batch(pipe, batch: List[Job], settings: dict, save_steps: bool):
+    """Images of one batch (one CPU generator per image) and, with `save_steps`, per-scale previews."""
+    import torch
+
+    previews = []
+
+    def keep_preview(pipe, scale_index, side, tensors):
+        previews.append(tensors["preview"].float().clamp(0, 1).cpu())
+        return {}
+
+    negative = settings["negative_prompt"]
+    images = pipe(
+        prompt=[job.prompt for job in batch], negative_prompt=None if negative is None else [negative] * len(batch),
+        guidance_scale=settings["guidance_scale"], top_k=settings["top_k"], top_p=settings["top_p"],
+        more_smooth=settings["more_smooth"], generator=[torch.Generator().manual_seed(job.seed) for job in batch],
+        callback_on_step_end=keep_preview if save_steps else None,
+        callback_on_step_end_tensor_inputs=("preview",) if save_steps else (),
+    ).images
+    return images, previews
+
+
+def tile(images, columns: int):
+    """Same-size PIL images on a grid, row by row."""
+    from PIL import Image
+
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * columns, h * math.ceil(len(images) / columns)))
+    for i, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def steps_strip(previews, index: int, final):
+    """The coarse-to-fine previews of image `index`, then the final image, side by side."""
+    from PIL import Image
+
+    side = min(final.height, 256)
+    panels = [Image.fromarray((p[index].permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for p in previews]
+    panels = [p.resize((side, side), Image.NEAREST) for p in panels] + [final.resize((side, side), Image.BICUBIC)]
+    return tile(panels, len(panels))
+
+
+def process_state_and_device(device_arg: Optional[str]):
+    """accelerate's process state (one process without `accelerate launch`) and this process's device."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # PartialState ignores ACCELERATE_USE_CPU (only Accelerator reads it): without cpu=True a CPU
+    # launch would run every process as a lone process 0, each generating everything
+    use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device_arg == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=use_cpu)
+    try:  # a bare "cuda" under `accelerate launch` means each process's own GPU
+        device = state.device if device_arg in (None, state.device.type) else torch.device(device_arg)
+    except RuntimeError:
+        raise UsageError(f"--device: {device_arg!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    return state, device
+
+
+def write_manifest(out: Path, plan: dict, rows: List[dict], summary: dict) -> None:
+    """manifest.jsonl (one row per image, in run order) and run.json, after checking the split."""
+    expected = sorted((j.prompt_index, j.image_index) for b in plan["batches"] for j in b
+                      if plan["keep"] is None or (j.prompt_index, j.image_index) in plan["keep"])
+    got = sorted((r["prompt_index"], r["image_index"]) for r in rows)
+    if got != expected:  # a gap or a duplicate: the split is broken, not the user's input
+        raise RuntimeError(f"the processes wrote {len(got)} images ({len(set(got))} distinct) for the run's "
+                           f"{len(expected)}: the split has a gap or a duplicate")
+    rows = sorted(rows, key=lambda r: (r["prompt_index"], r["image_index"]))
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "run.json").write_text(json.dumps(dict(summary, num_images=len(rows)), indent=2) + "\n")
+
+
+def run_generate(args) -> int:
+    from accelerate.utils import gather_object
+    from PIL.PngImagePlugin import PngInfo
+    from tqdm.auto import tqdm
+
+    plan = plan_from_png(args) if args.from_png else plan_from_args(args)
+    state, device = process_state_and_device(args.device)
+    dtype = plan["dtype"] or ("bf16" if device.type == "cuda" else "fp32")
+    if dtype == "fp16" and device.type != "cuda":
+        raise UsageError(f"--dtype fp16 needs a CUDA device (device is {device.type}); use fp32 or bf16")
+    pipe = load_pipeline(plan["model"], plan["text_encoder"], device, dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(plan["settings"], model=plan["model"], text_encoder=plan["text_encoder"], dtype=dtype,
+                  hart_version=_package_version())
+
+    written = []
+    with state.split_between_processes(plan["batches"]) as my_batches:
+        for batch in tqdm(my_batches, desc="batches", disable=not state.is_local_main_process):
+            images, previews = generate_batch(pipe, batch, plan["settings"], args.save_steps)
+            for position, (job, image) in enumerate(zip(batch, images)):
+                if plan["keep"] is not None and (job.prompt_index, job.image_index) not in plan["keep"]:
+                    continue
+                info = PngInfo()
+                info.add_text(METADATA_KEY, json.dumps(dict(
+                    common, **asdict(job), batch=[asdict(j) for j in batch], batch_position=position)))
+                image.save(out / job.file_name, pnginfo=info)
+                if args.save_steps:
+                    steps_strip(previews, position, image).save(out / job.file_name.replace(".png", "_steps.png"))
+                written.append(dict(file=job.file_name, **asdict(job), rank=state.process_index))
+    print(f"hart generate: process {state.process_index} of {state.num_processes} wrote {len(written)} images to {out}")
+
+    everyone = gather_object(written) if state.num_processes > 1 else written
+    if state.is_main_process:
+        write_manifest(out, plan, everyone, dict(common, num_processes=state.num_processes))
+        if args.grid:
+            from PIL import Image
+
+            files = [json.loads(line)["file"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+            tile([Image.open(out / f) for f in files], plan["grid_columns"]).save(out / "grid.png")
+            print(f"hart generate: grid {out / 'grid.png'}")
+        print(f"hart generate: {len(everyone)} images in {out} (list: {out / 'manifest.jsonl'})")
+    state.wait_for_everyone()
+    return 0
+
+
+def _checked(kind, ok, what: str):
+    """An argparse `type=` that parses with `kind` and rejects values failing `ok`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+POSITIVE_INT = _checked(int, lambda v: v >= 1, "a positive integer")
+
+
+def add_generate_command(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate images from text", description=(
+        f"Generate PNGs that carry their own settings (PNG text chunk {METADATA_KEY!r}). Under "
+        "`accelerate launch` the batches are split across processes, all writing into --out."))
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file / --from-png)")
+    p.add_argument("--prompts-file", help="one prompt per line, or .jsonl lines with a \"prompt\" field")
+    p.add_argument("--from-png", help="regenerate this image from its metadata (pixel-identical on the same "
+                                              "device type, dtype and CPU thread count)")
+    p.add_argument("-n", "--num-images", type=POSITIVE_INT, default=1, help="images per prompt (default 1)")
+    p.add_argument("--seed", type=int, help="image i of the run uses seed+i (default 0)")
+    p.add_argument("--guidance-scale", type=_checked(float, lambda v: 0 <= v < math.inf, "a number >= 0"),
+                   help="classifier-free guidance (default 4.5)")
+    p.add_argument("--negative-prompt", help="what the images should not show")
+    p.add_argument("--top-k", type=POSITIVE_INT, help="top-k sampling (default: the release's schedule)")
+    p.add_argument("--top-p", type=_checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                   help="nucleus sampling threshold (default off)")
+    p.add_argument("--more-smooth", action=argparse.BooleanOptionalAction, help="soft codes (default on)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
+    p.add_argument("--grid", action="store_true", help="also write grid.png with all images")
+    p.add_argument("--save-steps", action="store_true", help="also write NAME_steps.png: the coarse-to-fine previews")
+    _add_model_arguments(p, required=False)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=TORCH_DTYPES, help="weights dtype (default bf16 on cuda, fp32 on cpu)")
+    p.set_defaults(run=run_generate)
+
+
+def _add_model_arguments(p, required: bool) -> None:
+    # --model has no default until a bundled model exists: `plan_from_args` says so when it is missing
+    p.add_argument("--model", required=required,
+                   help="pipeline folder (model_index.json) or official release folder (llm/ + tokenizer/)")
+    p.add_argument("--text-encoder", required=required,
+                   help="text model folder (Qwen2-VL-1.5B-Instruct for the release); needed with an official folder")
+
+
+# ---- hart convert ---------------------------------------------------------------------------------
+
+def convert_official(model: str, text_encoder: str, out: Path, dtype: str = "fp32", use_ema: bool = True) -> Path:
+    """Save an official release (+ text encoder) in this package's layout, and check that it reloads."""
+    import torch
+    from hart import HARTPipeline
+
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out: {out} is not empty; choose a new folder")
+    if (Path(model) / "model_index.json").is_file():
+        raise UsageError(f"--model: {model} is already in this package's layout (model_index.json)")
+    pipe = load_pipeline(model, text_encoder, dtype=dtype, use_ema=use_ema)
+    pipe.save_pretrained(out)
+    reloaded = HARTPipeline.from_pretrained(out)
+    for name in ("transformer", "vae", "text_encoder"):
+        ours, theirs = getattr(pipe, name).state_dict(), getattr(reloaded, name).state_dict()
+        if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours):
+            raise RuntimeError(f"{out}: the saved {name} does not reload identically")
+    return out
+
+
+def run_convert(args) -> int:
+    out = convert_official(args.model, args.text_encoder, Path(args.out), args.dtype, use_ema=not args.no_ema)
+    print(f"hart convert: wrote {out} (load it with HARTPipeline.from_pretrained or `hart generate --model {out}`)")
+    return 0
+
+
+def add_convert_command(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert an official release to this package's pipeline layout")
+    _add_model_arguments(p, required=True)
+    p.add_argument("--out", required=True, help="new folder for the converted pipeline")
+    p.add_argument("--dtype", choices=TORCH_DTYPES, default="fp32", help="saved weights dtype (default fp32)")
+    p.add_argument("--no-ema", action="store_true", help="use llm/ weights even where ema_model.bin exists")
+    p.set_defaults(run=run_convert)
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+
+SUBCOMMANDS = (add_generate_command, add_convert_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hart", description="HART text-to-image.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in SUBCOMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the exit status (argparse errors included, no SystemExit)."""
+    from hart.loading import CheckpointError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's own usage errors (already printed)
+        return int(e.code or 0)
+    try:
+        return args.run(args)
+    except (UsageError, CheckpointError) as e:
+        print(f"hart {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

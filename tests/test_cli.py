@@ -1,0 +1,184 @@
+"""`hart generate` / `hart convert`: files, PNG metadata, exact regeneration, errors, accelerate split."""
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hart.cli import METADATA_KEY, main
+from tests.utils import REPO_ROOT
+
+METADATA_FIELDS = {"prompt", "negative_prompt", "seed", "guidance_scale", "top_k", "top_p", "more_smooth",
+                   "model", "text_encoder", "dtype", "hart_version", "prompt_index", "image_index", "batch"}
+SIDE = 64  # the fixture checkpoint's image size
+SCALES = 4  # and its number of scales
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """`hart generate` creates accelerate's process-wide PartialState: do not leak it into other tests."""
+    yield
+    from accelerate.state import PartialState
+
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def official(fixtures):
+    """`--model ... --text-encoder ...` for the fixture checkpoint in the official layout."""
+    return ["--model", str(fixtures / "ckpt"), "--text-encoder", str(fixtures / "ckpt" / "text_encoder")]
+
+
+@pytest.fixture(scope="module")
+def package_model(fixture_pipe, tmp_path_factory):
+    """The same checkpoint saved in this package's layout (model_index.json)."""
+    folder = tmp_path_factory.mktemp("package_model")
+    fixture_pipe.save_pretrained(folder)
+    return ["--model", str(folder)]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def metadata(path) -> dict:
+    return json.loads(Image.open(path).text[METADATA_KEY])
+
+
+def manifest(out: Path):
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_generate_writes_pngs_with_complete_metadata(official, fixtures, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["generate", "a red fox", "-n", "2", "--seed", "7", "--guidance-scale", "3", "--negative-prompt", "blur"]
+    assert main(argv + official + ["--out", str(out)]) == 0
+    files = ["00000_00.png", "00000_01.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == files
+    for i, name in enumerate(files):
+        assert Image.open(out / name).size == (SIDE, SIDE)
+        meta = metadata(out / name)
+        assert METADATA_FIELDS <= meta.keys()
+        assert (meta["prompt"], meta["negative_prompt"], meta["seed"], meta["guidance_scale"]) == ("a red fox", "blur", 7 + i, 3.0)
+        assert (meta["model"], meta["text_encoder"]) == (str(fixtures / "ckpt"), str(fixtures / "ckpt" / "text_encoder"))
+        assert meta["dtype"] == "fp32" and meta["image_index"] == i
+    assert [r["file"] for r in manifest(out)] == files
+    assert str(out) in capsys.readouterr().out
+    assert not np.array_equal(pixels(out / files[0]), pixels(out / files[1]))  # seeds 7 and 8 differ
+
+
+def test_from_png_regenerates_the_identical_image(package_model, tmp_path):
+    # a batch of 3: float rounding depends on the batch, so --from-png must replay the whole batch
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert main(["generate", "a blue house", "-n", "3", "--seed", "11", "--batch-size", "3", "--top-k", "50",
+                 "--out", str(first)] + package_model) == 0
+    assert main(["generate", "--from-png", str(first / "00000_01.png"), "--out", str(again)]) == 0
+    assert [p.name for p in again.glob("*.png")] == ["00000_01.png"]
+    assert np.array_equal(pixels(again / "00000_01.png"), pixels(first / "00000_01.png"))
+    assert metadata(again / "00000_01.png") == metadata(first / "00000_01.png")
+
+
+def test_prompts_file_grid_and_steps(package_model, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a cat"}\n\n{"prompt": "a dog", "id": 7}\n{"prompt": "a bird"}\n')
+    out = tmp_path / "out"
+    assert main(["generate", "--prompts-file", str(prompts), "--batch-size", "2", "--grid", "--save-steps",
+                 "--out", str(out)] + package_model) == 0
+    rows = manifest(out)
+    assert [(r["file"], r["prompt"], r["seed"]) for r in rows] == [
+        ("00000_00.png", "a cat", 0), ("00001_00.png", "a dog", 1), ("00002_00.png", "a bird", 2)]
+    assert Image.open(out / "grid.png").size == (2 * SIDE, 2 * SIDE)  # 3 images on a 2 x 2 grid
+    for row in rows:
+        strip = Image.open(out / row["file"].replace(".png", "_steps.png"))
+        assert strip.size == ((SCALES + 1) * SIDE, SIDE)  # one preview per scale, then the image
+        assert metadata(out / row["file"])["prompt"] == row["prompt"]
+
+
+def test_plain_text_prompts_file_and_grid_columns(official, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\n  \na dog\n")
+    out = tmp_path / "out"
+    assert main(["generate", "--prompts-file", str(prompts), "-n", "3", "--grid", "--out", str(out)] + official) == 0
+    assert [r["file"] for r in manifest(out)] == [f"0000{p}_0{i}.png" for p in (0, 1) for i in range(3)]
+    assert Image.open(out / "grid.png").size == (3 * SIDE, 2 * SIDE)  # a row per prompt
+
+
+def test_converter_output_gives_the_same_images(official, fixtures, tmp_path, monkeypatch):
+    converted = tmp_path / "converted"
+    monkeypatch.setattr(sys, "argv", ["convert_official.py", *official, "--out", str(converted)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "scripts" / "convert_official.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert (converted / "model_index.json").is_file()
+    prompt = ["generate", "a green tree", "-n", "2", "--seed", "5", "--batch-size", "2"]
+    assert main(prompt + official + ["--out", str(tmp_path / "a")]) == 0
+    assert main(prompt + ["--model", str(converted), "--out", str(tmp_path / "b")]) == 0
+    for name in ("00000_00.png", "00000_01.png"):
+        assert np.array_equal(pixels(tmp_path / "a" / name), pixels(tmp_path / "b" / name))
+
+
+@pytest.mark.parametrize("case", [
+    "no_prompt", "no_model", "missing_model", "neither_layout", "no_text_encoder", "fp16_on_cpu",
+    "missing_prompts_file", "png_without_metadata", "from_png_with_seed", "convert_into_nonempty_folder",
+])
+def test_bad_input_exits_with_a_message_naming_the_problem(case, official, fixtures, tmp_path, capsys):
+    ckpt = str(fixtures / "ckpt")
+    plain_png = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain_png)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    argv, expected = {
+        "no_prompt": (["generate", *official], "PROMPT"),
+        "no_model": (["generate", "a cat"], "--model is required"),
+        "missing_model": (["generate", "a cat", "--model", str(tmp_path / "nope")], str(tmp_path / "nope")),
+        "neither_layout": (["generate", "a cat", "--model", str(tmp_path)], "neither"),
+        "no_text_encoder": (["generate", "a cat", "--model", ckpt], "--text-encoder is required"),
+        "fp16_on_cpu": (["generate", "a cat", *official, "--device", "cpu", "--dtype", "fp16"], "--dtype fp16"),
+        "missing_prompts_file": (["generate", "--prompts-file", str(tmp_path / "p.txt"), *official], "p.txt"),
+        "png_without_metadata": (["generate", "--from-png", str(plain_png)], "plain.png"),
+        "from_png_with_seed": (["generate", "--from-png", str(plain_png), "--seed", "3"], "--seed"),
+        "convert_into_nonempty_folder": (["convert", *official, "--out", str(tmp_path / "full")], "--out"),
+    }[case]
+    assert main(argv + ["--out", str(tmp_path / "out")] if argv[0] == "generate" else argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.png"))
+
+
+def test_accelerate_launch_splits_a_prompts_file_exactly(official, tmp_path):
+    prompts = [f"prompt number {i}" for i in range(5)]
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "out"
+    args = ["generate", "--prompts-file", str(prompts_file), "--batch-size", "1", *official]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hart.cli", *args, "--out", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):  # `--cpu` or a missing cpu=True would silently run lone processes
+        assert f"process {rank} of 2 wrote" in result.stdout
+    assert json.loads((out / "run.json").read_text())["num_processes"] == 2
+    rows = manifest(out)
+    assert [r["prompt_index"] for r in rows] == list(range(5))  # every prompt exactly once
+    assert [r["prompt"] for r in rows] == prompts and {r["rank"] for r in rows} == {0, 1}
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:05d}_00.png" for i in range(5)]
+    # the split does not change the images: one process writes the same pixels (with the same
+    # thread count as the launched processes: fp32 sums on CPU round differently with more threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args + ["--out", str(tmp_path / "single")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for row in rows:
+        assert np.array_equal(pixels(out / row["file"]), pixels(tmp_path / "single" / row["file"]))
