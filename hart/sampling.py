@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from hart import rng
-from hart.models.transformer import HARTTransformer, KVCache
+from hart.models.transformer import HARTTransformer
 from hart.text import TextConditioning
 
 
@@ -132,7 +132,7 @@ def sample_scales(
     offset_2B = pos_2BT[:, -1]
     device = cond_2BTD.device
 
-    cache = KVCache(len(transformer.blocks))
+    cache = transformer.new_cache()
     f_hat = torch.zeros(B, codebook_VCv.shape[1], P, P, device=device)
     x_2BlC = cond_2BTD + transformer.lvl_embed.weight[0]
     ratio = 0.0

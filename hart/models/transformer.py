@@ -59,7 +59,7 @@ class Rope:
         self.inv_freq_2d = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))
 
     def text(self, pos_BT: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        ang = pos_BT.float().unsqueeze(-1) * self.inv_freq_1d.to(pos_BT.device)
+        ang = pos_BT.float().unsqueeze(-1) * self.inv_freq_1d.to(pos_BT.device, non_blocking=True)
         ang = torch.cat([ang, ang], dim=-1)
         return ang.cos(), ang.sin()
 
@@ -91,17 +91,30 @@ def image_positions(
 
 
 class KVCache:
-    """Per-layer keys and values (after RoPE) of the scales run so far in one sampling call."""
+    """Per-layer keys and values (after RoPE) of the scales run so far in one sampling call.
 
-    def __init__(self, depth: int):
-        self.kv: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * depth
+    Buffers for the whole sequence are allocated at the first call, so each scale writes in place
+    instead of re-copying every earlier scale.
+    """
 
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        old = self.kv[layer]
-        if old is not None:
-            k, v = torch.cat([old[0], k], dim=2), torch.cat([old[1], v], dim=2)
-        self.kv[layer] = (k, v)
-        return k, v
+    def __init__(self, depth: int, max_len: int):
+        self.max_len = max_len
+        self.k: List[Optional[torch.Tensor]] = [None] * depth
+        self.v: List[Optional[torch.Tensor]] = [None] * depth
+        self.len = [0] * depth
+
+    def extend(self, layer: int, k_BHld: torch.Tensor, v_BHld: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is None:
+            B, H, _, d = k_BHld.shape
+            self.k[layer] = k_BHld.new_empty(B, H, self.max_len, d)
+            self.v[layer] = v_BHld.new_empty(B, H, self.max_len, d)
+        start, end = self.len[layer], self.len[layer] + k_BHld.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} positions")
+        self.k[layer][:, :, start:end] = k_BHld
+        self.v[layer][:, :, start:end] = v_BHld
+        self.len[layer] = end
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class SelfAttention(nn.Module):
@@ -332,6 +345,10 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         return logits, hidden[:, -K:]
 
     # ---- inference: one scale against the KV cache -------------------------------------------
+    def new_cache(self) -> KVCache:
+        """An empty KV cache sized for one sampling call (all scales, text included)."""
+        return KVCache(len(self.blocks), self.config.context_tokens + sum(p * p for p in self.patch_nums[1:]))
+
     def stage_rope(self, si: int, offset_B: torch.Tensor, context_position_ids_BT=None, index_Bl=None):
         if si == 0:
             return self.rope.text(context_position_ids_BT)
