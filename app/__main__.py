@@ -1,0 +1,93 @@
+"""`python -m app --model DIR`: serve the HART Gradio demo on http://127.0.0.1:7860.
+
+The model comes from the command line only (the same loader as `hart generate`); the page never
+names or chooses files.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _whole(low: int, high: float = float("inf")):
+    """An argparse `type=` for a whole number in [low, high]."""
+    def parse(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            bounds = f"from {low} to {high}" if high < float("inf") else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {bounds}, got {text!r}")
+        return int(text)
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app", description="HART text-to-image web demo (Gradio).")
+    p.add_argument("--model", required=True,
+                   help="pipeline folder (model_index.json) or official release folder (llm/ + tokenizer/)")
+    p.add_argument("--text-encoder", help="text model folder; required with an official release folder")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_whole(1, 65535), default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (goes online)")
+    p.add_argument("--concurrency", type=_whole(1), default=1,
+                   help="generations running at once (default 1: one at a time on the device)")
+    p.add_argument("--max-queue", type=_whole(1), default=20,
+                   help="requests allowed to wait; more are refused with 'queue is full' (default 20)")
+    p.add_argument("--max-images", type=_whole(1), default=4, help="most images per request (default 4)")
+    p.add_argument("--safety-model", help="local ShieldGemma folder: refuse prompts it flags (default: off)")
+    return p
+
+
+def resolve_device(device: Optional[str], dtype: Optional[str]):
+    import torch
+
+    from hart.cli import UsageError
+
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UsageError(f"--device: {device!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    dtype = dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if dtype == "fp16" and device.type != "cuda":
+        raise UsageError(f"--dtype fp16 needs a CUDA device (device is {device.type}); use fp32 or bf16")
+    return device, dtype
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)  # before the heavy imports: --help stays quick
+    from hart.cli import UsageError, load_pipeline
+    from hart.loading import CheckpointError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up checks, one line each
+    try:
+        device, dtype = resolve_device(args.device, args.dtype)
+        safety_checker = None
+        if args.safety_model:
+            from app.safety import ShieldGemmaChecker
+
+            safety_checker = ShieldGemmaChecker(args.safety_model, device=str(device))
+        pipe = load_pipeline(args.model, args.text_encoder, device, dtype)
+    except (UsageError, CheckpointError, FileNotFoundError) as e:
+        print(f"python -m app: error: {e}", file=sys.stderr)
+        return 2
+
+    from app.demo import build_demo
+
+    demo = build_demo(pipe, max_images=args.max_images, concurrency=args.concurrency, max_queue=args.max_queue,
+                      safety_checker=safety_checker)
+    _, local_url, share_url = demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                                          prevent_thread_lock=True, quiet=True)
+    print(f"HART demo on {local_url}" + (f" and {share_url}" if share_url else "") + " (Ctrl+C stops it)", flush=True)
+    demo.block_thread()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

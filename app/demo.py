@@ -1,0 +1,225 @@
+"""The Gradio UI: `build_demo(pipe)` returns a queued `gr.Blocks` ready to `launch()`.
+
+One event, `generate` (API name `/generate`), is a generator: it yields `(preview, gallery, seed,
+status)` once per scale with a cheap decode of the image so far, then once more with the finished
+images. The pipeline runs in a worker thread that hands each scale's preview over a queue.
+Nothing here reads a file path from the browser: the model is whatever the caller loaded.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import random
+import threading
+import time
+from typing import Callable, Optional
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no outbound calls
+
+import gradio as gr  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**31 - 1
+MAX_PROMPT_CHARS = 2000
+MAX_GUIDANCE = 20.0
+PREVIEW_TILE = 256  # display side of each image in the live preview (upscaled, nearest neighbour)
+EXAMPLES = (
+    "An astronaut riding a horse on the moon, oil painting by Van Gogh.",
+    "A close-up photo of a red fox in fresh snow, golden hour.",
+    "A cozy wooden cabin by a mountain lake at sunrise, mist over the water.",
+    "A glass teapot filled with a tiny galaxy, studio lighting.",
+    "A watercolor map of an imaginary island with a lighthouse.",
+    "A bowl of ramen drawn in the style of a 1980s anime still.",
+)
+
+
+class _Cancelled(Exception):
+    """Raised inside the pipeline's callback when the browser went away."""
+
+
+def _invalid(message: str) -> gr.Error:
+    """A user-input problem: shown to the user, not logged as a server error."""
+    return gr.Error(message, title="Invalid input", print_exception=False)
+
+
+def _whole(value, name: str, low: int, high: int, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or not low <= value <= high:
+        raise _invalid(f"{name} must be a whole number from {low} to {high}{hint}; got {value!r}.")
+    return int(value)
+
+
+def _number(value, name: str, low: float, high: float, low_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        interval = f"{'above' if low_open else 'from'} {low:g} {'and at most' if low_open else 'to'} {high:g}"
+        raise _invalid(f"{name} must be a number {interval}; got {value!r}.")
+    return float(value)
+
+
+def validate(prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_k, top_p, more_smooth,
+             num_images, *, vocab_size: int, max_images: int) -> dict:
+    """The UI's raw values as pipeline arguments, or a `gr.Error` that names the field to fix."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _invalid("Please enter a prompt: describe the image you want.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise _invalid(f"The prompt is {len(prompt)} characters long; please keep it under {MAX_PROMPT_CHARS}.")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise _invalid("The negative prompt must be text.")
+    if negative_prompt and len(negative_prompt) > MAX_PROMPT_CHARS:
+        raise _invalid(f"The negative prompt is too long; please keep it under {MAX_PROMPT_CHARS} characters.")
+    top_k = _whole(top_k, "Top-k", 0, vocab_size, " (0 uses the model's own schedule)")
+    top_p = _number(top_p, "Top-p", 0.0, 1.0, low_open=True)
+    return dict(
+        prompt=prompt.strip(),
+        negative_prompt=negative_prompt.strip() if negative_prompt and negative_prompt.strip() else None,
+        seed=random.randint(0, MAX_SEED) if randomize_seed else _whole(seed, "Seed", 0, MAX_SEED),
+        guidance_scale=_number(guidance_scale, "Guidance scale", 0.0, MAX_GUIDANCE),
+        top_k=top_k or None,
+        top_p=None if top_p == 1.0 else top_p,
+        more_smooth=bool(more_smooth),
+        num_images=_whole(num_images, "Number of images", 1, max_images),
+    )
+
+
+def preview_grid(preview_BChw: torch.Tensor) -> Image.Image:
+    """The batch's previews (values in [0, 1]) tiled in a square-ish grid, each PREVIEW_TILE px."""
+    pixels = (preview_BChw.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    columns = math.ceil(math.sqrt(len(pixels)))
+    rows = math.ceil(len(pixels) / columns)
+    grid = Image.new("RGB", (columns * PREVIEW_TILE, rows * PREVIEW_TILE), "white")
+    for i, tile in enumerate(pixels):
+        tile = Image.fromarray(tile).resize((PREVIEW_TILE, PREVIEW_TILE), Image.NEAREST)
+        grid.paste(tile, ((i % columns) * PREVIEW_TILE, (i // columns) * PREVIEW_TILE))
+    return grid
+
+
+def _failure(what: str, error: BaseException) -> gr.Error:
+    """A server-side failure: logged with its traceback, and shown to the user in one line."""
+    logger.error(what, exc_info=error)
+    return gr.Error(f"{what}: {type(error).__name__}: {error}", title=what, print_exception=False)
+
+
+def make_generate(pipe, max_images: int, safety_checker: Optional[Callable[[str], bool]] = None):
+    """The event handler: a generator over `(preview, gallery, seed, status)` updates."""
+    num_scales = len(pipe.transformer.patch_nums)
+    vocab_size = pipe.transformer.config.vocab_size
+
+    def generate(prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_k, top_p, more_smooth,
+                 num_images):
+        args = validate(prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_k, top_p, more_smooth,
+                        num_images, vocab_size=vocab_size, max_images=max_images)
+        if safety_checker is not None:
+            try:
+                flagged = safety_checker(args["prompt"])
+            except Exception as e:
+                raise _failure("The safety checker failed", e) from None
+            if flagged:
+                logger.info("prompt refused by the safety checker")
+                raise gr.Error("The safety checker flagged this prompt; please try a different one.",
+                               title="Prompt refused", print_exception=False)
+        seed, n = args.pop("seed"), args.pop("num_images")
+        updates: queue.Queue = queue.Queue()
+        cancelled = threading.Event()
+
+        def on_scale(_pipe, scale_index, side, tensors):
+            if cancelled.is_set():
+                raise _Cancelled()
+            updates.put(("preview", scale_index, side, tensors["preview"].cpu()))
+            return {}
+
+        def work():
+            try:
+                images = pipe(
+                    **args, num_images_per_prompt=n,
+                    generator=[torch.Generator().manual_seed(seed + i) for i in range(n)],
+                    callback_on_step_end=on_scale, callback_on_step_end_tensor_inputs=["preview"],
+                ).images
+                updates.put(("done", images))
+            except BaseException as e:  # handed to the UI thread, which reports it
+                updates.put(("error", e))
+
+        start = time.perf_counter()
+        threading.Thread(target=work, name="hart-generate", daemon=True).start()
+        try:
+            while True:
+                kind, *payload = updates.get()
+                if kind == "preview":
+                    scale_index, side, preview = payload
+                    status = f"Scale {scale_index + 1}/{num_scales} ({side}x{side} tokens)..."
+                    yield preview_grid(preview), None, seed, status
+                elif kind == "done":
+                    gallery = [(image, f"seed {seed + i}") for i, image in enumerate(payload[0])]
+                    seeds = f"seeds {seed} to {seed + n - 1}" if n > 1 else f"seed {seed}"
+                    status = f"Done in {time.perf_counter() - start:.1f} s: {n} image{'s' * (n > 1)}, {seeds}."
+                    yield gr.skip(), gallery, seed, status
+                    return
+                else:
+                    raise _failure("Generation failed", payload[0])
+        finally:
+            cancelled.set()  # stops the worker at its next scale if the browser left early
+
+    return generate
+
+
+def build_demo(pipe, *, max_images: int = 4, concurrency: int = 1, max_queue: int = 20,
+               safety_checker: Optional[Callable[[str], bool]] = None) -> gr.Blocks:
+    """A queued Blocks app around a loaded `HARTPipeline`.
+
+    `concurrency` generations run at once (1: one per device), at most `max_queue` wait; more are
+    refused with "Queue is full". `safety_checker(prompt) -> True` refuses a prompt (see `app.safety`).
+    """
+    config = pipe.transformer.config
+    side = pipe.transformer.patch_nums[-1] * pipe.vae.downsample_factor
+    device = pipe._execution_device
+    with gr.Blocks(title="HART text-to-image", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            "# HART text-to-image\n"
+            "Hybrid autoregressive generation draws the image coarse to fine: the preview below sharpens "
+            f"scale by scale ({len(pipe.transformer.patch_nums)} scales, {side}x{side} px images, "
+            f"running on `{device.type}`)."
+            + ("\n\n**No GPU here: generation runs on the CPU and is slow.**" if device.type == "cpu" else "")
+            + ("\n\nPrompts are screened by a safety checker." if safety_checker is not None else "")
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", placeholder="Describe the image, then press Enter", lines=1,
+                                    max_lines=4, elem_id="prompt")
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+                negative_prompt = gr.Textbox(label="Negative prompt (optional)", max_lines=3,
+                                             placeholder="What the image should not show")
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=42, precision=0, minimum=0, maximum=MAX_SEED,
+                                     info="The seed used is shown here; untick 'Randomize' to reuse it.")
+                    randomize_seed = gr.Checkbox(label="Randomize seed", value=True)
+                num_images = gr.Slider(1, max_images, value=1, step=1, label="Number of images")
+                with gr.Accordion("Sampling options", open=False):
+                    guidance_scale = gr.Slider(0.0, MAX_GUIDANCE, value=4.5, step=0.1, label="Guidance scale")
+                    top_k = gr.Slider(0, config.vocab_size, value=0, step=1, label="Top-k",
+                                      info="0 uses the model's own schedule")
+                    top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p", info="1 is off")
+                    more_smooth = gr.Checkbox(label="More smooth (soft codes)", value=True)
+                gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
+            with gr.Column(scale=1):
+                preview = gr.Image(label="Live preview (coarse to fine)", type="pil", format="png",
+                                   interactive=False, buttons=["fullscreen"], elem_id="preview")
+                status = gr.Textbox(label="Status", interactive=False, elem_id="status")
+                gallery = gr.Gallery(label="Result", format="png", columns=2, object_fit="contain",
+                                     buttons=["download", "download_all", "fullscreen"], interactive=False,
+                                     elem_id="gallery")
+        gr.on(
+            [run.click, prompt.submit], make_generate(pipe, max_images, safety_checker),
+            inputs=[prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_k, top_p, more_smooth,
+                    num_images],
+            outputs=[preview, gallery, seed, status], api_name="generate",
+            # raw values reach `validate`, which names the field in its message (gradio's own bound
+            # checks would not)
+            preprocess=False,
+        )
+    return demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
