@@ -1,25 +1,27 @@
 """HART: hybrid autoregressive text-to-image generation in plain PyTorch.
 
-The model classes are importable from here (diffusers' `model_index.json` records components by
-package and class name, so `hart` must expose them together with `ModelMixin`).
+Names are imported on first use, so that light modules (`hart.data`, `hart.eval`, the CLI's
+argument parsing) start without loading diffusers and transformers.
 """
-from diffusers import ModelMixin  # noqa: F401  (diffusers looks it up in the component's package)
+from importlib import import_module
 
-from hart.models.tokenizer import HybridTokenizer
-from hart.models.transformer import HARTTransformer
-from hart.sampling import ForcedTokens, sample_scales
-from hart.text import SYSTEM_PROMPT, TextConditioning, encode_prompts
+_EXPORTS = {
+    "HARTPipeline": "pipelines",
+    "HARTInpaintPipeline": "pipelines",
+    "HARTVariationPipeline": "pipelines",
+    "HARTTransformer": "hart.models.transformer",
+    "HybridTokenizer": "hart.models.tokenizer",
+    "ForcedTokens": "hart.sampling",
+    "sample_scales": "hart.sampling",
+    "SYSTEM_PROMPT": "hart.text",
+    "TextConditioning": "hart.text",
+    "encode_prompts": "hart.text",
+}
 
-__all__ = [
-    "HARTPipeline", "HARTTransformer", "HybridTokenizer", "ForcedTokens", "sample_scales",
-    "SYSTEM_PROMPT", "TextConditioning", "encode_prompts",
-]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name):
-    # The pipeline lives in `pipelines/` and imports this package: import it on first use.
-    if name == "HARTPipeline":
-        from pipelines import HARTPipeline
-
-        return HARTPipeline
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'hart' has no attribute {name!r}")
