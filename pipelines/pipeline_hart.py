@@ -104,7 +104,7 @@ class HARTPipeline(DiffusionPipeline):
             raise ValueError(f"`top_p` must be in (0, 1] or None, got {top_p!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if not isinstance(max_sequence_length, int) or max_sequence_length != self.transformer.config.context_tokens:
+        if max_sequence_length is not None and max_sequence_length != self.transformer.config.context_tokens:
             raise ValueError(
                 f"`max_sequence_length` must be {self.transformer.config.context_tokens}, the number of text tokens "
                 f"this transformer was trained with; got {max_sequence_length!r}."
@@ -116,9 +116,10 @@ class HARTPipeline(DiffusionPipeline):
         return prompts, negatives
 
     def encode_prompt(
-        self, prompts: List[str], device=None, use_system_prompt: bool = True, max_sequence_length: int = 300
+        self, prompts: List[str], device=None, use_system_prompt: bool = True, max_sequence_length: Optional[int] = None
     ) -> TextConditioning:
         """Text conditioning for a list of prompts (features in float32)."""
+        max_sequence_length = max_sequence_length or self.transformer.config.context_tokens
         _onload(self.text_encoder)
         cond = encode_prompts(
             prompts, self.text_encoder, self.tokenizer, max_sequence_length,
@@ -157,7 +158,7 @@ class HARTPipeline(DiffusionPipeline):
         callback_on_step_end: Optional[Callable[["HARTPipeline", int, int, Dict], Dict]] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("f_hat",),
         use_system_prompt: bool = True,
-        max_sequence_length: int = 300,
+        max_sequence_length: Optional[int] = None,
         stale_last_scale_guidance: bool = True,
         num_maskgit_iters: int = 1,
     ):
@@ -185,8 +186,8 @@ class HARTPipeline(DiffusionPipeline):
                 scale's tokens), "logits" (guided logits), "preview" (a cheap image in [0, 1],
                 coarse to fine). Set `pipe._interrupt = True` inside it to stop early.
             use_system_prompt: prepend the release's prompt-enhancer system prompt to every prompt.
-            max_sequence_length: text tokens per prompt (the model's own; longer prompts are
-                truncated with a warning).
+            max_sequence_length: text tokens per prompt; None (or the same number) is the model's
+                own (300 for the release). Longer prompts are truncated with a warning.
             stale_last_scale_guidance: reproduce the release's last-scale guidance weight
                 (`w (S-2)/(S-1)`, True) or use the full `w` (False).
             num_maskgit_iters: MaskGIT steps at the last scale (1, as released).

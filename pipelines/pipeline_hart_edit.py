@@ -21,7 +21,7 @@ from pipelines.pipeline_hart import HARTPipeline
 _T2I_DEFAULTS = dict(
     negative_prompt=None, num_images_per_prompt=1, guidance_scale=4.5, top_k=None, top_p=None, more_smooth=True,
     generator=None, output_type="pil", return_dict=True, callback_on_step_end=None,
-    callback_on_step_end_tensor_inputs=("f_hat",), use_system_prompt=True, max_sequence_length=300,
+    callback_on_step_end_tensor_inputs=("f_hat",), use_system_prompt=True, max_sequence_length=None,
 )
 
 
