@@ -136,8 +136,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x_BLC, rope_cos_sin, mask_LL=None, cache: Optional[KVCache] = None, layer: int = 0):
         B, L, C = x_BLC.shape
+        # K has no bias. The projection is called as a module so that adapters (LoRA) wrapping it apply.
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x_BLC, self.qkv_proj.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = (self.qkv_proj(x_BLC) + bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
         if self.l2_norm:
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp(max=math.log(100.0)).exp()

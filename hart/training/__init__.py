@@ -1,1 +1,6 @@
-"""Training utilities: the HART objective (and, later, data, caching and loops)."""
+"""Training: the HART objective, captioned-image data and its cache, transformer fine-tuning
+(full or LoRA, on any accelerate set-up) and hybrid tokenizer training (see docs/training.md).
+
+Modules are imported on demand (`hart.training.finetune`, `hart.training.tokenizer_training`, ...),
+so the objective stays importable without the training-only dependencies (peft).
+"""

@@ -1,0 +1,63 @@
+"""Exporting a fine-tuned transformer as a complete `HARTPipeline` folder.
+
+The text encoder, its tokenizer and the image tokenizer are taken unchanged from the pipeline the
+run started from; the transformer gets the trained (by default EMA) weights with any LoRA adapters
+merged, so `HARTPipeline.from_pretrained(folder)` loads it like any other. With LoRA, the adapter
+weights alone are also written beside it (`lora_weights.safetensors`).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+from hart.models.transformer import HARTTransformer
+from hart.training.lora import add_lora, lora_state_dict, merge_lora
+from hart.training.runtime import load_base_pipeline
+
+logger = logging.getLogger(__name__)
+
+
+def export_pipeline(accelerator, objective, ema, cfg, out_dir) -> Optional[Path]:
+    """Write the pipeline to `out_dir` (atomically); every process calls this, the main one writes.
+
+    `ema`: the averaged weights to export, or None for the trained weights as they are.
+    """
+    with ema.swapped() if ema is not None else nullcontext():
+        state_dict = accelerator.get_state_dict(objective)  # gathers FSDP shards (a collective)
+        # copy now: without FSDP these are the parameters themselves, which the swap restores
+        state_dict = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+    out_dir = Path(out_dir)
+    if accelerator.is_main_process:
+        prefix = "transformer."
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        trained = accelerator.unwrap_model(objective).transformer
+        transformer = HARTTransformer.from_config(trained.config)
+        if cfg.lora_rank:
+            with torch.random.fork_rng(devices=[]):
+                add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_diffusion_head)
+            transformer.load_state_dict(state_dict)
+            adapters = lora_state_dict(transformer)
+            merge_lora(transformer)
+        else:
+            transformer.load_state_dict(state_dict)
+        transformer.requires_grad_(True).eval()
+
+        base = load_base_pipeline(cfg.pretrained, cfg.text_encoder)
+        pipe = type(base)(tokenizer=base.tokenizer, text_encoder=base.text_encoder, transformer=transformer, vae=base.vae)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp)
+        if cfg.lora_rank:
+            save_file(adapters, str(tmp / "lora_weights.safetensors"))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        logger.info("exported the pipeline to %s (%s weights)", out_dir, "EMA" if ema is not None else "trained")
+    accelerator.wait_for_everyone()
+    return out_dir if accelerator.is_main_process else None

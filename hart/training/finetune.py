@@ -1,0 +1,287 @@
+"""Fine-tuning the HART transformer on a captioned image folder, on any `accelerate` set-up.
+
+One run: load a pipeline, read (or pre-encode) the data, then train with the HART objective
+(`objective.hart_loss`), AdamW with warm-up and cosine decay, gradient accumulation and clipping,
+optional bf16 autocast, gradient checkpointing, EMA and LoRA. The global batch is
+`batch_size x processes x grad_accum` images per optimizer step. Checkpoints are atomic and resume
+exactly (model, EMA, optimizer, scheduler, data position, every random state); SIGTERM saves one
+before exiting. The result is exported as a `HARTPipeline` folder (EMA weights, LoRA merged).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from hart.text import SYSTEM_PROMPT, encode_prompts
+from hart.training.cache import CacheSpec, CachedExamples, build_cache
+from hart.training.checkpoint import (CheckpointError, CheckpointManager, describe_mismatch, load_train_state,
+                                      load_training_files, save_training_files)
+from hart.training.config import FinetuneConfig
+from hart.training.data import ImageCaptionFolder, SkipReport
+from hart.training.ema import EMA, local_part
+from hart.training.encoding import encode_examples, loss_inputs
+from hart.training.export import export_pipeline
+from hart.training.lora import add_lora, unused_adapters
+from hart.training.objective import hart_loss
+from hart.training.runtime import (MetricsLog, StopRequest, any_process, full_parameters, load_base_pipeline,
+                                   mean_over_processes, sum_over_processes, warmup_cosine)
+from hart.training.sampler import ResumableBatchSampler
+from hart.training.validation import sample_images, save_grid
+
+logger = logging.getLogger(__name__)
+
+METRICS = ["loss", "token_loss", "diffusion_loss", "lr", "grad_norm", "epoch", "images_seen", "images_per_sec"]
+# settings a resumed run must share with the checkpoint (they decide the data order and the state shapes)
+RESUME_KEYS = ("batch_size", "grad_accum", "seed", "lora_rank", "lora_diffusion_head", "ema_decay")
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    step: int
+    stopped_early: bool
+    export_dir: Optional[Path]
+    log_path: Path
+    skipped: SkipReport
+
+
+class TransformerObjective(torch.nn.Module):
+    """The transformer and its loss as one module, so DDP/FSDP see the whole step inside `forward`.
+
+    The frozen quantizer is kept outside the module tree (it is neither trained nor sharded).
+    """
+
+    def __init__(self, transformer, quantizer):
+        super().__init__()
+        self.transformer = transformer
+        self._frozen = (quantizer,)
+
+    def forward(self, cond, x_BLCv_wo_first_l, gt_idx, target_BLCv, generator):
+        out = hart_loss(self.transformer, self._frozen[0], cond, x_BLCv_wo_first_l, gt_idx, target_BLCv, generator)
+        return out.loss, out.token_loss, out.diffusion_loss
+
+
+def finetune(cfg: FinetuneConfig, step_callback: Optional[Callable[[int, Dict[str, float]], None]] = None) -> FinetuneResult:
+    """Run (or resume) a fine-tune; `step_callback(step, metrics)` is called after every step."""
+    return _Run(cfg).train(step_callback)
+
+
+class _Run:
+    def __init__(self, cfg: FinetuneConfig):
+        if cfg.mixed_precision not in (None, "no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
+        if cfg.export_weights not in ("ema", "raw"):
+            raise ValueError(f"export_weights must be 'ema' or 'raw', got {cfg.export_weights!r}")
+        self.cfg, self.out = cfg, Path(cfg.output_dir)
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.device = self.acc.device
+        self.pipe = load_base_pipeline(cfg.pretrained, cfg.text_encoder)
+        self.transformer, self.vae = self.pipe.transformer, self.pipe.vae.requires_grad_(False).eval()
+        self.patch_nums = self.transformer.patch_nums
+        self.resolution = self.patch_nums[-1] * self.vae.downsample_factor
+        self.system_prompt = SYSTEM_PROMPT if cfg.use_system_prompt else None
+        self.text_encoder = self.pipe.text_encoder.requires_grad_(False).eval().to(self.device)
+        self.vae.to(self.device)
+        self.dataset = self._dataset()
+        self.val_cond = None
+        if cfg.validation_prompts:
+            self.val_cond = encode_prompts(list(cfg.validation_prompts), self.text_encoder, self.pipe.tokenizer,
+                                           self.transformer.config.context_tokens, self.system_prompt)
+        if cfg.cache_dir:  # batches come from the cache: free the encoders' memory
+            self.text_encoder = self.pipe.text_encoder = None
+            self.vae.encoder.to("cpu")
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def _dataset(self):
+        cfg = self.cfg
+        if cfg.cache_dir is None:
+            if cfg.data_dir is None:
+                raise ValueError("give a data folder (data_dir) or a cache (cache_dir)")
+            return ImageCaptionFolder(cfg.data_dir, self.resolution, cfg.crop, cfg.flip, cfg.seed, cfg.min_image_size)
+        spec = CacheSpec.create(self.vae, self.text_encoder, self.pipe.tokenizer, self.system_prompt,
+                                self.transformer.config.context_tokens, self.patch_nums, self.resolution,
+                                cfg.crop, cfg.flip, cfg.cache_dtype)
+        cache = Path(cfg.cache_dir)
+        if not cache.exists() or not any(cache.iterdir()):  # else it must be a cache (checked when read)
+            if cfg.data_dir is None:
+                raise ValueError(f"no cache in {cfg.cache_dir} yet: give the data folder (data_dir) to build it")
+            source = ImageCaptionFolder(cfg.data_dir, self.resolution, "center", False, cfg.seed, cfg.min_image_size)
+            build_cache(cfg.cache_dir, source, spec, self.vae, self.text_encoder, self.pipe.tokenizer,
+                        self.system_prompt, self.acc, batch_size=cfg.batch_size)
+        return CachedExamples(cfg.cache_dir, spec, cfg.seed)
+
+    def _model(self):
+        cfg, tr = self.cfg, self.transformer
+        if cfg.cond_drop_rate is not None:
+            tr.register_to_config(cond_drop_rate=cfg.cond_drop_rate)
+        tr.gradient_checkpointing = cfg.gradient_checkpointing
+        self.lora_targets = []
+        if cfg.lora_rank:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)  # the adapters' initialisation
+                self.lora_targets = add_lora(tr, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_diffusion_head)
+        tr.to(self.device).train()
+        params = [p for p in tr.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        self.objective, self.optimizer = self.acc.prepare(TransformerObjective(tr, self.vae.quantize), optimizer)
+        named = [(n, p) for n, p in self.acc.unwrap_model(self.objective).named_parameters() if p.requires_grad]
+        self.ema = EMA(named, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        rank = self.acc.process_index
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + rank)
+        self.step, self.consumed, self.images_seen = 0, 0, 0
+
+    def _run_info(self) -> dict:
+        cfg, acc = self.cfg, self.acc
+        return {
+            "num_processes": acc.num_processes, "distributed_type": acc.distributed_type.name,
+            "per_process_batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "global_batch_size": cfg.batch_size * acc.num_processes * cfg.grad_accum,
+            "mixed_precision": acc.mixed_precision, "resolution": self.resolution, "num_samples": len(self.dataset),
+            "trainable_parameters": sum(p.numel() for p in self.objective.parameters() if p.requires_grad),
+            "lora_layers": len(self.lora_targets), "config": dataclasses.asdict(self.cfg),
+        }
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _train_state(self) -> dict:
+        trained = [local_part(p).detach().double().sum() for p in self.acc.unwrap_model(self.objective).parameters()
+                   if p.requires_grad]
+        return {"step": self.step, "consumed": self.consumed, "images_seen": self.images_seen,
+                "world_size": self.acc.num_processes, "generator": self.generator.get_state(),
+                "scheduler": self.scheduler.state_dict(), "weights_checksum": float(torch.stack(trained).sum()),
+                "settings": {k: getattr(self.cfg, k) for k in RESUME_KEYS}}
+
+    def save_checkpoint(self, manager: CheckpointManager) -> Path:
+        return manager.save(self.step, lambda folder: save_training_files(self.acc, folder, self.ema, self._train_state()),
+                            {"images_seen": self.images_seen})
+
+    def resume(self, manager: CheckpointManager) -> None:
+        folder = manager.resolve(self.cfg.resume)
+        state = load_train_state(folder, self.acc.process_index, self.acc.num_processes)
+        current = {k: getattr(self.cfg, k) for k in RESUME_KEYS}
+        problem = describe_mismatch(state["settings"], current, RESUME_KEYS)
+        if problem:
+            raise CheckpointError(f"cannot resume from {folder}: the run's settings changed ({problem})")
+        load_training_files(self.acc, folder, self.ema)
+        self.step, self.consumed, self.images_seen = state["step"], state["consumed"], state["images_seen"]
+        self.generator.set_state(state["generator"].to(self.generator.get_state().device))
+        self.scheduler.load_state_dict(state["scheduler"])
+        logger.info("resumed from %s at step %d", folder, self.step)
+
+    # ---- one optimizer step --------------------------------------------------------------------
+    def _batch_inputs(self, batch: dict):
+        if self.cfg.cache_dir:
+            enc = {k: batch[k].to(self.device) for k in ("features", "mask", "tokens", "residual")}
+        else:
+            enc = encode_examples(batch["pixel_values"].to(self.device), batch["caption"], self.vae, self.text_encoder,
+                                  self.pipe.tokenizer, self.patch_nums, self.transformer.config.context_tokens,
+                                  self.system_prompt)
+        with torch.autocast(self.device.type, enabled=False):
+            return loss_inputs(enc, self.vae.quantize, self.patch_nums)
+
+    def _step(self, batches, replaced: SkipReport) -> Dict[str, float]:
+        cfg, totals, images = self.cfg, torch.zeros(3, dtype=torch.float64), 0
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            self.consumed += 1
+            images += len(batch["index"])
+            for name in batch["replaced"]:
+                if name:
+                    replaced.add("unreadable", name)
+            inputs = self._batch_inputs(batch)
+            sync = micro == cfg.grad_accum - 1
+            with self.acc.no_sync(self.objective) if not sync else nullcontext():
+                losses = self.objective(*inputs, self.generator)
+                self.acc.backward(losses[0] / cfg.grad_accum)
+            totals += torch.stack([l.detach().double().cpu() for l in losses])
+        if self.step == 0 and self.lora_targets:
+            unused = unused_adapters(self.acc.unwrap_model(self.objective))
+            if unused:
+                raise RuntimeError(f"{len(unused)} LoRA weights got no gradient (e.g. {unused[:2]}): their layers are bypassed")
+        norm = self.acc.clip_grad_norm_(self.objective.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        self.step += 1
+        self.images_seen += sum_over_processes(self.acc, images)
+        mean = (totals / cfg.grad_accum).tolist()
+        metrics = mean_over_processes(self.acc, {"loss": mean[0], "token_loss": mean[1], "diffusion_loss": mean[2]})
+        return {**metrics, "lr": lr, "grad_norm": float(norm), "images_seen": self.images_seen}
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train(self, step_callback=None) -> FinetuneResult:
+        cfg, acc = self.cfg, self.acc
+        manager = CheckpointManager(self.out / "checkpoints", cfg.keep_checkpoints, acc)
+        log_path = self.out / "logs" / "metrics.csv"
+        if cfg.cache_only:
+            return FinetuneResult(0, False, None, log_path, self.dataset.report)
+        self._model()
+        if cfg.resume:
+            self.resume(manager)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "run_info.json").write_text(json.dumps(self._run_info(), indent=1, default=str))
+        log = MetricsLog(log_path, METRICS, self.step if cfg.resume else None,
+                         self.out / "logs" / "tensorboard" if cfg.tensorboard else None) if acc.is_main_process else None
+        sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, acc.num_processes, acc.process_index,
+                                        cfg.seed, start=self.consumed)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
+        batches, replaced, stopped = iter(loader), SkipReport(), False
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="fine-tuning", disable=not acc.is_main_process)
+        with StopRequest().installed() as stop:
+            while self.step < cfg.max_steps and not stopped:
+                t0 = time.perf_counter()
+                metrics = self._step(batches, replaced)
+                metrics["epoch"] = sampler.position(self.consumed - 1)[0]
+                metrics["images_per_sec"] = cfg.batch_size * acc.num_processes * cfg.grad_accum / (time.perf_counter() - t0)
+                if log is not None:
+                    log.log(self.step, metrics)
+                bar.update()
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.1f}")
+                if step_callback is not None:
+                    step_callback(self.step, metrics)
+                stopped = any_process(acc, stop.requested)
+                if stopped or self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                    self.save_checkpoint(manager)
+                if cfg.validation_every and self.step % cfg.validation_every == 0 and not stopped:
+                    self.validate()
+        bar.close()
+        if log is not None:
+            log.close()
+        report = SkipReport.from_dict(self.dataset.report.to_dict())
+        report.merge(replaced)
+        if report.total:
+            logger.warning("data: %s", report.summary())
+        export_dir = None
+        if not stopped:
+            if cfg.validation_prompts and not (cfg.validation_every and self.step % cfg.validation_every == 0):
+                self.validate()
+            export_dir = self.export()
+        return FinetuneResult(self.step, stopped, export_dir, log_path, report)
+
+    def validate(self) -> Optional[Path]:
+        if self.val_cond is None:
+            return None
+        transformer = self.acc.unwrap_model(self.objective).transformer
+        seeds = [self.cfg.seed + i for i in range(self.val_cond.batch_size)]
+        with (self.ema.swapped() if self.ema is not None else nullcontext()), full_parameters(self.acc, self.objective):
+            images = sample_images(transformer, self.vae, self.val_cond, seeds, self.cfg.validation_guidance)
+        if self.acc.is_main_process:
+            return save_grid(images, self.out / "validation" / f"step-{self.step:08d}.png")
+        return None
+
+    def export(self) -> Optional[Path]:
+        use_ema = self.ema is not None and self.cfg.export_weights == "ema"
+        return export_pipeline(self.acc, self.objective, self.ema if use_ema else None, self.cfg, self.out / "pipeline")

@@ -1,0 +1,60 @@
+"""LoRA adapters (peft) on HART's attention and MLP projections, and merging them back.
+
+`add_lora` injects adapters in place, so the transformer keeps its class and methods (the sampler
+and the objective call them directly). `merge_lora` folds them into the base weights and removes
+the adapter layers, giving a plain `HARTTransformer` state dict again.
+"""
+from __future__ import annotations
+
+import re
+from typing import List
+
+import torch
+import torch.nn as nn
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+BLOCK_TARGETS = r"blocks\.\d+\.(attn\.(qkv_proj|proj)|ffn\.(gate_proj|up_proj|down_proj))"
+DIFFUSION_HEAD_TARGETS = r"diffusion_head\.net\..*"
+
+
+def lora_target_names(model: nn.Module, diffusion_head: bool) -> List[str]:
+    """Full names of the linear layers that get adapters."""
+    pattern = re.compile(BLOCK_TARGETS + (f"|{DIFFUSION_HEAD_TARGETS}" if diffusion_head else ""))
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, diffusion_head: bool = False) -> List[str]:
+    """Freeze `model` and add rank-`rank` adapters in place; returns the adapted layer names.
+
+    The adapters' random initialisation uses the global torch generator: seed it (or wrap the call
+    in `torch.random.fork_rng`) for a reproducible start.
+    """
+    targets = lora_target_names(model, diffusion_head)
+    if not targets:
+        raise ValueError("no linear layer of the model matches the LoRA targets")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    model.requires_grad_(False)
+    inject_adapter_in_model(config, model)  # leaves only the adapter weights trainable
+    return targets
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """The adapter weights alone (for saving beside an export)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base layer and put the base layer back in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    return model
+
+
+def unused_adapters(model: nn.Module) -> List[str]:
+    """Adapter weights that received no gradient in the last backward pass."""
+    return [n for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad and p.grad is None]

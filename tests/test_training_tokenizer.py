@@ -1,0 +1,99 @@
+"""Hybrid tokenizer training: from scratch, decoder-only fine-tuning, the PatchGAN and exact resume."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from hart.loading import load_official_tokenizer
+from hart.models.tokenizer import HybridTokenizer
+from hart.training.runtime import read_metrics
+from hart.training.tokenizer_training import PatchDiscriminator, TokenizerTrainConfig, code_statistics, train_tokenizer
+from tests.test_training_data import make_folder
+
+TINY = {"vocab_size": 64, "latent_channels": 8, "base_channels": 32, "channel_multipliers": [1, 1, 1, 1, 1],
+        "num_res_blocks": 1, "patch_nums": [1, 2]}  # 32 px images
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tokenizer.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+def tiny(data_dir, model_config, out, **kw):
+    settings = dict(max_steps=8, batch_size=4, lr=3e-3, checkpoint_every=100)
+    settings.update(kw)
+    return TokenizerTrainConfig(data_dir=str(data_dir), output_dir=str(out), model_config=str(model_config), **settings)
+
+
+def test_from_scratch_lowers_reconstruction_and_loads(data_dir, model_config, tmp_path):
+    target = train_tokenizer(tiny(data_dir, model_config, tmp_path))
+    rows = read_metrics(tmp_path / "logs" / "metrics.csv")
+    recon = [r["recon_loss"] for r in rows]
+    assert np.mean(recon[-4:]) < 0.6 * recon[0], recon
+    assert {r["skipped_continuous"] for r in rows} == {0.0, 1.0}  # both halves of the alternating training
+    assert all(0 < r["code_usage"] <= 1 and r["code_perplexity"] >= 1 for r in rows)
+
+    loaded = HybridTokenizer.from_pretrained(target)
+    assert loaded.config.patch_nums == [1, 2] and loaded.config.vocab_size == 64
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    idx, residual = loaded.img_to_tokens(img)
+    assert [i.shape for i in idx] == [(2, 1), (2, 4)] and residual.shape == (2, 4, 8)
+    assert loaded.tokens_to_img(idx, residual).shape == (2, 3, 32, 32)
+
+
+def test_decoder_only_finetune_of_the_official_tokenizer(fixtures, data_dir, tmp_path):
+    start = load_official_tokenizer(fixtures / "ckpt" / "tokenizer")
+    cfg = TokenizerTrainConfig(data_dir=str(data_dir), output_dir=str(tmp_path), pretrained=str(fixtures / "ckpt"),
+                               trainable="decoder", max_steps=1, batch_size=2, lr=1e-3)
+    tuned = HybridTokenizer.from_pretrained(train_tokenizer(cfg))
+    before, after = start.state_dict(), tuned.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv.", "quantize."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
+
+
+def test_gan_run_resumes_exactly(data_dir, model_config, tmp_path):
+    gan = dict(max_steps=4, disc_weight=0.1, disc_start_step=2)
+    train_tokenizer(tiny(data_dir, model_config, tmp_path / "a", **gan))
+    expected = read_metrics(tmp_path / "a" / "logs" / "metrics.csv")
+    assert [r["disc_loss"] > 0 for r in expected] == [False, False, True, True]
+
+    def interrupt(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert train_tokenizer(tiny(data_dir, model_config, tmp_path / "b", **gan), interrupt) is None
+    train_tokenizer(tiny(data_dir, model_config, tmp_path / "b", resume="latest", **gan))
+    resumed = read_metrics(tmp_path / "b" / "logs" / "metrics.csv")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(expected, resumed):
+        for key in ("loss", "recon_loss", "vq_loss", "gen_adv_loss", "disc_loss", "code_perplexity"):
+            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key)
+
+
+def test_discriminator_layout_and_code_statistics():
+    disc = PatchDiscriminator()
+    keys = {k.split(".")[1] for k in disc.state_dict()}
+    assert keys == {"0", "2", "3", "5", "6", "8", "9", "11"}  # the release's `disc.main.*` indices
+    assert disc(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 6, 6)
+    hits = torch.tensor([[2.0, 0, 0, 2], [0, 0, 0, 0]])
+    stats = code_statistics(hits)
+    assert stats["code_usage"] == 0.5 and stats["code_perplexity"] == pytest.approx(2.0)
