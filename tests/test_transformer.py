@@ -103,3 +103,47 @@ def test_unsupported_official_variants_are_refused(fixtures, tmp_path):
     (folder / "config.json").write_text(json.dumps({**cfg, "attn_type": "gpt2"}))
     with pytest.raises(CheckpointError, match="attn_type"):
         load_official_transformer(folder)
+
+
+def test_ema_weights_are_used_when_present_and_bin_files_load(fixtures, tmp_path):
+    import shutil
+
+    folder = tmp_path / "llm"
+    shutil.copytree(fixtures / "ckpt" / "llm", folder)
+    state = read_weights(folder / "model.safetensors")
+    ema = {k: v + 1 if k == "head.bias" else v for k, v in state.items()}
+    torch.save(ema, folder / "ema_model.bin")
+    assert torch.equal(load_official_transformer(folder).head.bias, state["head.bias"] + 1)
+    assert torch.equal(load_official_transformer(folder, use_ema=False).head.bias, state["head.bias"])
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    assert torch.equal(load_official_transformer(folder, use_ema=False).head.bias, state["head.bias"])
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_pickles_that_run_code_are_refused(tmp_path, monkeypatch):
+    from hart.loading import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"w": _Exploit()}, tmp_path / "evil.bin")
+    with pytest.raises(CheckpointError, match="evil.bin"):
+        read_weights(tmp_path / "evil.bin")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_config_that_disagrees_with_the_weights_names_the_keys(fixtures, tmp_path):
+    import json
+    import shutil
+
+    from hart.loading import CheckpointError
+
+    folder = tmp_path / "llm"
+    shutil.copytree(fixtures / "ckpt" / "llm", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "depth": cfg["depth"] + 1}))
+    with pytest.raises(CheckpointError, match=rf"missing keys: blocks\.{cfg['depth']}\."):
+        load_official_transformer(folder)
