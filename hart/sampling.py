@@ -163,7 +163,6 @@ def sample_scales(
             return f_hat
         # both CFG halves read the conditional stream's next-scale input (as released)
         x_2BlC = transformer.stage_input(si + 1, next_BCvpp.flatten(2).transpose(1, 2)).repeat(2, 1, 1)
-    return f_hat
 
 
 def _draw_tokens(logits_BlV, codebook_VCv, top_k, top_p, more_smooth, ratio, generator, forced_idx, forced_mask):
