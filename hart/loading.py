@@ -39,6 +39,11 @@ def read_weights(path: PathLike) -> Dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors, pickle and zip readers each raise their own types
+        if "Weights only load failed" in str(e):  # torch's weights_only unpickler met code, not tensors
+            raise CheckpointError(
+                f"refused to load weights file {path}: the pickle holds objects other than tensors, which "
+                "could run code (only safetensors and weights_only pickles are loaded); convert it to "
+                ".safetensors from a trusted source") from e
         raise CheckpointError(f"cannot read weights file {path} (truncated or corrupt?): {e}") from e
     if isinstance(sd, Mapping):
         for wrapper in ("state_dict", "model"):
@@ -285,9 +290,24 @@ def load_official_components(path: PathLike, text_encoder: PathLike, tokenizer_p
     if not (llm / "config.json").is_file():
         raise CheckpointError(f"{path} is not an official HART folder: no llm/config.json")
     text_tokenizer, text_model = load_text_encoder(text_encoder)
+    transformer = load_official_transformer(llm, use_ema=use_ema)
+    check_text_encoder_width(text_model, transformer, text_encoder)
     return dict(
         tokenizer=text_tokenizer,
         text_encoder=text_model,
-        transformer=load_official_transformer(llm, use_ema=use_ema),
+        transformer=transformer,
         vae=load_official_tokenizer(tokenizer_dir),
     )
+
+
+def check_text_encoder_width(text_model, transformer: HARTTransformer, source: PathLike) -> None:
+    """Refuse, at load time, a text model whose hidden size is not the transformer's `context_dim`."""
+    try:
+        width = text_model.get_input_embeddings().embedding_dim
+    except (AttributeError, NotImplementedError):  # not a standard transformers model: checked when encoding
+        return
+    if width != transformer.config.context_dim:
+        raise CheckpointError(
+            f"text encoder {source} has hidden size {width}, but the transformer expects context_dim "
+            f"{transformer.config.context_dim}: use the text encoder this model was trained with"
+        )

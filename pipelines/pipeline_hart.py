@@ -11,6 +11,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 
 from hart import rng
+from hart.limits import MAX_GUIDANCE_SCALE
 from hart.models.quantizer import area_down
 from hart.models.tokenizer import HybridTokenizer
 from hart.models.transformer import HARTTransformer
@@ -19,6 +20,7 @@ from hart.text import SYSTEM_PROMPT, TextConditioning, check_prompts, encode_pro
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSORS = ("f_hat", "idx", "logits", "preview")
+# Far above any useful weight (1-10); larger ones overflow the guided logits to inf in float32.
 PREVIEW_MAX_SIDE = 16  # latent tokens: previews stay at most 256 px, whatever the model's resolution
 
 EXAMPLE_DOC = """
@@ -95,8 +97,10 @@ class HARTPipeline(DiffusionPipeline):
                 )
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}.")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0 and at most {MAX_GUIDANCE_SCALE:g} "
+                             f"(usual values 1-10), got {guidance_scale!r}.")
         vocab = self.transformer.config.vocab_size
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab):
             raise ValueError(f"`top_k` must be an integer in [1, {vocab}] (the codebook size) or None, got {top_k!r}.")
@@ -170,7 +174,7 @@ class HARTPipeline(DiffusionPipeline):
                 classifier-free guidance; when None, the release's unconditional input (all-zero
                 text features) is used, as the released model was trained with.
             num_images_per_prompt: images per prompt.
-            guidance_scale: classifier-free guidance weight; scale k of S uses `w * k / (S - 1)`.
+            guidance_scale: classifier-free guidance weight in [0, 1000]; scale k of S uses `w * k / (S - 1)`.
             top_k: keep the k most likely tokens at every scale; None uses the release's schedule
                 (600 for the first 7 scales, then 300).
             top_p: nucleus sampling threshold in (0, 1]; None (or 1) is off, as released.

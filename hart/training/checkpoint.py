@@ -19,6 +19,10 @@ from typing import Callable, List, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+# one error type for every checkpoint problem, loading or resuming (no usable checkpoint where one
+# was asked for, or one saved by an incompatible run)
+from hart.loading import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
@@ -26,8 +30,6 @@ COMPLETE = "complete.json"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was asked for, or one saved by an incompatible run."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -148,7 +150,10 @@ def save_training_files(accelerator, folder: Path, ema, train_state: dict) -> No
 
 
 def load_training_files(accelerator, folder: Path, ema) -> None:
-    accelerator.load_state(str(folder))
+    try:
+        accelerator.load_state(str(folder))
+    except RuntimeError as e:  # torch's state-dict mismatch: a checkpoint of another model
+        raise CheckpointError(f"cannot resume from {folder}: it was saved for another model ({str(e)[:300]})") from e
     if ema is not None:
         path = _ema_file(accelerator, folder)
         if path is None:  # non-main processes of a replicated run read the main process's copy

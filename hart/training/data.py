@@ -6,10 +6,11 @@ Captions come from the first of these found in the folder:
 2. `metadata.csv`: a header row naming `file_name` and `caption` (or `text`);
 3. a `.txt` file beside each image (`cat.png` + `cat.txt`).
 
-Bad entries never stop an epoch: an image that cannot be read, has no caption or is smaller than
-`min_size` is skipped when the folder is scanned, counted by reason, and the first few names are
-reported (`SkipReport`). An image that passes the scan but fails to decode later (a truncated file)
-is replaced by the next readable sample and reported the same way.
+Bad entries never stop an epoch: a `metadata.jsonl` line that is not valid JSON (named by its line
+number), an image that cannot be read, has no caption or is smaller than `min_size` is skipped when
+the folder is scanned, counted by reason, and the first few names are reported (`SkipReport`). An
+image that passes the scan but fails to decode later (a truncated file) is replaced by the next
+readable sample and reported the same way.
 
 Items are addressed by `(epoch, index)` keys (see `sampler.py`): random crops and flips are drawn from
 a generator seeded by `(seed, epoch, index)`, so an item is the same whichever worker loads it and
@@ -84,7 +85,9 @@ class Entry:
     caption: str
 
 
-def _read_jsonl(path: Path) -> Dict[str, str]:
+def _read_jsonl(path: Path, report: Optional[SkipReport] = None) -> Dict[str, str]:
+    """Captions of `metadata.jsonl`; a line that is not valid JSON is skipped (logged with its line
+    number and counted in `report` as "bad metadata line")."""
     captions = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -92,7 +95,10 @@ def _read_jsonl(path: Path) -> Dict[str, str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {n}: not valid JSON ({e})") from None
+            logger.warning("%s, line %d: not valid JSON (%s); line skipped", path, n, e)
+            if report is not None:
+                report.add("bad metadata line", f"{path.name}:{n}")
+            continue
         if not isinstance(row, dict) or "file_name" not in row:
             raise DataError(f"{path}, line {n}: every line needs a 'file_name' field")
         text = row.get("text", row.get("caption"))
@@ -110,10 +116,10 @@ def _read_csv(path: Path) -> Dict[str, str]:
         return {row["file_name"]: row[column] or "" for row in reader}
 
 
-def read_captions(root: Path) -> Tuple[Optional[Dict[str, str]], str]:
+def read_captions(root: Path, report: Optional[SkipReport] = None) -> Tuple[Optional[Dict[str, str]], str]:
     """(file name -> caption, source description); None when captions sit in `.txt` files."""
     if (root / "metadata.jsonl").is_file():
-        return _read_jsonl(root / "metadata.jsonl"), "metadata.jsonl"
+        return _read_jsonl(root / "metadata.jsonl", report), "metadata.jsonl"
     if (root / "metadata.csv").is_file():
         return _read_csv(root / "metadata.csv"), "metadata.csv"
     return None, ".txt files"
@@ -124,9 +130,9 @@ def scan_folder(root, min_size: int, require_captions: bool = True) -> Tuple[Lis
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
-    captions, source = read_captions(root) if require_captions else ({}, "none")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     report, entries = SkipReport(), []
+    captions, source = read_captions(root, report) if require_captions else ({}, "none")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     names = {p.relative_to(root).as_posix() for p in files}
     for name in sorted(set(captions or {}) - names):
         report.add("listed but missing", name)
