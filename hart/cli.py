@@ -413,9 +413,26 @@ def add_benchmark_command(subparsers) -> None:
     p.set_defaults(run=run_benchmark)
 
 
+# ---- hart app --------------------------------------------------------------------------------------
+
+def add_app_command(subparsers) -> None:
+    p = subparsers.add_parser("app", add_help=False, help="start the Gradio web demo (options: hart app --help)",
+                              description="Same as `python -m app`; every option is passed through.")
+
+    def run_app(args) -> int:
+        from app.__main__ import main as app_main
+
+        try:
+            return app_main(args.passthrough)
+        except SystemExit as e:  # the app's own --help and usage errors
+            return int(e.code or 0)
+
+    p.set_defaults(run=run_app, passthrough=[])
+
+
 # ---- entry point ----------------------------------------------------------------------------------
 
-SUBCOMMANDS = (add_generate_command, add_convert_command, add_benchmark_command)
+SUBCOMMANDS = (add_generate_command, add_convert_command, add_benchmark_command, add_app_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -432,9 +449,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not hasattr(args, "passthrough"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # --help, or argparse's own usage errors (already printed)
         return int(e.code or 0)
+    if extra:  # a command that hands its options to another program's parser (`hart app`)
+        args.passthrough = extra
     try:
         return args.run(args)
     except (UsageError, CheckpointError) as e:

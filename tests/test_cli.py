@@ -182,3 +182,11 @@ def test_accelerate_launch_splits_a_prompts_file_exactly(official, tmp_path):
         torch.set_num_threads(threads)
     for row in rows:
         assert np.array_equal(pixels(out / row["file"]), pixels(tmp_path / "single" / row["file"]))
+
+
+def test_hart_app_passes_its_options_to_the_app(capsys):
+    assert main(["app", "--help"]) == 0
+    assert "--max-queue" in capsys.readouterr().out
+    assert main(["app", "--model", "/no/such/folder"]) == 2
+    assert "/no/such/folder" in capsys.readouterr().err
+    assert main(["generate", "--no-such-flag"]) == 2
