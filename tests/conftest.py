@@ -21,6 +21,17 @@ def recorded(fixtures):
     return lambda name: Recorded(fixtures, name)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on 2 shared cores, training-like tests run several times faster."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def fixture_pipe(fixtures):
     """HARTPipeline built from the fixture checkpoint in the official layout (do not modify it)."""

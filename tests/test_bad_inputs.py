@@ -27,12 +27,7 @@ from hart.loading import CheckpointError, load_official_tokenizer
 from tests.test_training_data import make_folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass

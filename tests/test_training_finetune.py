@@ -27,13 +27,7 @@ from tests.utils import REPO_ROOT
 PROMPTS = ("a cat", "a red car")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI machine has 2 shared cores: one thread per process is several times faster there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

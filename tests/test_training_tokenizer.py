@@ -17,12 +17,7 @@ TINY = {"vocab_size": 64, "latent_channels": 8, "base_channels": 32, "channel_mu
         "num_res_blocks": 1, "patch_nums": [1, 2]}  # 32 px images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
