@@ -1,0 +1,395 @@
+"""`hart benchmark`: speed, memory and FLOPs of generation, stage by stage, for the released sizes.
+
+`run_benchmark` builds a pipeline (the released architecture with random weights, or the bundled
+model), measures the machine's matmul peak, then times `HARTPipeline.__call__` end to end (median of
+`iters` calls after `warmup`, synchronising the device at every mark) with a per-stage breakdown.
+Its result (written as benchmark.json by the CLI; times in seconds, memory in MiB):
+
+    config, dtype, device, device_name, torch_version, hart_version, warmup, iters, compile,
+    text_features ("text model" | "random"), image_size, patch_nums, build_s,
+    parameters: {transformer, diffusion_head (part of transformer), vae, text_encoder},
+    matmul_peak: {size, seconds, flops_per_s},
+    flops_per_image: {text_encoding, transformer, transformer_scales: [per scale], diffusion, decoding, total},
+    runs: [{batch_size, latency_s (median), latency_s_all, images_per_s,
+            stages_s: {text_encoding, transformer, transformer_scales: [per scale], diffusion, decoding, other},
+            peak_rss_mib (process peak so far), rss_increase_mib (during this batch size's calls),
+            cuda_max_allocated_mib (null off CUDA), achieved_flops_per_s: {transformer, end_to_end},
+            fraction_of_matmul_peak: {transformer, end_to_end}}]
+
+Scale 0 includes the text prefix (300 tokens) and the conditioning; the last scale excludes the
+residual diffusion; "other" is the rest of the call (argument checks, conversion to PIL). FLOPs
+count multiply-adds as 2: analytic for the transformer and the diffusion head (`analytic_flops`,
+equal to torch's count of a sampling call), counted (`torch.utils.flop_counter`) for the text model
+and the decoder. `write_chart` draws the median stage times as a PNG.
+"""
+from __future__ import annotations
+
+import contextlib
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+PROMPTS = ("a red fox in the snow", "a lighthouse on a cliff at sunset, oil painting",
+           "a bowl of ramen, studio photo", "an astronaut riding a horse on the moon")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RANDOM_TEXT_TOKENS = 32  # real (unpadded) tokens of the random text features
+
+
+class BenchmarkError(ValueError):
+    """Bad benchmark input (unknown configuration, model not available): a one-line message."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A model size: HARTTransformer, HybridTokenizer and Qwen2Config keyword arguments."""
+
+    transformer: dict
+    vae: dict
+    text: dict
+
+
+_QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                   num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+_SCALES_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
+_SCALES_512 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 32)
+# The released 0.7B architecture (spec section 7; num_heads presumed 24, head dim 64).
+_HART_0_7B = dict(context_tokens=300, context_dim=1536, embed_dim=1536, depth=16, num_heads=24, vocab_size=4096,
+                  latent_channels=32, use_context_norm=True, diff_width=1024, diff_depth=6)
+CONFIGS: Dict[str, BenchConfig] = {
+    "hart-0.7b-1024": BenchConfig(dict(_HART_0_7B, patch_nums=_SCALES_1024), dict(patch_nums=_SCALES_1024), _QWEN2_1_5B),
+    "hart-0.7b-512": BenchConfig(dict(_HART_0_7B, patch_nums=_SCALES_512), dict(patch_nums=_SCALES_512), _QWEN2_1_5B),
+    "tiny": BenchConfig(
+        dict(patch_nums=(1, 2, 3, 4), context_tokens=300, context_dim=96, embed_dim=64, depth=2, num_heads=2,
+             vocab_size=768, latent_channels=16, diff_width=64, diff_depth=2),
+        dict(patch_nums=(1, 2, 3, 4), vocab_size=768, latent_channels=16, base_channels=32, channel_multipliers=(1, 2)),
+        dict(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=1, num_attention_heads=12,
+             num_key_value_heads=2, tie_word_embeddings=True)),
+}
+CONFIG_NAMES = (*CONFIGS, "bundled")
+
+
+# ---- building ------------------------------------------------------------------------------------
+
+def _word_tokenizer(texts: Sequence[str]):
+    """A word-level tokenizer over the words of `texts` (tokenizer speed is not what is measured)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for text in texts for w, _ in pre.pre_tokenize_str(text.lower())})
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<|endoftext|>", "<unk>", *words])}, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", unk_token="<unk>")
+
+
+def _random_module(factory: Callable[[], torch.nn.Module], dtype, device, seed: int) -> torch.nn.Module:
+    """Build with parameters on `meta` (no init cost), then fill them cheaply and deterministically:
+    matrices uniform in +-1/sqrt(fan_in), 1-D `weight`s (norms) ones, other 1-D parameters (biases) zeros."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        module = factory()
+    gen = torch.Generator(device).manual_seed(seed)
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if p is None:
+                continue
+            t = torch.empty(p.shape, dtype=dtype, device=device)
+            if p.ndim >= 2:
+                bound = p[0].numel() ** -0.5
+                t.uniform_(-bound, bound, generator=gen)
+            else:
+                t.fill_(1.0 if name == "weight" else 0.0)
+            sub._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+    return module.to(device).eval()  # buffers (rotary frequencies) keep their dtype
+
+
+def build_pipeline(name: str, dtype: torch.dtype, device: torch.device, random_text_features: bool = False):
+    """HARTPipeline for a configuration: random weights, or the bundled model for "bundled"."""
+    import hart
+    from hart import HARTPipeline, HARTTransformer, HybridTokenizer
+    from hart.text import SYSTEM_PROMPT
+
+    if name == "bundled":
+        bundled = getattr(hart, "BUNDLED_MODEL", None)
+        if bundled is None:
+            raise BenchmarkError("the bundled model is not available yet (hart.BUNDLED_MODEL is not defined); "
+                                 f"use one of {', '.join(CONFIGS)}")
+        pipe = HARTPipeline.from_pretrained(bundled).to(device, dtype)
+    elif name in CONFIGS:
+        cfg = CONFIGS[name]
+        tokenizer = text_encoder = None
+        if not random_text_features:
+            from transformers import Qwen2Config, Qwen2Model
+
+            tokenizer = _word_tokenizer([SYSTEM_PROMPT, *PROMPTS])
+            text_encoder = _random_module(lambda: Qwen2Model(Qwen2Config(**cfg.text)), dtype, device, seed=0)
+        transformer = _random_module(lambda: HARTTransformer(**cfg.transformer), dtype, device, seed=1)
+        vae = _random_module(lambda: HybridTokenizer(**cfg.vae), dtype, device, seed=2)
+        pipe = HARTPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae)
+    else:
+        raise BenchmarkError(f"unknown configuration {name!r}; choose one of {', '.join(CONFIG_NAMES)}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_text_conditioning(batch: int, tokens: int, dim: int, device):
+    """Text features of the right shape, without a text model (float32, as `encode_prompt` returns)."""
+    from hart.text import TextConditioning
+
+    features = torch.randn(batch, tokens, dim, generator=torch.Generator().manual_seed(0))
+    mask = torch.arange(tokens).expand(batch, -1) < RANDOM_TEXT_TOKENS
+    return TextConditioning(features.to(device), mask.to(device), (mask.cumsum(1) - 1).to(device))
+
+
+# ---- FLOPs ---------------------------------------------------------------------------------------
+
+def _cpu_sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return 2 * q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])  # Q K^T, then P V (torch lacks this CPU kernel)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's counter (matmuls, convolutions, attention), also counting CPU attention."""
+    return FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
+
+
+def analytic_flops(t: dict, vae: dict) -> Dict[str, object]:
+    """Multiply-adds x 2 per image of `sample_scales` (guided: 2 rows per image, soft codes), from the configs."""
+    from hart.models.transformer import swiglu_hidden
+
+    C, V, Cv, T, pn = t["embed_dim"], t["vocab_size"], t["latent_channels"], t["context_tokens"], t["patch_nums"]
+    F, W, P, S = swiglu_hidden(C, t["mlp_ratio"]), t["diff_width"], pn[-1], len(pn)
+    per_token = 2 * (3 * C * C + C * C + 3 * C * F)  # qkv, proj, SwiGLU
+    phi = 2 * P * P * Cv * Cv * 9 if vae["num_phi"] > 0 and abs(vae["phi_ratio"]) > 1e-6 else 0
+    scales, seen = [], 0
+    for si, p in enumerate(pn):
+        L = T if si == 0 else p * p
+        seen += L
+        f = 2 * t["depth"] * (L * per_token + 2 * C * 6 * C + 4 * L * seen * C)  # blocks (AdaLN, attention)
+        f += 2 * (2 * C * 2 * C + p * p * 2 * C * V) + p * p * 2 * V * Cv  # head (AdaLN, logits), soft codes
+        if si == 0:
+            f += 2 * T * 2 * t["context_dim"] * C  # context_embed
+        f += phi + pn[si + 1] ** 2 * 2 * Cv * C if si < S - 1 else 2 * L * 2 * Cv * C  # next input / diffusion condition
+        scales.append(f)
+    per_row = 2 * (256 * W + W * W + C * W + Cv * W + t["diff_depth"] * 5 * W * W + 2 * W * W + W * 2 * Cv)
+    diffusion = int(t["num_sampling_steps"]) * 2 * P * P * per_row
+    return dict(transformer_scales=scales, transformer=sum(scales), diffusion=diffusion)
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device) -> Dict[str, float]:
+    """Best FLOP/s of square matmuls in `dtype` on `device` (8192 on CUDA, 2048 on CPU)."""
+    n, group = (8192, 10) if device.type == "cuda" else (2048, 3)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(group):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / group)
+    return dict(size=n, seconds=best, flops_per_s=2 * n**3 / best)
+
+
+class StageClock:
+    """Times one `pipe(...)` call: text encoding, each scale (callback), diffusion, decoding."""
+
+    def __init__(self, pipe, device: torch.device, text_fn: Optional[Callable] = None):
+        self.pipe, self.device, self.text_fn = pipe, device, text_fn
+        self.spans: Dict[str, tuple] = {}
+        self.scale_ends: List[float] = []
+
+    def now(self) -> float:
+        _sync(self.device)
+        return time.perf_counter()
+
+    def _timed(self, name: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            start = self.now()
+            out = fn(*args, **kwargs)
+            self.spans[name] = (start, self.now())
+            return out
+        return wrapper
+
+    @contextlib.contextmanager
+    def attached(self):
+        pipe, head = self.pipe, self.pipe.transformer.diffusion_head
+        pipe.encode_prompt = self._timed("text_encoding", self.text_fn or pipe.encode_prompt)
+        pipe.decode_latent = self._timed("decoding", pipe.decode_latent)
+        head.sample = self._timed("diffusion", head.sample)
+        try:
+            yield self
+        finally:
+            del pipe.encode_prompt, pipe.decode_latent, head.sample
+
+    def run(self, prompts: List[str]) -> Dict[str, object]:
+        self.spans, self.scale_ends = {}, []
+
+        def on_scale(pipe, si, side, tensors):
+            self.scale_ends.append(self.now())
+            return {}
+
+        start = self.now()
+        self.pipe(prompt=prompts, generator=torch.Generator(self.device).manual_seed(0), output_type="pil",
+                  callback_on_step_end=on_scale, callback_on_step_end_tensor_inputs=())
+        total = self.now() - start
+        (t0, t1), (d0, d1), (c0, c1) = (self.spans[k] for k in ("text_encoding", "diffusion", "decoding"))
+        ends = [t1, *self.scale_ends]
+        scales = [b - a for a, b in zip(ends, ends[1:])]
+        scales[-1] -= d1 - d0  # the last scale's callback comes after the diffusion
+        stages = dict(text_encoding=t1 - t0, transformer=sum(scales), diffusion=d1 - d0, decoding=c1 - c0)
+        return dict(total=total, transformer_scales=scales, **stages, other=total - sum(stages.values()))
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak of the process; Linux reports KiB
+
+
+def _count_flops(pipe, text_fn, device) -> Dict[str, object]:
+    """FLOPs per image: analytic for the transformer and diffusion, counted for text encoding and decoding."""
+    tcfg = pipe.transformer.config
+    flops = analytic_flops(tcfg, pipe.vae.config)
+    with torch.no_grad():
+        with flop_counter() as text:
+            if text_fn is None:
+                pipe.encode_prompt(list(PROMPTS[:1]), device)
+        with flop_counter() as decoder:
+            P = tcfg["patch_nums"][-1]
+            pipe.decode_latent(torch.zeros(1, tcfg["latent_channels"], P, P, device=device))
+    flops.update(text_encoding=text.get_total_flops(), decoding=decoder.get_total_flops())
+    flops["total"] = sum(flops[k] for k in ("text_encoding", "transformer", "diffusion", "decoding"))
+    return flops
+
+
+def _time_batch(clock: StageClock, batch: int, warmup: int, iters: int, flops: dict, peak: dict) -> dict:
+    """Median figures of `iters` calls at one batch size, after `warmup` calls."""
+    device, prompts = clock.device, [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    rss_before = _rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with clock.attached():
+        for _ in range(warmup):
+            clock.run(prompts)
+        timings = [clock.run(prompts) for _ in range(iters)]
+    med = {k: statistics.median(t[k] for t in timings) for k in timings[0] if k != "transformer_scales"}
+    med["transformer_scales"] = [statistics.median(s) for s in zip(*(t["transformer_scales"] for t in timings))]
+    latency = med.pop("total")
+    achieved = dict(transformer=batch * flops["transformer"] / med["transformer"],
+                    end_to_end=batch * flops["total"] / latency)
+    return dict(
+        batch_size=batch, latency_s=latency, latency_s_all=[t["total"] for t in timings],
+        images_per_s=batch / latency, stages_s=med,
+        peak_rss_mib=_rss_mib(), rss_increase_mib=_rss_mib() - rss_before,
+        cuda_max_allocated_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        achieved_flops_per_s=achieved, fraction_of_matmul_peak={k: v / peak["flops_per_s"] for k, v in achieved.items()})
+
+
+def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_sizes: Sequence[int] = (1,),
+                  warmup: int = 1, iters: int = 3, random_text_features: bool = False,
+                  compile_model: bool = False) -> Dict[str, object]:
+    """All figures of one configuration, dtype and device, one run per batch size (schema: module docstring)."""
+    from importlib.metadata import version
+
+    if config not in CONFIG_NAMES:
+        raise BenchmarkError(f"unknown configuration {config!r}; choose one of {', '.join(CONFIG_NAMES)}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError("--device cuda: no CUDA device is available here; use --device cpu")
+    start = time.perf_counter()
+    pipe = build_pipeline(config, DTYPES[dtype], dev, random_text_features)
+    build_s = time.perf_counter() - start
+    tcfg = pipe.transformer.config
+    text_fn = None
+    if random_text_features:
+        def text_fn(prompts, device=None, *args, **kwargs):
+            return random_text_conditioning(len(prompts), tcfg["context_tokens"], tcfg["context_dim"], dev)
+
+    flops, peak = _count_flops(pipe, text_fn, dev), matmul_peak(DTYPES[dtype], dev)
+    if compile_model:
+        for module in (*pipe.transformer.blocks, pipe.transformer.diffusion_head.net):
+            module.compile(dynamic=True)
+    clock = StageClock(pipe, dev, text_fn)
+    runs = [_time_batch(clock, batch, warmup, iters, flops, peak) for batch in batch_sizes]
+    text_model = None if random_text_features else pipe.text_encoder
+    params = {name: sum(p.numel() for p in module.parameters()) if module is not None else 0 for name, module in (
+        ("transformer", pipe.transformer), ("diffusion_head", pipe.transformer.diffusion_head), ("vae", pipe.vae),
+        ("text_encoder", text_model))}
+    return dict(
+        config=config, dtype=dtype, device=str(dev),
+        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        torch_version=torch.__version__, hart_version=version("hart"), warmup=warmup, iters=iters,
+        compile=compile_model, text_features="random" if random_text_features else "text model",
+        image_size=tcfg["patch_nums"][-1] * pipe.vae.downsample_factor, patch_nums=list(tcfg["patch_nums"]),
+        build_s=build_s, parameters=params, matmul_peak=peak, flops_per_image=flops, runs=runs)
+
+
+def format_summary(result: Dict[str, object]) -> str:
+    """The figures of `run_benchmark` as text, one block per batch size."""
+    f, peak, stages = result["flops_per_image"], result["matmul_peak"], ("text_encoding", "transformer", "diffusion",
+                                                                           "decoding", "other")
+    lines = [f"{result['config']} ({result['image_size']} px, text: {result['text_features']}) {result['dtype']} on "
+             f"{result['device_name']}; built in {result['build_s']:.1f} s",
+             f"matmul peak {peak['flops_per_s'] / 1e12:.2f} TFLOP/s ({peak['size']}^2); GFLOP per image: "
+             + ", ".join(f"{k} {f[k] / 1e9:.1f}" for k in (*stages[:-1], "total"))]
+    for run in result["runs"]:
+        s, frac, cuda = run["stages_s"], run["fraction_of_matmul_peak"], run["cuda_max_allocated_mib"]
+        lines += [f"batch {run['batch_size']}: {run['latency_s']:.3f} s, {run['images_per_s']:.3g} images/s, peak RSS "
+                  f"{run['peak_rss_mib']:.0f} MiB" + (f", CUDA max allocated {cuda:.0f} MiB" if cuda else ""),
+                  "  stages (s): " + ", ".join(f"{k} {s[k]:.3f}" for k in stages),
+                  "  scales (ms): " + ", ".join(f"{p}x{p} {t * 1000:.1f}" for p, t in zip(result["patch_nums"],
+                                                                                   s["transformer_scales"])),
+                  f"  transformer {run['achieved_flops_per_s']['transformer'] / 1e12:.3g} TFLOP/s = "
+                  f"{100 * frac['transformer']:.1f}% of the matmul peak (end to end {100 * frac['end_to_end']:.1f}%)"]
+    return "\n".join(lines)
+
+
+# ---- chart ---------------------------------------------------------------------------------------
+
+_COLOURS = dict(text_encoding=(91, 143, 201), transformer=(235, 140, 52), diffusion=(98, 175, 92),
+                decoding=(196, 78, 82), other=(150, 150, 150))
+
+
+def write_chart(result: Dict[str, object], path) -> None:
+    """Horizontal bars of the median stage times, one panel per batch size (PIL only)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    rows_per_panel = 4 + len(result["runs"][0]["stages_s"]["transformer_scales"])
+    width, label_w, row_h, head_h = 900, 190, 18, 28
+    height = 10 + len(result["runs"]) * (head_h + rows_per_panel * row_h + 10)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    y = 10
+    for run in result["runs"]:
+        s = run["stages_s"]
+        rows = [("text encoding", s["text_encoding"], "text_encoding")]
+        rows += [(f"transformer {p}x{p}" + (" + text" if i == 0 else ""), v, "transformer")
+                 for i, (p, v) in enumerate(zip(result["patch_nums"], s["transformer_scales"]))]
+        rows += [("residual diffusion", s["diffusion"], "diffusion"), ("decoding", s["decoding"], "decoding"),
+                 ("other", max(s["other"], 0.0), "other")]
+        draw.text((10, y), f"{result['config']} {result['dtype']} {result['device']}  batch {run['batch_size']}: "
+                  f"{run['latency_s']:.3f} s, {run['images_per_s']:.3g} images/s", fill="black", font=font)
+        y += head_h
+        longest = max(v for _, v, _ in rows) or 1.0
+        for label, value, kind in rows:
+            draw.text((10, y + 3), label, fill="black", font=font)
+            bar = int((width - label_w - 110) * value / longest)
+            draw.rectangle((label_w, y + 2, label_w + max(bar, 1), y + row_h - 3), fill=_COLOURS[kind])
+            draw.text((label_w + bar + 6, y + 3), f"{value * 1000:.1f} ms", fill="black", font=font)
+            y += row_h
+        y += 10
+    image.save(path)

@@ -1,0 +1,75 @@
+"""`hart benchmark`: the tiny configuration end to end on CPU, the FLOP counts, bad input."""
+import json
+
+import PIL.Image
+import pytest
+import torch
+
+import hart
+from hart import benchmark as bench
+from hart.cli import main
+from hart.sampling import sample_scales
+
+
+def test_tiny_benchmark_writes_every_documented_field(tmp_path, capsys):
+    assert main(["benchmark", "--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--batch-size", "1",
+                 "--batch-size", "2", "--warmup", "0", "--iters", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    for key in ("config", "dtype", "device", "device_name", "torch_version", "hart_version", "warmup", "iters",
+                "compile", "text_features", "image_size", "patch_nums", "build_s", "parameters", "matmul_peak",
+                "flops_per_image", "runs"):
+        assert key in result, key
+    flops = result["flops_per_image"]
+    assert all(flops[k] > 0 for k in ("text_encoding", "transformer", "diffusion", "decoding"))
+    assert flops["total"] == flops["text_encoding"] + flops["transformer"] + flops["diffusion"] + flops["decoding"]
+    assert len(flops["transformer_scales"]) == len(result["patch_nums"]) == 4
+    assert result["matmul_peak"]["flops_per_s"] > 0
+    assert [run["batch_size"] for run in result["runs"]] == [1, 2]
+    for run in result["runs"]:
+        stages = run["stages_s"]
+        assert len(stages["transformer_scales"]) == 4 and all(t > 0 for t in stages["transformer_scales"])
+        assert stages["transformer"] == pytest.approx(sum(stages["transformer_scales"]))
+        total = sum(stages[k] for k in ("text_encoding", "transformer", "diffusion", "decoding", "other"))
+        assert total == pytest.approx(run["latency_s"])
+        assert run["images_per_s"] == pytest.approx(run["batch_size"] / run["latency_s"])
+        assert run["peak_rss_mib"] > 0 and run["rss_increase_mib"] >= 0 and run["cuda_max_allocated_mib"] is None
+        assert set(run["fraction_of_matmul_peak"]) == set(run["achieved_flops_per_s"]) == {"transformer", "end_to_end"}
+    with PIL.Image.open(tmp_path / "benchmark.png") as chart:
+        chart.verify()
+    assert "batch 2:" in capsys.readouterr().out
+
+
+def test_flop_counter_matches_hand_computation():
+    linear, conv = torch.nn.Linear(5, 7), torch.nn.Conv2d(3, 4, kernel_size=3, padding=1)
+    with bench.flop_counter() as counter:
+        linear(torch.randn(6, 5))
+    assert counter.get_total_flops() == 2 * 6 * 5 * 7
+    with bench.flop_counter() as counter:
+        conv(torch.randn(2, 3, 8, 8))
+    assert counter.get_total_flops() == 2 * (2 * 4 * 8 * 8) * (3 * 3 * 3)
+    q, k = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 12, 8)
+    with bench.flop_counter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, k, k)
+    assert counter.get_total_flops() == 4 * 2 * 3 * 10 * 12 * 8
+
+
+def test_analytic_flops_equal_the_counted_sampling():
+    pipe = bench.build_pipeline("tiny", torch.float32, torch.device("cpu"), random_text_features=True)
+    tcfg = dict(pipe.transformer.config)
+    cond = bench.random_text_conditioning(1, tcfg["context_tokens"], tcfg["context_dim"], "cpu")
+    with torch.no_grad(), bench.flop_counter() as counter:
+        sample_scales(pipe.transformer, pipe.vae.quantize, cond, more_smooth=True,
+                            generator=torch.Generator().manual_seed(0))
+    flops = bench.analytic_flops(tcfg, dict(pipe.vae.config))
+    assert counter.get_total_flops() == flops["transformer"] + flops["diffusion"]
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path, capsys):
+    assert main(["benchmark", "--config", "nope", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "unknown configuration 'nope'; choose one of hart-0.7b-1024" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(hasattr(hart, "BUNDLED_MODEL"), reason="a bundled model exists")
+def test_bundled_before_it_exists_is_a_clear_error(tmp_path, capsys):
+    assert main(["benchmark", "--config", "bundled", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "the bundled model is not available yet" in capsys.readouterr().err
