@@ -1,0 +1,140 @@
+"""A small text model for the bundled shapes-world pipeline: sentencepiece tokenizer + Qwen2 causal LM.
+
+The bundled pipeline uses the same text path as the released model (a Qwen2-architecture decoder whose
+final hidden state conditions the image), only tiny and trained here on the caption corpus:
+
+1. `train_sentencepiece(captions, folder)`: a sentencepiece unigram model (`tokenizer.model`), with
+   case folding; every character seen in the corpus is a piece, so an unknown *word* splits into
+   known pieces, and an unknown *character* maps to `<unk>` (never an error).
+2. `hf_tokenizer(spm_path)`: the same tokenizer as a `transformers.PreTrainedTokenizerFast` (a
+   `tokenizers` Unigram model with the sentencepiece normaliser and metaspace pre-tokeniser), with
+   `<pad>`, `<unk>`, `<s>`, `</s>` set. It saves a plain `tokenizer.json`, which
+   `hart.loading.load_text_encoder` and `HARTPipeline.from_pretrained` load without sentencepiece.
+3. `train_text_model(captions, folder, ...)`: a Qwen2 causal LM (`Qwen2ForCausalLM`) trained on the
+   captions (next-token loss), saved with `save_pretrained` beside the tokenizer; `AutoModel` loads
+   its `Qwen2Model` body, which is what the pipeline uses (frozen).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")  # ids 0..3
+
+
+def train_sentencepiece(captions: Sequence[str], folder, vocab_size: int = 256) -> Path:
+    """Train a unigram sentencepiece model on `captions`; writes `folder/tokenizer.model`."""
+    import sentencepiece as spm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "captions.txt"
+    corpus.write_text("\n".join(captions) + "\n", encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size, model_type="unigram",
+        character_coverage=1.0, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+        normalization_rule_name="nmt_nfkc_cf", hard_vocab_limit=False, num_threads=1,
+        minloglevel=2,
+    )
+    corpus.unlink()
+    (folder / "tokenizer.vocab").unlink(missing_ok=True)
+    return folder / "tokenizer.model"
+
+
+def hf_tokenizer(spm_path):
+    """The sentencepiece model as a fast Hugging Face tokenizer (no sentencepiece needed to load it)."""
+    import sentencepiece as spm
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([
+        normalizers.NFKC(), normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip(),
+    ])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        padding_side="right", model_max_length=128,
+    )
+
+
+def _qwen2_config(vocab_size: int, hidden: int, layers: int, heads: int, max_positions: int):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+        rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        use_sliding_window=False,
+    )
+
+
+def train_text_model(captions: Sequence[str], folder, vocab_size: int = 256, hidden: int = 128, layers: int = 2,
+                     heads: int = 4, steps: int = 600, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+                     max_positions: int = 256, log_every: int = 100) -> Path:
+    """Train the tokenizer and a Qwen2 causal LM on `captions`; save both into `folder`.
+
+    Returns the folder, which `hart.loading.load_text_encoder(folder)` loads as (tokenizer, Qwen2Model).
+    """
+    from transformers import Qwen2ForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    rnd = random.Random(seed)
+    spm_path = train_sentencepiece(captions, folder / "spm", vocab_size)
+    tokenizer = hf_tokenizer(spm_path)
+    model = Qwen2ForCausalLM(_qwen2_config(len(tokenizer), hidden, layers, heads, max_positions))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    captions = list(captions)
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        batch = [rnd.choice(captions) for _ in range(batch_size)]
+        enc = tokenizer([tokenizer.bos_token + c + tokenizer.eos_token for c in batch], padding=True,
+                        return_tensors="pt", add_special_tokens=False)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps - 1:
+            logger.info("text model step %d/%d loss %.4f (%.0fs)", step, steps, loss.item(), time.time() - t0)
+    model.eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    (folder / "training.json").write_text(json.dumps({
+        "captions": len(captions), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "final_loss": float(loss.item()), "seconds": round(time.time() - t0, 1)}, indent=2))
+    return folder
+
+
+def load_text_model(folder):
+    """(tokenizer, Qwen2Model) from a folder written by `train_text_model`, frozen, in eval mode."""
+    from hart.loading import load_text_encoder
+
+    tokenizer, model = load_text_encoder(folder)
+    model.requires_grad_(False)
+    return tokenizer, model

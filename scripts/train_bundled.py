@@ -1,0 +1,391 @@
+"""Train the bundled shapes-world HART model end to end, on CPU, with the package's own training code.
+
+    python scripts/train_bundled.py --work /tmp/bundled            # the full recipe
+    python scripts/train_bundled.py --work /tmp/bundled-smoke --quick   # minutes: a smoke test of every phase
+    python scripts/train_bundled.py --work /tmp/bundled --install   # ...and copy the result to hart/bundled/shapes-128
+
+Phases (each prints its CPU and wall time; a phase whose output already exists in WORK is reused,
+so an interrupted run continues where it stopped; `--redo PHASE` forces one again):
+
+  data         shapes-world renders + captions (hart.data.shapes_dataset.write_dataset): a training set for
+               the transformer, a set for the tokenizer, 500 held-out renders for the tokenizer's PSNR
+  text         sentencepiece unigram tokenizer + Qwen2 causal LM trained on the training captions (frozen after)
+  tokenizer    the hybrid tokenizer from scratch (hart.training.cli tokenizer_main --model_config)
+  init         the starting pipeline: text model + tokenizer + a random HARTTransformer (VAR-style init)
+  cache        pre-encoded training set (finetune_main --cache_only)
+  transformer  the transformer (finetune_main on the cache)
+  eval         ShapesEval (2 seeds per prompt) with and without the residual diffusion, tokenizer PSNR on
+               the held-out renders (hybrid vs discrete-only), a sample grid; `WORK/report.json`
+
+The exported pipeline is `WORK/pipeline` (float32, about 13 MB).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PATCH_NUMS = [1, 2, 3, 4, 5, 6, 8]
+
+FULL = dict(
+    train_images=24000, tok_images=3000, heldout_images=500, ft_images=4000,
+    text=dict(vocab_size=256, hidden=128, layers=2, heads=4, steps=600, batch_size=64, lr=3e-3),
+    tokenizer=dict(vocab_size=256, latent_channels=16, base_channels=32, channel_multipliers=[1, 1, 1, 2, 2],
+                   num_res_blocks=1, patch_nums=PATCH_NUMS),
+    tok_train=dict(max_steps=160, batch_size=4, lr=1e-3, warmup_steps=5, min_lr_ratio=0.05),
+    transformer=dict(patch_nums=PATCH_NUMS, context_tokens=32, embed_dim=128, depth=4, num_heads=4, mlp_ratio=3.0,
+                     vocab_size=256, latent_channels=16, diff_width=128, diff_depth=2, num_sampling_steps="8",
+                     cond_drop_rate=0.1),
+    ft_train=dict(max_steps=400, batch_size=16, lr=2e-3, warmup_steps=30, min_lr_ratio=0.05, ema_decay=0.99),
+    eval_seeds=2, guidance_scale=3.0,
+)
+QUICK = dict(
+    FULL, train_images=64, tok_images=32, heldout_images=16, ft_images=32,
+    text=dict(FULL["text"], steps=5, batch_size=8),
+    tok_train=dict(FULL["tok_train"], max_steps=2, batch_size=4),
+    ft_train=dict(FULL["ft_train"], max_steps=2, batch_size=4),
+    eval_seeds=1, eval_prompts=16,
+)
+DATA_SEEDS = dict(train=1, tok=3, heldout=7)
+
+
+class Phases:
+    """Runs the phases, times them (CPU time of this process and its threads, and wall time)."""
+
+    def __init__(self, work: Path, redo):
+        self.work, self.redo, self.times = work, set(redo), {}
+        self.path = work / "times.json"
+        if self.path.is_file():
+            self.times = json.loads(self.path.read_text())
+
+    def run(self, name: str, output: Path, fn):
+        if output.exists() and name not in self.redo:
+            print(f"[{name}] reusing {output}", flush=True)
+            return
+        print(f"[{name}] ...", flush=True)
+        c0, w0 = time.process_time(), time.time()
+        fn()
+        cpu, wall = time.process_time() - c0, time.time() - w0
+        self.times[name] = {"cpu_s": round(cpu, 1), "wall_s": round(wall, 1)}
+        self.path.write_text(json.dumps(self.times, indent=2))
+        print(f"[{name}] done: {cpu:.0f} s CPU, {wall:.0f} s wall", flush=True)
+
+
+# ---- phases ----------------------------------------------------------------------------------
+def make_data(work: Path, cfg: dict) -> None:
+    from hart.data.shapes_dataset import write_dataset
+
+    for name, n in (("heldout", cfg["heldout_images"]), ("tok", cfg["tok_images"]), ("train", cfg["train_images"])):
+        write_dataset(work / "data" / name, n, DATA_SEEDS[name])
+    # the transformer's training subset: the first ft_images of the training set (symlinks + metadata)
+    ft = work / "data" / "ft"
+    ft.mkdir(parents=True, exist_ok=True)
+    lines = (work / "data" / "train" / "metadata.jsonl").read_text().splitlines()[: cfg["ft_images"]]
+    for line in lines:
+        name = json.loads(line)["file_name"]
+        link = ft / name
+        if not link.exists():
+            link.symlink_to((work / "data" / "train" / name).resolve())
+    (ft / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def train_text(work: Path, cfg: dict) -> None:
+    from hart.data.text_model import train_text_model
+
+    captions = [json.loads(l)["text"] for l in (work / "data" / "train" / "metadata.jsonl").read_text().splitlines()]
+    train_text_model(captions, work / "text_model", **cfg["text"])
+
+
+def init_tokenizer(work: Path, cfg: dict) -> Path:
+    """A fresh HybridTokenizer whose codebook is initialised from its own encoder's latents on training
+    images (data-dependent init). With the default N(0, 1) codebook, a short CPU run collapses onto a
+    handful of codes (measured: 7 of 512 used)."""
+    from PIL import Image
+
+    from hart import HybridTokenizer
+
+    torch.manual_seed(0)
+    vae = HybridTokenizer(**cfg["tokenizer"])
+    files = sorted((work / "data" / "tok").glob("*.png"))[:32]
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 127.5 - 1)
+                     .permute(2, 0, 1) for f in files])
+    with torch.no_grad():
+        z = vae.encode_latent(x).permute(0, 2, 3, 1).reshape(-1, vae.config.latent_channels)
+        V = vae.config.vocab_size
+        pick = torch.randperm(z.shape[0])[:V] if z.shape[0] >= V else torch.randint(z.shape[0], (V,))
+        vae.quantize.embedding.weight.copy_(z[pick] + 0.01 * z.std() * torch.randn(V, z.shape[1]))
+    out = work / "runs" / "tok_init"
+    vae.save_pretrained(out)
+    return out
+
+
+def _has_checkpoint(run: Path) -> bool:
+    return any((run / "checkpoints").glob("checkpoint-*")) if (run / "checkpoints").is_dir() else False
+
+
+def train_tok(work: Path, cfg: dict) -> None:
+    from hart.training.cli import tokenizer_main
+
+    (work / "tok.json").write_text(json.dumps(cfg["tokenizer"]))
+    start = work / "runs" / "tok_init"
+    if not (start / "config.json").is_file():
+        start = init_tokenizer(work, cfg)
+    t = cfg["tok_train"]
+    argv = ["--pretrained", str(start), "--data_dir", str(work / "data" / "tok"),
+            "--output_dir", str(work / "runs" / "tok"), "--mixed_precision", "no", "--seed", "0",
+            "--checkpoint_every", "100000", "--max_steps", str(t["max_steps"]), "--batch_size", str(t["batch_size"]),
+            "--lr", str(t["lr"]), "--warmup_steps", str(t["warmup_steps"]), "--min_lr_ratio", str(t["min_lr_ratio"])]
+    if _has_checkpoint(work / "runs" / "tok"):
+        argv += ["--resume", "latest"]  # an interrupted run continues exactly
+    if tokenizer_main(argv) != 0:
+        raise SystemExit("tokenizer training failed")
+    if not (work / "runs" / "tok" / "tokenizer").is_dir():
+        raise SystemExit("tokenizer training stopped early: run the same command again to resume it")
+
+
+def var_init(transformer, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02) -> None:
+    """VAR-style initialisation of a fresh HARTTransformer (the module defaults train poorly from scratch):
+    truncated-normal linears and embeddings with std sqrt(1 / 3C), zero biases, branch outputs scaled by
+    1/sqrt(2 depth), AdaLN modulations small (gates ~0, so every block starts as the identity), a small
+    head. The diffusion head keeps its own init (`DiffusionHead.init_weights`)."""
+    import torch.nn as nn
+
+    C, depth = transformer.config.embed_dim, transformer.config.depth
+    std = math.sqrt(1 / C / 3)
+    for name, m in transformer.named_modules():
+        if name.startswith("diffusion_head"):
+            continue
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=std)
+    with torch.no_grad():
+        for block in transformer.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * depth))
+            block.ffn.down_proj.weight.div_(math.sqrt(2 * depth))
+            w = block.ada_lin[-1].weight
+            w[2 * C:].mul_(init_adaln)
+            w[: 2 * C].mul_(init_adaln_gamma)
+        transformer.head.weight.mul_(init_head)
+        transformer.head_nm.ada_lin[-1].weight.mul_(init_adaln)
+
+
+def build_init(work: Path, cfg: dict) -> None:
+    from hart import HARTPipeline, HARTTransformer, HybridTokenizer
+    from hart.data.text_model import load_text_model
+
+    tokenizer, text_encoder = load_text_model(work / "text_model")
+    vae = HybridTokenizer.from_pretrained(work / "runs" / "tok" / "tokenizer")
+    torch.manual_seed(0)
+    tr = HARTTransformer(context_dim=text_encoder.config.hidden_size, **cfg["transformer"])
+    var_init(tr)
+    HARTPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=tr, vae=vae).save_pretrained(
+        work / "init_pipeline")
+
+
+def _ft_argv(work: Path, cfg: dict):
+    t = cfg["ft_train"]
+    return ["--pretrained", str(work / "init_pipeline"), "--data_dir", str(work / "data" / "ft"),
+            "--cache_dir", str(work / "cache"), "--output_dir", str(work / "runs" / "ft"), "--mixed_precision", "no",
+            "--batch_size", str(t["batch_size"]), "--max_steps", str(t["max_steps"]), "--lr", str(t["lr"]),
+            "--warmup_steps", str(t["warmup_steps"]), "--min_lr_ratio", str(t["min_lr_ratio"]),
+            "--ema_decay", str(t["ema_decay"]), "--checkpoint_every", "100000", "--seed", "0",
+            "--validation_prompt", "a red circle on a blue background", "--validation_guidance", str(cfg["guidance_scale"])]
+
+
+def build_cache(work: Path, cfg: dict) -> None:
+    from hart.training.cli import finetune_main
+
+    if finetune_main(_ft_argv(work, cfg) + ["--cache_only"]) != 0:
+        raise SystemExit("caching failed")
+
+
+def train_transformer(work: Path, cfg: dict) -> None:
+    from hart.training.cli import finetune_main
+
+    argv = _ft_argv(work, cfg)
+    if _has_checkpoint(work / "runs" / "ft"):
+        argv += ["--resume", "latest"]
+    if finetune_main(argv) != 0:
+        raise SystemExit("transformer training failed")
+    if not (work / "runs" / "ft" / "pipeline").is_dir():
+        raise SystemExit("transformer training stopped early: run the same command again to resume it")
+    export_pipeline(work / "runs" / "ft" / "pipeline", work / "pipeline", cfg)
+
+
+def export_pipeline(src: Path, dst: Path, cfg: dict) -> None:
+    """The shipped folder (float32: the whole pipeline is about 13 MB), with the sampling settings used for
+    the reported numbers in `bundled.json`."""
+    from hart import HARTPipeline
+
+    pipe = HARTPipeline.from_pretrained(src)
+    if dst.exists():
+        shutil.rmtree(dst)
+    pipe.save_pretrained(dst)
+    (dst / "bundled.json").write_text(json.dumps({"guidance_scale": cfg["guidance_scale"], "resolution": 128}, indent=2))
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+def load_pipeline(folder):
+    from hart import HARTPipeline
+
+    pipe = HARTPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompts, seeds, guidance_scale, discrete_only=False, batch_size=64):
+    """Images for every (prompt, seed), prompt-major; discrete-only zeroes the residual diffusion."""
+    from hart.sampling import ForcedTokens
+
+    jobs = [(p, s) for p in prompts for s in seeds]
+    images = []
+    P = pipe.transformer.patch_nums[-1]
+    Cv = pipe.transformer.config.latent_channels
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i: i + batch_size]
+        gens = [torch.Generator().manual_seed(s) for _, s in chunk]
+        forced = ForcedTokens(residual_BLCv=torch.zeros(len(chunk), P * P, Cv)) if discrete_only else None
+        with torch.no_grad():
+            f_hat = pipe.generate_latent(
+                [p for p, _ in chunk], None, 1, guidance_scale, None, None, True, gens, None, (), True, None,
+                forced=forced)
+            images += pipe.finish(f_hat, "pil", True).images
+    return images
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR of images in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.float() - b.float()).square().flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp(min=1e-10))
+
+
+def tokenizer_psnr(vae, folder: Path, n: int):
+    from PIL import Image
+
+    files = sorted(folder.glob("*.png"))[:n]
+    hyb, disc = [], []
+    for i in range(0, len(files), 50):
+        x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 127.5 - 1)
+                         .permute(2, 0, 1) for f in files[i: i + 50]])
+        with torch.no_grad():
+            idx, residual = vae.img_to_tokens(x)
+            hyb.append(psnr(vae.tokens_to_img(idx, residual), x))
+            disc.append(psnr(vae.tokens_to_img(idx, None), x))
+    return {"images": len(files), "psnr_hybrid_db": float(torch.cat(hyb).mean()),
+            "psnr_discrete_db": float(torch.cat(disc).mean())}
+
+
+def grid(images, cols: int):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    g = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        g.paste(im, ((i % cols) * w, (i // cols) * h))
+    return g
+
+
+GRID_PROMPTS = [
+    "a red circle on a blue background", "a green square in the top left corner", "three yellow triangles",
+    "a purple square above an orange circle", "a small blue triangle and a large white circle",
+    "a black circle on a yellow background", "a red square to the left of a green triangle",
+    "two blue circles",
+]
+
+
+def evaluate(work: Path, cfg: dict) -> None:
+    from hart.eval.shapes_eval import load_prompts, score
+
+    pipe = load_pipeline(work / "pipeline")
+    records = load_prompts()
+    if cfg.get("eval_prompts"):
+        records = records[: cfg["eval_prompts"]]
+    seeds = list(range(cfg["eval_seeds"]))
+    specs = [r for r in records for _ in seeds]
+    report = {"guidance_scale": cfg["guidance_scale"], "seeds_per_prompt": len(seeds), "prompts": len(records)}
+    out = work / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    for key, discrete in (("hybrid", False), ("discrete_only", True)):
+        t0 = time.time()
+        images = generate(pipe, [r["prompt"] for r in records], seeds, cfg["guidance_scale"], discrete)
+        report[f"shapes_eval_{key}"] = score(images, specs)
+        report[f"seconds_per_image_{key}"] = (time.time() - t0) / len(images)
+        folder = out / key
+        folder.mkdir(exist_ok=True)
+        for r, s, im in zip([r for r in records for _ in seeds], seeds * len(records), images):
+            im.save(folder / f"{r['index']:05d}_{s}.png")
+        print(key, json.dumps(report[f"shapes_eval_{key}"]), flush=True)
+    report["tokenizer"] = tokenizer_psnr(pipe.vae, work / "data" / "heldout", cfg["heldout_images"])
+    print("tokenizer", json.dumps(report["tokenizer"]), flush=True)
+    # latency of one 128 px image (after one warm-up call)
+    pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0))
+    t0 = time.time()
+    for s in range(3):
+        pipe("a red circle on a blue background", guidance_scale=cfg["guidance_scale"],
+             generator=torch.Generator().manual_seed(s))
+    report["seconds_per_single_image"] = (time.time() - t0) / 3
+    c0 = time.process_time()
+    for s in range(3):
+        pipe("a red circle on a blue background", guidance_scale=cfg["guidance_scale"],
+             generator=torch.Generator().manual_seed(s))
+    report["cpu_seconds_per_single_image"] = (time.process_time() - c0) / 3
+    report["torch_threads"] = torch.get_num_threads()
+    grid(generate(pipe, GRID_PROMPTS, [0, 1], cfg["guidance_scale"]), 4).save(out / "grid.png")
+    report["pipeline_mb"] = round(sum(f.stat().st_size for f in (work / "pipeline").rglob("*") if f.is_file()) / 2**20, 2)
+    (work / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, required=True, help="working folder (data, runs, pipeline, report)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every phase")
+    p.add_argument("--redo", action="append", default=[], help="run this phase again even if its output exists")
+    p.add_argument("--install", action="store_true", help="copy WORK/pipeline to hart/bundled/shapes-128")
+    p.add_argument("--tok_steps", type=int, help="tokenizer steps (default: the recipe's)")
+    p.add_argument("--ft_steps", type=int, help="transformer steps (default: the recipe's)")
+    args = p.parse_args(argv)
+    cfg = json.loads(json.dumps(QUICK if args.quick else FULL))
+    if args.tok_steps:
+        cfg["tok_train"]["max_steps"] = args.tok_steps
+    if args.ft_steps:
+        cfg["ft_train"]["max_steps"] = args.ft_steps
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps(cfg, indent=2))
+    print(f"torch threads: {torch.get_num_threads()} (set OMP_NUM_THREADS to change)", flush=True)
+    ph = Phases(work, args.redo)
+    ph.run("data", work / "data" / "ft" / "metadata.jsonl", lambda: make_data(work, cfg))
+    ph.run("text", work / "text_model" / "config.json", lambda: train_text(work, cfg))
+    ph.run("tokenizer", work / "runs" / "tok" / "tokenizer", lambda: train_tok(work, cfg))
+    ph.run("init", work / "init_pipeline" / "model_index.json", lambda: build_init(work, cfg))
+    ph.run("cache", work / "cache", lambda: build_cache(work, cfg))
+    ph.run("transformer", work / "pipeline" / "model_index.json", lambda: train_transformer(work, cfg))
+    ph.run("eval", work / "report.json", lambda: evaluate(work, cfg))
+    total = sum(t["cpu_s"] for t in ph.times.values())
+    print("CPU time per phase:", json.dumps(ph.times), f"total {total:.0f} s", flush=True)
+    if args.install:
+        dst = REPO / "hart" / "bundled" / "shapes-128"
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(work / "pipeline", dst)
+        print(f"installed {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
