@@ -189,20 +189,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device) -> Dict[str, float]:
-    """Best FLOP/s of square matmuls in `dtype` on `device` (8192 on CUDA, 2048 on CPU)."""
-    n, group = (8192, 10) if device.type == "cuda" else (2048, 3)
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(group):
+def matmul_peak(dtype: torch.dtype, device: torch.device, budget_s: float = 2.0) -> Dict[str, float]:
+    """Best FLOP/s of square matmuls in `dtype`, growing the size (512 to 8192) while it fits in about `budget_s`."""
+    start, best = time.perf_counter(), dict(size=0, seconds=0.0, flops_per_s=0.0)
+    for n in (512, 1024, 2048, 4096, 8192):
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        a @ b
+        times = []
+        for _ in range(3):
+            _sync(device)
+            t = time.perf_counter()
             a @ b
-        _sync(device)
-        best = min(best, (time.perf_counter() - start) / group)
-    return dict(size=n, seconds=best, flops_per_s=2 * n**3 / best)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        if 2 * n**3 / min(times) > best["flops_per_s"]:
+            best = dict(size=n, seconds=min(times), flops_per_s=2 * n**3 / min(times))
+        if time.perf_counter() - start + 4 * 8 * min(times) > budget_s:  # the next size: 4 calls, 8x the work
+            break
+    return best
 
 
 class StageClock:
@@ -381,7 +385,8 @@ def write_chart(result: Dict[str, object], path) -> None:
                  for i, (p, v) in enumerate(zip(result["patch_nums"], s["transformer_scales"]))]
         rows += [("residual diffusion", s["diffusion"], "diffusion"), ("decoding", s["decoding"], "decoding"),
                  ("other", max(s["other"], 0.0), "other")]
-        draw.text((10, y), f"{result['config']} {result['dtype']} {result['device']}  batch {run['batch_size']}: "
+        draw.text((10, y), f"{result['config']} {result['dtype']} {result['device']} (text: {result['text_features']}), "
+                  f"batch {run['batch_size']}: "
                   f"{run['latency_s']:.3f} s, {run['images_per_s']:.3g} images/s", fill="black", font=font)
         y += head_h
         longest = max(v for _, v, _ in rows) or 1.0
