@@ -1,7 +1,7 @@
 """The `hart` command: `hart generate ...`, `hart convert --model ... --text-encoder ... --out ...`.
 
 A sub-command is one `add_<name>_command(subparsers)` function that sets `run=` to its handler,
-listed in `SUBCOMMANDS`. Handlers raise `UsageError` (or `CheckpointError`) for bad input: `main`
+listed in `SUBCOMMANDS` (`hart benchmark` and `hart app` live in `hart/cli_tools.py`). Handlers raise `UsageError` (or `CheckpointError`) for bad input: `main`
 prints the message and returns exit status 2, without a traceback.
 """
 from __future__ import annotations
@@ -14,15 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from hart.cli_args import POSITIVE_INT, TORCH_DTYPES, UsageError, checked
+from hart.cli_tools import add_app_command, add_benchmark_command
 from hart.limits import MAX_GUIDANCE_SCALE, MAX_SEED
 
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 METADATA_KEY = "hart"  # PNG text chunk holding the JSON of everything needed to regenerate the image
 SAMPLING_DEFAULTS = dict(seed=0, guidance_scale=4.5, top_k=None, top_p=None, more_smooth=True, negative_prompt=None)
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported as a one-line message, exit status 2."""
 
 
 @dataclass
@@ -277,22 +274,6 @@ def run_generate(args) -> int:
     return 0
 
 
-def _checked(kind, ok, what: str):
-    """An argparse `type=` that parses with `kind` and rejects values failing `ok`."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return parse
-
-
-POSITIVE_INT = _checked(int, lambda v: v >= 1, "a positive integer")
-
-
 def add_generate_command(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate images from text", description=(
         f"Generate PNGs that carry their own settings (PNG text chunk {METADATA_KEY!r}). Under "
@@ -302,14 +283,14 @@ def add_generate_command(subparsers) -> None:
     p.add_argument("--from-png", help="regenerate this image from its metadata (pixel-identical on the same "
                                               "device type, dtype and CPU thread count)")
     p.add_argument("-n", "--num-images", type=POSITIVE_INT, default=1, help="images per prompt (default 1)")
-    p.add_argument("--seed", type=_checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+    p.add_argument("--seed", type=checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
                    help="image i of the run uses seed+i (default 0)")
-    p.add_argument("--guidance-scale", type=_checked(float, lambda v: 0 <= v <= MAX_GUIDANCE_SCALE,
+    p.add_argument("--guidance-scale", type=checked(float, lambda v: 0 <= v <= MAX_GUIDANCE_SCALE,
                                                      f"a number in [0, {MAX_GUIDANCE_SCALE:g}]"),
                    help="classifier-free guidance (default 4.5)")
     p.add_argument("--negative-prompt", help="what the images should not show")
     p.add_argument("--top-k", type=POSITIVE_INT, help="top-k sampling (default: the release's schedule)")
-    p.add_argument("--top-p", type=_checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
                    help="nucleus sampling threshold (default off)")
     p.add_argument("--more-smooth", action=argparse.BooleanOptionalAction, help="soft codes (default on)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="images per forward pass (default 4)")
@@ -364,70 +345,6 @@ def add_convert_command(subparsers) -> None:
     p.add_argument("--dtype", choices=TORCH_DTYPES, default="fp32", help="saved weights dtype (default fp32)")
     p.add_argument("--no-ema", action="store_true", help="use llm/ weights even where ema_model.bin exists")
     p.set_defaults(run=run_convert)
-
-
-# ---- hart benchmark -------------------------------------------------------------------------------
-
-def run_benchmark(args) -> int:
-    import torch
-    from hart import benchmark as bench
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device: {device!r} is not a torch device (try cpu, cuda, cuda:1)") from None
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    try:
-        result = bench.run_benchmark(args.config, dtype, device, args.batch_size or [1], args.warmup, args.iters,
-                                     args.random_text_features, args.compile)
-    except bench.BenchmarkError as e:
-        raise UsageError(str(e)) from None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
-    bench.write_chart(result, out / "benchmark.png")
-    print(bench.format_summary(result))
-    print(f"hart benchmark: wrote {out / 'benchmark.json'} and {out / 'benchmark.png'}")
-    return 0
-
-
-def add_benchmark_command(subparsers) -> None:
-    p = subparsers.add_parser("benchmark", help="time generation stage by stage (random weights of the released sizes)",
-                              description="Latency, images/s, per-stage times, peak memory, FLOPs and the fraction of "
-                                          "the machine's matmul peak (measured in the same run). Writes "
-                                          "OUT/benchmark.json and OUT/benchmark.png.")
-    p.add_argument("--config", default="hart-0.7b-1024",
-                   help="hart-0.7b-1024 (default), hart-0.7b-512, tiny (random weights), or bundled")
-    p.add_argument("--dtype", choices=TORCH_DTYPES, help="weights dtype (default bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, action="append",
-                   help="images per call; repeat for several (default 1)")
-    p.add_argument("--warmup", type=_checked(int, lambda v: v >= 0, "an integer >= 0"), default=1,
-                   help="untimed calls first (default 1)")
-    p.add_argument("--iters", type=POSITIVE_INT, default=3, help="timed calls; the median is reported (default 3)")
-    p.add_argument("--random-text-features", action="store_true",
-                   help="skip the text model: random text features of the right shape")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and diffusion MLP")
-    p.add_argument("--out", default="benchmark", help="output folder (default ./benchmark)")
-    p.set_defaults(run=run_benchmark)
-
-
-# ---- hart app --------------------------------------------------------------------------------------
-
-def add_app_command(subparsers) -> None:
-    p = subparsers.add_parser("app", add_help=False, help="start the Gradio web demo (options: hart app --help)",
-                              description="Same as `python -m app`; every option is passed through.")
-
-    def run_app(args) -> int:
-        from app.__main__ import main as app_main
-
-        try:
-            return app_main(args.passthrough)
-        except SystemExit as e:  # the app's own --help and usage errors
-            return int(e.code or 0)
-
-    p.set_defaults(run=run_app, passthrough=[])
 
 
 # ---- entry point ----------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""`hart benchmark` and `hart app`: the sub-commands around generation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hart.cli_args import POSITIVE_INT, TORCH_DTYPES, UsageError, checked
+
+
+# ---- hart benchmark -------------------------------------------------------------------------------
+
+def run_benchmark(args) -> int:
+    import torch
+    from hart import benchmark as bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device: {device!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    try:
+        result = bench.run_benchmark(args.config, dtype, device, args.batch_size or [1], args.warmup, args.iters,
+                                     args.random_text_features, args.compile)
+    except bench.BenchmarkError as e:
+        raise UsageError(str(e)) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+    bench.write_chart(result, out / "benchmark.png")
+    print(bench.format_summary(result))
+    print(f"hart benchmark: wrote {out / 'benchmark.json'} and {out / 'benchmark.png'}")
+    return 0
+
+
+def add_benchmark_command(subparsers) -> None:
+    p = subparsers.add_parser("benchmark", help="time generation stage by stage (random weights of the released sizes)",
+                              description="Latency, images/s, per-stage times, peak memory, FLOPs and the fraction of "
+                                          "the machine's matmul peak (measured in the same run). Writes "
+                                          "OUT/benchmark.json and OUT/benchmark.png.")
+    p.add_argument("--config", default="hart-0.7b-1024",
+                   help="hart-0.7b-1024 (default), hart-0.7b-512, tiny (random weights), or bundled")
+    p.add_argument("--dtype", choices=TORCH_DTYPES, help="weights dtype (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, action="append",
+                   help="images per call; repeat for several (default 1)")
+    p.add_argument("--warmup", type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=1,
+                   help="untimed calls first (default 1)")
+    p.add_argument("--iters", type=POSITIVE_INT, default=3, help="timed calls; the median is reported (default 3)")
+    p.add_argument("--random-text-features", action="store_true",
+                   help="skip the text model: random text features of the right shape")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and diffusion MLP")
+    p.add_argument("--out", default="benchmark", help="output folder (default ./benchmark)")
+    p.set_defaults(run=run_benchmark)
+
+
+# ---- hart app --------------------------------------------------------------------------------------
+
+def add_app_command(subparsers) -> None:
+    p = subparsers.add_parser("app", add_help=False, help="start the Gradio web demo (options: hart app --help)",
+                              description="Same as `python -m app`; every option is passed through.")
+
+    def run_app(args) -> int:
+        from app.__main__ import main as app_main
+
+        try:
+            return app_main(args.passthrough)
+        except SystemExit as e:  # the app's own --help and usage errors
+            return int(e.code or 0)
+
+    p.set_defaults(run=run_app, passthrough=[])
