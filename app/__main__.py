@@ -1,6 +1,6 @@
-"""`python -m app --model DIR`: serve the HART Gradio demo on http://127.0.0.1:7860.
+"""`python -m app [--model DIR]`: serve the HART Gradio demo on http://127.0.0.1:7860.
 
-The model comes from the command line only (the same loader as `hart generate`); the page never
+Without `--model` the bundled shapes-world model is served. The model comes from the command line only (the same loader as `hart generate`); the page never
 names or chooses files.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ def _whole(low: int, high: float = float("inf")):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app", description="HART text-to-image web demo (Gradio).")
-    p.add_argument("--model", required=True,
-                   help="pipeline folder (model_index.json) or official release folder (llm/ + tokenizer/)")
+    p.add_argument("--model", help="pipeline folder (model_index.json) or official release folder (llm/ + tokenizer/); "
+                                   "default: the bundled shapes-world model")
     p.add_argument("--text-encoder", help="text model folder; required with an official release folder")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default bf16 on cuda, fp32 on cpu)")
@@ -61,7 +61,7 @@ def resolve_device(device: Optional[str], dtype: Optional[str]):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports: --help stays quick
-    from hart.cli import UsageError, load_pipeline
+    from hart.cli import UsageError, load_pipeline, resolve_model
     from hart.loading import CheckpointError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -73,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from app.safety import ShieldGemmaChecker
 
             safety_checker = ShieldGemmaChecker(args.safety_model, device=str(device))
-        pipe = load_pipeline(args.model, args.text_encoder, device, dtype)
+        pipe = load_pipeline(resolve_model(args.model), args.text_encoder, device, dtype)
     except (UsageError, CheckpointError, FileNotFoundError) as e:
         print(f"python -m app: error: {e}", file=sys.stderr)
         return 2

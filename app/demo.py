@@ -1,8 +1,10 @@
 """The Gradio UI: `build_demo(pipe)` returns a queued `gr.Blocks` ready to `launch()`.
 
-One event, `generate` (API name `/generate`), is a generator: it yields `(preview, gallery, seed,
-status)` once per scale with a cheap decode of the image so far, then once more with the finished
-images. The pipeline runs in a worker thread that hands each scale's preview over a queue.
+Two tabs. "Text to image": the event `generate` (API name `/generate`) is a generator: it yields
+`(preview, gallery, seed, status)` once per scale with a cheap decode of the image so far, then once
+more with the finished images. The pipeline runs in a worker thread that hands each scale's preview
+over a queue. "Inpaint": an image editor whose brush strokes are the area to repaint; the event
+`inpaint` (API name `/inpaint`) returns `(image, seed, status)`.
 Nothing here reads a file path from the browser: the model is whatever the caller loaded.
 """
 from __future__ import annotations
@@ -106,6 +108,20 @@ def _failure(what: str, error: BaseException) -> gr.Error:
     return gr.Error(f"{what}: {type(error).__name__}: {error}", title=what, print_exception=False)
 
 
+def _screen(prompt: str, safety_checker: Optional[Callable[[str], bool]]) -> None:
+    """Refuse a prompt the safety checker flags (no checker: every prompt passes)."""
+    if safety_checker is None:
+        return
+    try:
+        flagged = safety_checker(prompt)
+    except Exception as e:
+        raise _failure("The safety checker failed", e) from None
+    if flagged:
+        logger.info("prompt refused by the safety checker")
+        raise gr.Error("The safety checker flagged this prompt; please try a different one.",
+                       title="Prompt refused", print_exception=False)
+
+
 def make_generate(pipe, max_images: int, safety_checker: Optional[Callable[[str], bool]] = None):
     """The event handler: a generator over `(preview, gallery, seed, status)` updates."""
     num_scales = len(pipe.transformer.patch_nums)
@@ -115,15 +131,7 @@ def make_generate(pipe, max_images: int, safety_checker: Optional[Callable[[str]
                  num_images):
         args = validate(prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_k, top_p, more_smooth,
                         num_images, vocab_size=vocab_size, max_images=max_images)
-        if safety_checker is not None:
-            try:
-                flagged = safety_checker(args["prompt"])
-            except Exception as e:
-                raise _failure("The safety checker failed", e) from None
-            if flagged:
-                logger.info("prompt refused by the safety checker")
-                raise gr.Error("The safety checker flagged this prompt; please try a different one.",
-                               title="Prompt refused", print_exception=False)
+        _screen(args["prompt"], safety_checker)
         seed, n = args.pop("seed"), args.pop("num_images")
         updates: queue.Queue = queue.Queue()
         cancelled = threading.Event()
@@ -168,6 +176,62 @@ def make_generate(pipe, max_images: int, safety_checker: Optional[Callable[[str]
     return generate
 
 
+def editor_inputs(value, side: int):
+    """The image editor's value as (RGB image, repaint mask) at `side` x `side`.
+
+    The background is the picture; every brush layer's painted pixels (alpha > 0) form the mask.
+    A non-square upload is centre-cropped to a square first, the same way for both.
+    """
+    if not isinstance(value, dict) or value.get("background") is None:
+        raise _invalid("Please upload an image to edit, then paint over the area to repaint.")
+    background = value["background"]
+    layers = [layer for layer in value.get("layers") or [] if layer is not None]
+    if not isinstance(background, Image.Image):
+        raise _invalid("The image could not be read; please upload a PNG or JPEG.")
+    mask = Image.new("L", background.size, 0)
+    for layer in layers:
+        alpha = layer.convert("RGBA").getchannel("A").point(lambda a: 255 if a > 0 else 0)
+        mask.paste(255, (0, 0), alpha.resize(background.size, Image.NEAREST))
+    if mask.getbbox() is None:
+        raise _invalid("Paint over the area to repaint with the brush: the mask is empty.")
+    w, h = background.size
+    crop = ((w - min(w, h)) // 2, (h - min(w, h)) // 2)
+    box = (*crop, crop[0] + min(w, h), crop[1] + min(w, h))
+    image = background.convert("RGB").crop(box).resize((side, side), Image.BICUBIC)
+    mask = mask.crop(box).resize((side, side), Image.NEAREST)
+    if mask.getextrema() == (255, 255):
+        raise _invalid("The mask covers the whole image: use the text-to-image tab instead.")
+    if mask.getbbox() is None:
+        raise _invalid("The painted area lies outside the centre square that is edited; paint inside it.")
+    return image, mask
+
+
+def make_inpaint(pipe, safety_checker: Optional[Callable[[str], bool]] = None):
+    """The inpainting handler: `(image, seed, status)` from the editor, prompt and options."""
+    from pipelines import HARTInpaintPipeline
+
+    inpaint_pipe = HARTInpaintPipeline.from_pipe(pipe)
+    side = inpaint_pipe.resolution
+    vocab_size = pipe.transformer.config.vocab_size
+
+    def inpaint(editor, prompt, seed, randomize_seed, guidance_scale, blend_radius):
+        args = validate(prompt, None, seed, randomize_seed, guidance_scale, 0, 1.0, True, 1,
+                        vocab_size=vocab_size, max_images=1)
+        radius = _whole(blend_radius, "Blend radius", 0, side // 4)
+        _screen(args["prompt"], safety_checker)
+        image, mask = editor_inputs(editor, side)
+        start = time.perf_counter()
+        try:
+            result = inpaint_pipe(args["prompt"], image=image, mask_image=mask, blend_radius=radius,
+                                  guidance_scale=args["guidance_scale"],
+                                  generator=torch.Generator().manual_seed(args["seed"])).images[0]
+        except Exception as e:
+            raise _failure("Inpainting failed", e) from None
+        return result, args["seed"], f"Done in {time.perf_counter() - start:.1f} s, seed {args['seed']}."
+
+    return inpaint
+
+
 def build_demo(pipe, *, max_images: int = 4, concurrency: int = 1, max_queue: int = 20,
                safety_checker: Optional[Callable[[str], bool]] = None) -> gr.Blocks:
     """A queued Blocks app around a loaded `HARTPipeline`.
@@ -187,39 +251,69 @@ def build_demo(pipe, *, max_images: int = 4, concurrency: int = 1, max_queue: in
             + ("\n\n**No GPU here: generation runs on the CPU and is slow.**" if device.type == "cpu" else "")
             + ("\n\nPrompts are screened by a safety checker." if safety_checker is not None else "")
         )
-        with gr.Row():
-            with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", placeholder="Describe the image, then press Enter", lines=1,
-                                    max_lines=4, elem_id="prompt")
-                run = gr.Button("Generate", variant="primary", elem_id="generate")
-                negative_prompt = gr.Textbox(label="Negative prompt (optional)", max_lines=3,
-                                             placeholder="What the image should not show")
+        with gr.Tabs():
+            with gr.Tab("Text to image", id="text-to-image"):
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=42, precision=0, minimum=0, maximum=MAX_SEED,
-                                     info="The seed used is shown here; untick 'Randomize' to reuse it.")
-                    randomize_seed = gr.Checkbox(label="Randomize seed", value=True)
-                num_images = gr.Slider(1, max_images, value=1, step=1, label="Number of images")
-                with gr.Accordion("Sampling options", open=False):
-                    guidance_scale = gr.Slider(0.0, MAX_GUIDANCE, value=4.5, step=0.1, label="Guidance scale")
-                    top_k = gr.Slider(0, config.vocab_size, value=0, step=1, label="Top-k",
-                                      info="0 uses the model's own schedule")
-                    top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p", info="1 is off")
-                    more_smooth = gr.Checkbox(label="More smooth (soft codes)", value=True)
-                gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
-            with gr.Column(scale=1):
-                preview = gr.Image(label="Live preview (coarse to fine)", type="pil", format="png",
-                                   interactive=False, buttons=["fullscreen"], elem_id="preview")
-                status = gr.Textbox(label="Status", interactive=False, elem_id="status")
-                gallery = gr.Gallery(label="Result", format="png", columns=2, object_fit="contain",
-                                     buttons=["download", "download_all", "fullscreen"], interactive=False,
-                                     elem_id="gallery")
-        gr.on(
-            [run.click, prompt.submit], make_generate(pipe, max_images, safety_checker),
-            inputs=[prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_k, top_p, more_smooth,
-                    num_images],
-            outputs=[preview, gallery, seed, status], api_name="generate",
-            # raw values reach `validate`, which names the field in its message (gradio's own bound
-            # checks would not)
-            preprocess=False,
-        )
+                    with gr.Column(scale=1):
+                        prompt = gr.Textbox(label="Prompt", placeholder="Describe the image, then press Enter", lines=1,
+                                            max_lines=4, elem_id="prompt")
+                        run = gr.Button("Generate", variant="primary", elem_id="generate")
+                        negative_prompt = gr.Textbox(label="Negative prompt (optional)", max_lines=3,
+                                                     placeholder="What the image should not show")
+                        with gr.Row():
+                            seed = gr.Number(label="Seed", value=42, precision=0, minimum=0, maximum=MAX_SEED,
+                                             info="The seed used is shown here; untick 'Randomize' to reuse it.")
+                            randomize_seed = gr.Checkbox(label="Randomize seed", value=True)
+                        num_images = gr.Slider(1, max_images, value=1, step=1, label="Number of images")
+                        with gr.Accordion("Sampling options", open=False):
+                            guidance_scale = gr.Slider(0.0, MAX_GUIDANCE, value=4.5, step=0.1, label="Guidance scale")
+                            top_k = gr.Slider(0, config.vocab_size, value=0, step=1, label="Top-k",
+                                              info="0 uses the model's own schedule")
+                            top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p", info="1 is off")
+                            more_smooth = gr.Checkbox(label="More smooth (soft codes)", value=True)
+                        gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
+                    with gr.Column(scale=1):
+                        preview = gr.Image(label="Live preview (coarse to fine)", type="pil", format="png",
+                                           interactive=False, buttons=["fullscreen"], elem_id="preview")
+                        status = gr.Textbox(label="Status", interactive=False, elem_id="status")
+                        gallery = gr.Gallery(label="Result", format="png", columns=2, object_fit="contain",
+                                             buttons=["download", "download_all", "fullscreen"], interactive=False,
+                                             elem_id="gallery")
+                gr.on(
+                    [run.click, prompt.submit], make_generate(pipe, max_images, safety_checker),
+                    inputs=[prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_k, top_p, more_smooth,
+                            num_images],
+                    outputs=[preview, gallery, seed, status], api_name="generate",
+                    # raw values reach `validate`, which names the field in its message (gradio's own bound
+                    # checks would not)
+                    preprocess=False,
+                )
+            with gr.Tab("Inpaint", id="inpaint"):
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        editor = gr.ImageEditor(label="Image: paint over the area to repaint", type="pil",
+                                                image_mode="RGBA", sources=["upload", "clipboard"],
+                                                brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                                                layers=False, transforms=(), elem_id="inpaint-editor")
+                        inpaint_prompt = gr.Textbox(label="What to paint there", max_lines=3,
+                                                    elem_id="inpaint-prompt")
+                        inpaint_run = gr.Button("Inpaint", variant="primary", elem_id="inpaint-run")
+                        with gr.Row():
+                            inpaint_seed = gr.Number(label="Seed", value=42, precision=0, minimum=0,
+                                                     maximum=MAX_SEED)
+                            inpaint_randomize = gr.Checkbox(label="Randomize seed", value=True)
+                        with gr.Accordion("Options", open=False):
+                            inpaint_guidance = gr.Slider(0.0, MAX_GUIDANCE, value=4.5, step=0.1,
+                                                         label="Guidance scale")
+                            blend_radius = gr.Slider(0, side // 4, value=0, step=1, label="Blend radius (px)",
+                                                     info="soft seam at the mask border; 0 keeps the rest exactly")
+                    with gr.Column(scale=1):
+                        inpaint_result = gr.Image(label="Result", type="pil", format="png", interactive=False,
+                                                  buttons=["download", "fullscreen"], elem_id="inpaint-result")
+                        inpaint_status = gr.Textbox(label="Status", interactive=False, elem_id="inpaint-status")
+                gr.on(
+                    [inpaint_run.click, inpaint_prompt.submit], make_inpaint(pipe, safety_checker),
+                    inputs=[editor, inpaint_prompt, inpaint_seed, inpaint_randomize, inpaint_guidance, blend_radius],
+                    outputs=[inpaint_result, inpaint_seed, inpaint_status], api_name="inpaint",
+                )
     return demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)

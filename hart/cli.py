@@ -1,7 +1,8 @@
 """The `hart` command: `hart generate ...`, `hart convert --model ... --text-encoder ... --out ...`.
 
 A sub-command is one `add_<name>_command(subparsers)` function that sets `run=` to its handler,
-listed in `SUBCOMMANDS` (`hart benchmark` and `hart app` live in `hart/cli_tools.py`). Handlers raise `UsageError` (or `CheckpointError`) for bad input: `main`
+listed in `SUBCOMMANDS` (`hart inpaint/outpaint/vary` live in `hart/cli_edit.py`, `hart benchmark`
+and `hart app` in `hart/cli_tools.py`). Without `--model` the bundled shapes-world model is used. Handlers raise `UsageError` (or `CheckpointError`) for bad input: `main`
 prints the message and returns exit status 2, without a traceback.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from hart.cli_args import POSITIVE_INT, TORCH_DTYPES, UsageError, checked
+from hart.cli_edit import add_inpaint_command, add_outpaint_command, add_vary_command
 from hart.cli_tools import add_app_command, add_benchmark_command
 from hart.limits import MAX_GUIDANCE_SCALE, MAX_SEED
 
@@ -50,6 +52,17 @@ def _package_version() -> str:
 def _as_recorded(name: Optional[str]) -> Optional[str]:
     """A local folder as an absolute path (so the PNG's metadata works from anywhere), a hub name as is."""
     return str(Path(name).resolve()) if name is not None and Path(name).exists() else name
+
+
+def resolve_model(model: Optional[str]) -> str:
+    """The model to load: the one given, else the bundled shapes-world model."""
+    if model is not None:
+        return model
+    from hart.bundled import BUNDLED_MODEL
+
+    if not (Path(BUNDLED_MODEL) / "model_index.json").is_file():
+        raise UsageError(f"--model is required: the bundled model is missing from this install ({BUNDLED_MODEL})")
+    return BUNDLED_MODEL
 
 
 def load_pipeline(model: str, text_encoder: Optional[str] = None, device=None, dtype: str = "fp32",
@@ -112,8 +125,6 @@ def plan_from_args(args) -> dict:
     """Jobs, batches and settings of a run described on the command line."""
     if (args.prompt is None) == (args.prompts_file is None):
         raise UsageError("give a PROMPT or --prompts-file (one of them), or --from-png")
-    if args.model is None:
-        raise UsageError("--model is required (no default model is bundled yet)")
     prompts = read_prompts(Path(args.prompts_file)) if args.prompts_file else [args.prompt.strip()]
     if not prompts[0]:
         raise UsageError("PROMPT is empty")
@@ -125,7 +136,7 @@ def plan_from_args(args) -> dict:
     jobs = [Job(p, i, prompt, seed + p * n + i) for p, prompt in enumerate(prompts) for i in range(n)]
     batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
     return dict(batches=batches, keep=None, settings=settings,
-                model=_as_recorded(args.model), text_encoder=_as_recorded(args.text_encoder),
+                model=_as_recorded(resolve_model(args.model)), text_encoder=_as_recorded(args.text_encoder),
                 dtype=args.dtype, grid_columns=n if n > 1 else math.ceil(math.sqrt(len(jobs))))
 
 
@@ -304,9 +315,9 @@ def add_generate_command(subparsers) -> None:
 
 
 def _add_model_arguments(p, required: bool) -> None:
-    # --model has no default until a bundled model exists: `plan_from_args` says so when it is missing
     p.add_argument("--model", required=required,
-                   help="pipeline folder (model_index.json) or official release folder (llm/ + tokenizer/)")
+                   help="pipeline folder (model_index.json) or official release folder (llm/ + tokenizer/)"
+                        + ("" if required else "; default: the bundled shapes-world model"))
     p.add_argument("--text-encoder", required=required,
                    help="text model folder (Qwen2-VL-1.5B-Instruct for the release); needed with an official folder")
 
@@ -349,7 +360,8 @@ def add_convert_command(subparsers) -> None:
 
 # ---- entry point ----------------------------------------------------------------------------------
 
-SUBCOMMANDS = (add_generate_command, add_convert_command, add_benchmark_command, add_app_command)
+SUBCOMMANDS = (add_generate_command, add_inpaint_command, add_outpaint_command, add_vary_command,
+               add_convert_command, add_benchmark_command, add_app_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

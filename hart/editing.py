@@ -109,17 +109,23 @@ def blend_mask(hole_11HW: torch.Tensor, radius: int) -> torch.Tensor:
 def outpaint_canvas(
     image: PIL.Image.Image, size: int, offset: Tuple[int, int] = None, fill=(128, 128, 128)
 ) -> Tuple[PIL.Image.Image, PIL.Image.Image]:
-    """Place `image` on a `size` x `size` canvas (centred unless `offset` = (left, top) is given).
+    """Place `image` on a `size` x `size` canvas: centred, or with its top-left corner at `offset` =
+    (left, top), which may be negative or push it past the far edge (a shifted canvas: what falls
+    outside is cut).
 
     Returns the canvas and the mask of the new area (white = to generate), ready for inpainting.
     """
     image = image.convert("RGB")
     w, h = image.size
     left, top = offset if offset is not None else ((size - w) // 2, (size - h) // 2)
-    if left < 0 or top < 0 or left + w > size or top + h > size:
-        raise ValueError(f"a {w}x{h} image at offset ({left}, {top}) does not fit a {size}x{size} canvas.")
-    canvas = PIL.Image.new("RGB", (size, size), fill)
-    canvas.paste(image, (left, top))
+    kept = (max(left, 0), max(top, 0), min(left + w, size), min(top + h, size))
+    if kept[0] >= kept[2] or kept[1] >= kept[3]:
+        raise ValueError(f"a {w}x{h} image at offset ({left}, {top}) falls outside the {size}x{size} canvas.")
+    if kept == (0, 0, size, size):
+        raise ValueError(f"a {w}x{h} image at offset ({left}, {top}) covers the whole {size}x{size} canvas: "
+                         "nothing is left to generate; shrink it or shift it.")
+    canvas = PIL.Image.new("RGB", (size, size), tuple(fill))
+    canvas.paste(image, (left, top))  # PIL cuts what falls outside the canvas
     mask = PIL.Image.new("L", (size, size), 255)
-    mask.paste(0, (left, top, left + w, top + h))
+    mask.paste(0, kept)
     return canvas, mask

@@ -77,8 +77,19 @@ def test_outpainting_keeps_the_original_latent_in_place(pipes, picture):
     f_in = inpaint.vae.encode_latent(to_tensor(canvas))
     q = size // 2 // d
     assert torch.equal(latent[0, :, :q, :q], f_in[0, :, :q, :q])
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="covers the whole"):
         outpaint_canvas(picture, size // 2)
+    with pytest.raises(ValueError, match="falls outside"):
+        outpaint_canvas(picture, size, offset=(size, 0))
+
+
+def test_shifted_canvas_cuts_what_falls_outside(picture):
+    size = picture.size[0]
+    canvas, mask = outpaint_canvas(picture, size, offset=(-size // 4, 0), fill=(0, 0, 255))
+    canvas, mask = np.asarray(canvas), np.asarray(mask)
+    assert np.array_equal(canvas[:, : 3 * size // 4], np.asarray(picture)[:, size // 4 :])
+    assert (canvas[:, 3 * size // 4 :] == (0, 0, 255)).all()
+    assert mask[:, : 3 * size // 4].max() == 0 and mask[:, 3 * size // 4 :].min() == 255
 
 
 def test_variations_keep_the_structure_of_kept_scales(pipes, picture, fixture_pipe):

@@ -202,3 +202,30 @@ class MultiScaleQuantizer(nn.Module):
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(hits_SV)
         return f_hat_BChw, vq_loss, hits_SV
+
+    @torch.no_grad()
+    def restart_codes(self, dead_V: torch.Tensor, f_BChw: torch.Tensor, patch_nums: Sequence[int],
+                      generator: Optional[torch.Generator] = None) -> int:
+        """Re-seed unused codes (`dead_V`, bool (V,)) with vectors the lookup actually sees.
+
+        A code no residual comes near never gets a gradient again (codebook collapse); moving it onto
+        a random per-scale residual of the current batch puts it back in play. Returns how many moved.
+        Under several processes every one must call this; rank 0's choice is broadcast.
+        """
+        dead = dead_V.nonzero().flatten()
+        if len(dead):
+            P, S = self._check_latent(f_BChw, patch_nums), len(patch_nums)
+            rest_BChw, seen = f_BChw.detach().float(), []
+            for si, p in enumerate(patch_nums):
+                r_BChw = area_down(rest_BChw, p)
+                seen.append(r_BChw.permute(0, 2, 3, 1).reshape(-1, self.Cvae))
+                idx_Bl = self._lookup_map(r_BChw)
+                rest_BChw = rest_BChw - self.apply_phi(bicubic_up(self.embed(idx_Bl), P), si, S)
+            seen_NC = torch.cat(seen)
+            pick = torch.randint(len(seen_NC), (len(dead),), generator=generator, device=generator.device
+                                 if generator is not None else seen_NC.device).to(seen_NC.device)
+            self.embedding.weight[dead.to(self.embedding.weight.device)] = seen_NC[pick].to(self.embedding.weight.dtype)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(self.embedding.weight.data, src=0)
+        return len(dead)
+

@@ -67,6 +67,8 @@ class TokenizerTrainConfig:
     mixed_precision: Optional[str] = None  # "no" or "bf16"; None: the accelerate config's choice
     recon_weight: float = 1.0
     skip_continuous_prob: float = 0.5
+    restart_dead_codes_every: int = 0  # every N steps, codes unused in those N steps move to live residuals (0: off)
+    restart_until_step: Optional[int] = None  # no restarts after this step (None: 80% of max_steps)
     disc_weight: float = 0.0  # 0: no discriminator
     disc_start_step: int = 0
     seed: int = 0

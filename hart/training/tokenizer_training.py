@@ -5,7 +5,10 @@ term, from the quantizer's training forward). Like the paper's alternating train
 skips the continuous residual with probability `skip_continuous_prob`, so the decoder learns to
 decode both the discrete-only and the full latent. An optional PatchGAN discriminator (hinge loss)
 joins after `disc_start_step`. Codebook usage (fraction of codes hit, perplexity) is logged; the
-quantizer sums the hit counts over processes when there are several.
+quantizer sums the hit counts over processes when there are several. With `restart_dead_codes_every`
+codes no scale used over that many steps are moved onto live residuals of the current batch (small
+codebooks trained from scratch otherwise collapse onto a handful of codes); restarts stop at
+`restart_until_step` so the last steps settle the codebook.
 
 It runs alone or under `accelerate launch` with the same code; checkpoints, resume and SIGTERM work
 as for the transformer fine-tune. The result is a `HybridTokenizer` folder (`save_pretrained`).
@@ -38,7 +41,7 @@ from hart.training.sampler import ResumableBatchSampler
 logger = logging.getLogger(__name__)
 
 METRICS = ["loss", "recon_loss", "vq_loss", "gen_adv_loss", "disc_loss", "code_usage", "code_perplexity",
-           "skipped_continuous", "lr", "grad_norm", "images_per_sec"]
+           "restarted_codes", "skipped_continuous", "lr", "grad_norm", "images_per_sec"]
 # settings a resumed run must share with the checkpoint (data order, which states exist)
 RESUME_KEYS = ("batch_size", "grad_accum", "seed", "trainable", "disc_weight")
 
@@ -130,6 +133,7 @@ class _TokenizerRun:
             acc.register_for_checkpointing(self.disc, self.d_opt)
         self.generator = torch.Generator(acc.device).manual_seed(cfg.seed * 1_000_003 + acc.process_index)
         self.step, self.consumed, self.replaced = 0, 0, SkipReport()
+        self.window_hits_V = torch.zeros(tokenizer.config.vocab_size, device=acc.device)
         self.settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -183,7 +187,8 @@ class _TokenizerRun:
             for name in batch["replaced"]:
                 if name:
                     self.replaced.add("unreadable", name)
-            values, hits = self._micro_step(batch["pixel_values"].to(acc.device), micro == cfg.grad_accum - 1, use_disc)
+            img = batch["pixel_values"].to(acc.device)
+            values, hits = self._micro_step(img, micro == cfg.grad_accum - 1, use_disc)
             hits_SV = hits_SV + hits
             totals = {k: totals.get(k, 0.0) + v / cfg.grad_accum for k, v in values.items()}
         norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
@@ -198,7 +203,25 @@ class _TokenizerRun:
             self.d_opt.step()
             self.d_opt.zero_grad(set_to_none=True)
         self.step += 1
-        return {**mean_over_processes(acc, totals), **code_statistics(hits_SV), "lr": lr, "grad_norm": float(norm)}
+        restarted = self._restart_dead_codes(hits_SV, img)
+        return {**mean_over_processes(acc, totals), **code_statistics(hits_SV), "restarted_codes": restarted,
+                "lr": lr, "grad_norm": float(norm)}
+
+    def _restart_dead_codes(self, hits_SV: torch.Tensor, img: torch.Tensor) -> int:
+        cfg = self.cfg
+        every, until = cfg.restart_dead_codes_every, cfg.restart_until_step
+        if every <= 0:
+            return 0
+        self.window_hits_V += hits_SV.sum(0).to(self.window_hits_V.device)  # already summed over processes
+        if self.step % every or self.step > (int(0.8 * cfg.max_steps) if until is None else until):
+            return 0
+        tokenizer = self.acc.unwrap_model(self.model)
+        with torch.no_grad():
+            f_BChw = tokenizer.encode_latent(img)
+        moved = tokenizer.quantize.restart_codes(self.window_hits_V == 0, f_BChw, tokenizer.config.patch_nums,
+                                                 self.generator)
+        self.window_hits_V.zero_()
+        return moved
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self, step_callback=None) -> Optional[Path]:

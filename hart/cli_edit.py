@@ -1,0 +1,209 @@
+"""`hart inpaint`, `hart outpaint`, `hart vary`: zero-shot editing from the command line.
+
+Each writes `OUT/NNNNN_II.png` (image II of the run; one per seed) carrying its settings in the PNG
+text chunk, like `hart generate`. Masks follow diffusers: white = repaint, black = keep.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hart.cli_args import POSITIVE_INT, TORCH_DTYPES, UsageError, checked
+from hart.limits import MAX_GUIDANCE_SCALE, MAX_SEED
+
+
+def _read_image(flag: str, path: str, mode: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise UsageError(f"{flag}: file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UsageError(f"{flag}: {path} is not a readable image ({e})") from None
+
+
+def _fit(image, side: int, resize: bool, flag: str, resample):
+    """The image at the model's resolution: resized with --resize, refused otherwise."""
+    if image.size == (side, side):
+        return image
+    if not resize:
+        raise UsageError(f"{flag}: the image is {image.width}x{image.height} but the model works at {side}x{side}; "
+                         "pass --resize to scale it, or crop it first")
+    return image.resize((side, side), resample)
+
+
+def _check_prompt(args) -> None:
+    if not args.prompt.strip():
+        raise UsageError("PROMPT is empty")
+
+
+def _run_edit(args, pipeline_class, make_inputs) -> int:
+    """Load the model, build the edit pipeline, run it once per seed and save the PNGs."""
+    import torch
+    from PIL.PngImagePlugin import PngInfo
+
+    from hart.cli import _as_recorded, _package_version, load_pipeline, process_state_and_device, resolve_model
+
+    model = resolve_model(args.model)
+    _, device = process_state_and_device(args.device)
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if dtype == "fp16" and device.type != "cuda":
+        raise UsageError(f"--dtype fp16 needs a CUDA device (device is {device.type}); use fp32 or bf16")
+    pipe = pipeline_class.from_pipe(load_pipeline(model, args.text_encoder, device, dtype))
+    side = pipe.resolution
+    inputs, recorded = make_inputs(pipe, side)
+    settings = dict(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
+                    more_smooth=args.more_smooth, negative_prompt=args.negative_prompt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(command=args.command, prompt=args.prompt.strip(), **settings, **recorded,
+                  model=_as_recorded(model), text_encoder=_as_recorded(args.text_encoder), dtype=dtype,
+                  hart_version=_package_version())
+    for i in range(args.num_images):
+        seed = args.seed + i
+        try:
+            image = pipe(args.prompt.strip(), **inputs, **settings,
+                         generator=torch.Generator().manual_seed(seed)).images[0]
+        except ValueError as e:  # the pipeline's own input checks (empty mask, sizes, ...)
+            raise UsageError(str(e)) from None
+        info = PngInfo()
+        info.add_text("hart", json.dumps(dict(common, seed=seed)))
+        name = out / f"00000_{i:02d}.png"
+        image.save(name, pnginfo=info)
+        print(f"hart {args.command}: wrote {name} (seed {seed})")
+    return 0
+
+
+# ---- the three commands ---------------------------------------------------------------------------
+
+def run_inpaint(args) -> int:
+    _check_prompt(args)
+    from PIL import Image
+
+    from pipelines import HARTInpaintPipeline
+
+    image, mask = _read_image("--image", args.image, "RGB"), _read_image("--mask", args.mask, "L")
+
+    def inputs(pipe, side):
+        fitted = dict(image=_fit(image, side, args.resize, "--image", Image.BICUBIC),
+                      mask_image=_fit(mask, side, args.resize, "--mask", Image.NEAREST))
+        return (dict(fitted, blend_radius=args.blend_radius),
+                dict(image=str(Path(args.image).resolve()), mask=str(Path(args.mask).resolve()),
+                     blend_radius=args.blend_radius))
+
+    return _run_edit(args, HARTInpaintPipeline, inputs)
+
+
+def run_outpaint(args) -> int:
+    _check_prompt(args)
+    from PIL import Image
+
+    from hart.editing import outpaint_canvas
+    from pipelines import HARTInpaintPipeline
+
+    image = _read_image("--image", args.image, "RGB")
+
+    def inputs(pipe, side):
+        placed = image
+        if args.image_size is not None:
+            placed = image.resize((args.image_size, round(args.image_size * image.height / image.width)), Image.BICUBIC)
+        try:
+            canvas, mask = outpaint_canvas(placed, side, None if args.offset is None else tuple(args.offset),
+                                           tuple(args.fill))
+        except ValueError as e:
+            raise UsageError(f"--offset/--image-size: {e}") from None
+        if args.save_canvas:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            canvas.save(Path(args.out) / "canvas.png")
+            mask.save(Path(args.out) / "canvas_mask.png")
+        return (dict(image=canvas, mask_image=mask, blend_radius=args.blend_radius),
+                dict(image=str(Path(args.image).resolve()), image_size=list(placed.size),
+                     offset=args.offset, fill=list(args.fill), blend_radius=args.blend_radius))
+
+    return _run_edit(args, HARTInpaintPipeline, inputs)
+
+
+def run_vary(args) -> int:
+    _check_prompt(args)
+    from PIL import Image
+
+    from pipelines import HARTVariationPipeline
+
+    image = _read_image("--image", args.image, "RGB")
+
+    def inputs(pipe, side):
+        fitted = _fit(image, side, args.resize, "--image", Image.BICUBIC)
+        return dict(image=fitted, keep_scales=args.keep_scales), dict(image=str(Path(args.image).resolve()),
+                                                                     keep_scales=args.keep_scales)
+
+    return _run_edit(args, HARTVariationPipeline, inputs)
+
+
+def _add_common(p, default_out: str) -> None:
+    from hart.cli import _add_model_arguments
+
+    p.add_argument("prompt", help="what the new content should show")
+    p.add_argument("-n", "--num-images", type=POSITIVE_INT, default=1, help="images (seeds seed..seed+n-1; default 1)")
+    p.add_argument("--seed", type=checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+                   default=0, help="seed of the first image (default 0)")
+    p.add_argument("--guidance-scale", type=checked(float, lambda v: 0 <= v <= MAX_GUIDANCE_SCALE,
+                                                     f"a number in [0, {MAX_GUIDANCE_SCALE:g}]"),
+                   default=4.5, help="classifier-free guidance (default 4.5)")
+    p.add_argument("--negative-prompt", help="what the new content should not show")
+    p.add_argument("--top-k", type=POSITIVE_INT, help="top-k sampling (default: the release's schedule)")
+    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                   help="nucleus sampling threshold (default off)")
+    p.add_argument("--more-smooth", action=argparse.BooleanOptionalAction, default=True,
+                   help="soft codes (default on)")
+    p.add_argument("--out", default=default_out, help=f"output folder (default ./{default_out})")
+    _add_model_arguments(p, required=False)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=TORCH_DTYPES, help="weights dtype (default bf16 on cuda, fp32 on cpu)")
+
+
+BLEND = dict(type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=0,
+             help="soft seam of this many pixels at the mask border (default 0: the kept area is the "
+                  "tokenizer's reconstruction of the input)")
+
+
+def add_inpaint_command(subparsers) -> None:
+    p = subparsers.add_parser("inpaint", help="repaint the white area of a mask, keep the rest",
+                              description="Text-guided inpainting: the tokens of the kept area are imposed at every "
+                                          "scale, only the masked area is generated.")
+    _add_common(p, "inpainted")
+    p.add_argument("--image", required=True, help="the image to edit (RGB, at the model's resolution)")
+    p.add_argument("--mask", required=True, help="same-size mask: white = repaint, black = keep")
+    p.add_argument("--resize", action="store_true", help="scale image and mask to the model's resolution")
+    p.add_argument("--blend-radius", **BLEND)
+    p.set_defaults(run=run_inpaint)
+
+
+def add_outpaint_command(subparsers) -> None:
+    p = subparsers.add_parser("outpaint", help="extend an image beyond its borders",
+                              description="Place the image on a canvas at the model's resolution (centred, or at "
+                                          "--offset; parts outside the canvas are cut) and generate the rest.")
+    _add_common(p, "outpainted")
+    p.add_argument("--image", required=True, help="the image to extend")
+    p.add_argument("--image-size", type=POSITIVE_INT, help="resize the image to this width first (keeps its aspect)")
+    p.add_argument("--offset", type=int, nargs=2, metavar=("LEFT", "TOP"),
+                   help="where the image's top-left corner goes on the canvas (may be negative; default: centred)")
+    p.add_argument("--fill", type=checked(int, lambda v: 0 <= v <= 255, "an integer in [0, 255]"), nargs=3,
+                   default=[128, 128, 128], metavar=("R", "G", "B"), help="colour of the new area before generation")
+    p.add_argument("--save-canvas", action="store_true", help="also write canvas.png and canvas_mask.png")
+    p.add_argument("--blend-radius", **BLEND)
+    p.set_defaults(run=run_outpaint)
+
+
+def add_vary_command(subparsers) -> None:
+    p = subparsers.add_parser("vary", help="variations of an image: keep its coarse scales, resample the rest",
+                              description="Keep the first --keep-scales scales of the image's tokens (its layout) "
+                                          "and sample the finer ones with the prompt. 0 = plain text-to-image.")
+    _add_common(p, "variations")
+    p.add_argument("--image", required=True, help="the image to vary (RGB, at the model's resolution)")
+    p.add_argument("--resize", action="store_true", help="scale the image to the model's resolution")
+    p.add_argument("--keep-scales", type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=4,
+                   help="how many of the coarsest scales to keep (default 4)")
+    p.set_defaults(run=run_vary)
