@@ -210,7 +210,7 @@ def make_inpaint(pipe, safety_checker: Optional[Callable[[str], bool]] = None):
     """The inpainting handler: `(image, seed, status)` from the editor, prompt and options."""
     from pipelines import HARTInpaintPipeline
 
-    inpaint_pipe = HARTInpaintPipeline.from_pipe(pipe)
+    inpaint_pipe = HARTInpaintPipeline(**pipe.components)  # the same modules, no copy
     side = inpaint_pipe.resolution
     vocab_size = pipe.transformer.config.vocab_size
 

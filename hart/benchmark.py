@@ -29,6 +29,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -111,16 +112,16 @@ def _random_module(factory: Callable[[], torch.nn.Module], dtype, device, seed: 
 
 def build_pipeline(name: str, dtype: torch.dtype, device: torch.device, random_text_features: bool = False):
     """HARTPipeline for a configuration: random weights, or the bundled model for "bundled"."""
-    import hart
     from hart import HARTPipeline, HARTTransformer, HybridTokenizer
     from hart.text import SYSTEM_PROMPT
 
     if name == "bundled":
-        bundled = getattr(hart, "BUNDLED_MODEL", None)
-        if bundled is None:
-            raise BenchmarkError("the bundled model is not available yet (hart.BUNDLED_MODEL is not defined); "
+        from hart.bundled import BUNDLED_MODEL
+
+        if not (Path(BUNDLED_MODEL) / "model_index.json").is_file():
+            raise BenchmarkError(f"the bundled model is missing from this install ({BUNDLED_MODEL}); "
                                  f"use one of {', '.join(CONFIGS)}")
-        pipe = HARTPipeline.from_pretrained(bundled).to(device, dtype)
+        pipe = HARTPipeline.from_pretrained(BUNDLED_MODEL).to(device, dtype)
     elif name in CONFIGS:
         cfg = CONFIGS[name]
         tokenizer = text_encoder = None

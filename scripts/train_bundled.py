@@ -39,43 +39,52 @@ REPO = Path(__file__).resolve().parents[1]
 PATCH_NUMS = [1, 2, 3, 4, 5, 6, 8]
 
 FULL = dict(
-    train_images=24000, tok_images=3000, heldout_images=500, ft_images=4000,
+    train_images=24000, tok_images=8000, heldout_images=500, ft_images=16000,
     text=dict(vocab_size=256, hidden=128, layers=2, heads=4, steps=600, batch_size=64, lr=3e-3),
-    tokenizer=dict(vocab_size=256, latent_channels=16, base_channels=32, channel_multipliers=[1, 1, 1, 2, 2],
+    tokenizer=dict(vocab_size=128, latent_channels=16, base_channels=32, channel_multipliers=[1, 1, 1, 2, 2],
                    num_res_blocks=1, patch_nums=PATCH_NUMS),
-    tok_train=dict(max_steps=160, batch_size=4, lr=1e-3, warmup_steps=5, min_lr_ratio=0.05),
+    tok_train=dict(max_steps=800, batch_size=8, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05,
+                   restart_dead_codes_every=25),
+    dec_train=dict(max_steps=1500, batch_size=4, lr=1e-3, warmup_steps=20, min_lr_ratio=0.05, skip_continuous_prob=0.3),
     transformer=dict(patch_nums=PATCH_NUMS, context_tokens=32, embed_dim=128, depth=4, num_heads=4, mlp_ratio=3.0,
-                     vocab_size=256, latent_channels=16, diff_width=128, diff_depth=2, num_sampling_steps="8",
+                     vocab_size=128, latent_channels=16, diff_width=128, diff_depth=2, num_sampling_steps="8",
                      cond_drop_rate=0.1),
-    ft_train=dict(max_steps=400, batch_size=16, lr=2e-3, warmup_steps=30, min_lr_ratio=0.05, ema_decay=0.99),
+    ft_train=dict(max_steps=3500, batch_size=16, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05, ema_decay=0.995),
     eval_seeds=2, guidance_scale=3.0,
 )
 QUICK = dict(
     FULL, train_images=64, tok_images=32, heldout_images=16, ft_images=32,
     text=dict(FULL["text"], steps=5, batch_size=8),
     tok_train=dict(FULL["tok_train"], max_steps=2, batch_size=4),
+    dec_train=dict(FULL["dec_train"], max_steps=2, batch_size=4),
     ft_train=dict(FULL["ft_train"], max_steps=2, batch_size=4),
     eval_seeds=1, eval_prompts=16,
 )
+# The tokenizer trains on scenes with several objects (more edges per image); the transformer on all categories.
+TOK_CATEGORIES = ("counting", "two_objects", "colour_attribution", "relative_position")
 DATA_SEEDS = dict(train=1, tok=3, heldout=7)
 
 
 class Phases:
     """Runs the phases, times them (CPU time of this process and its threads, and wall time)."""
 
-    def __init__(self, work: Path, redo):
-        self.work, self.redo, self.times = work, set(redo), {}
+    def __init__(self, work: Path, redo, only=None):
+        self.work, self.redo, self.only, self.times = work, set(redo), only, {}
         self.path = work / "times.json"
         if self.path.is_file():
             self.times = json.loads(self.path.read_text())
 
     def run(self, name: str, output: Path, fn):
+        if self.only is not None and name not in self.only:
+            return
         if output.exists() and name not in self.redo:
             print(f"[{name}] reusing {output}", flush=True)
             return
         print(f"[{name}] ...", flush=True)
         c0, w0 = time.process_time(), time.time()
         fn()
+        if self.path.is_file():  # another process may have finished a phase meanwhile
+            self.times = {**json.loads(self.path.read_text()), **self.times}
         cpu, wall = time.process_time() - c0, time.time() - w0
         self.times[name] = {"cpu_s": round(cpu, 1), "wall_s": round(wall, 1)}
         self.path.write_text(json.dumps(self.times, indent=2))
@@ -84,10 +93,13 @@ class Phases:
 
 # ---- phases ----------------------------------------------------------------------------------
 def make_data(work: Path, cfg: dict) -> None:
+    from hart.data.shapes import CATEGORIES
     from hart.data.shapes_dataset import write_dataset
 
-    for name, n in (("heldout", cfg["heldout_images"]), ("tok", cfg["tok_images"]), ("train", cfg["train_images"])):
-        write_dataset(work / "data" / name, n, DATA_SEEDS[name])
+    for name, n, categories in (("heldout", cfg["heldout_images"], CATEGORIES), ("train", cfg["train_images"], CATEGORIES),
+                                ("tok", cfg["tok_images"], TOK_CATEGORIES)):
+        if not (work / "data" / name / "metadata.jsonl").is_file():  # a folder written before is reused
+            write_dataset(work / "data" / name, n, DATA_SEEDS[name], categories)
     # the transformer's training subset: the first ft_images of the training set (symlinks + metadata)
     ft = work / "data" / "ft"
     ft.mkdir(parents=True, exist_ok=True)
@@ -135,8 +147,6 @@ def _has_checkpoint(run: Path) -> bool:
 
 
 def train_tok(work: Path, cfg: dict) -> None:
-    from hart.training.cli import tokenizer_main
-
     (work / "tok.json").write_text(json.dumps(cfg["tokenizer"]))
     start = work / "runs" / "tok_init"
     if not (start / "config.json").is_file():
@@ -145,13 +155,33 @@ def train_tok(work: Path, cfg: dict) -> None:
     argv = ["--pretrained", str(start), "--data_dir", str(work / "data" / "tok"),
             "--output_dir", str(work / "runs" / "tok"), "--mixed_precision", "no", "--seed", "0",
             "--checkpoint_every", "100000", "--max_steps", str(t["max_steps"]), "--batch_size", str(t["batch_size"]),
-            "--lr", str(t["lr"]), "--warmup_steps", str(t["warmup_steps"]), "--min_lr_ratio", str(t["min_lr_ratio"])]
-    if _has_checkpoint(work / "runs" / "tok"):
+            "--lr", str(t["lr"]), "--warmup_steps", str(t["warmup_steps"]), "--min_lr_ratio", str(t["min_lr_ratio"]),
+            "--restart_dead_codes_every", str(t["restart_dead_codes_every"])]
+    _run_tokenizer_training(argv, work / "runs" / "tok")
+
+
+def _run_tokenizer_training(argv, run: Path) -> None:
+    from hart.training.cli import tokenizer_main
+
+    if _has_checkpoint(run):
         argv += ["--resume", "latest"]  # an interrupted run continues exactly
     if tokenizer_main(argv) != 0:
         raise SystemExit("tokenizer training failed")
-    if not (work / "runs" / "tok" / "tokenizer").is_dir():
+    if not (run / "tokenizer").is_dir():
         raise SystemExit("tokenizer training stopped early: run the same command again to resume it")
+
+
+def train_decoder(work: Path, cfg: dict) -> None:
+    """The hybrid stage: the decoder alone, longer, from the trained tokenizer. Encoder, codebook and
+    quant_conv stay frozen, so the transformer's cached codes and residuals stay valid and this phase
+    can run at the same time as `cache` and `transformer` (`--only decoder` in a second process)."""
+    t = cfg["dec_train"]
+    argv = ["--pretrained", str(work / "runs" / "tok" / "tokenizer"), "--data_dir", str(work / "data" / "tok"),
+            "--output_dir", str(work / "runs" / "dec"), "--trainable", "decoder", "--mixed_precision", "no",
+            "--seed", "1", "--checkpoint_every", "250", "--max_steps", str(t["max_steps"]),
+            "--batch_size", str(t["batch_size"]), "--lr", str(t["lr"]), "--warmup_steps", str(t["warmup_steps"]),
+            "--min_lr_ratio", str(t["min_lr_ratio"]), "--skip_continuous_prob", str(t["skip_continuous_prob"])]
+    _run_tokenizer_training(argv, work / "runs" / "dec")
 
 
 def var_init(transformer, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02) -> None:
@@ -223,15 +253,21 @@ def train_transformer(work: Path, cfg: dict) -> None:
         raise SystemExit("transformer training failed")
     if not (work / "runs" / "ft" / "pipeline").is_dir():
         raise SystemExit("transformer training stopped early: run the same command again to resume it")
-    export_pipeline(work / "runs" / "ft" / "pipeline", work / "pipeline", cfg)
 
 
-def export_pipeline(src: Path, dst: Path, cfg: dict) -> None:
-    """The shipped folder (float32: the whole pipeline is about 13 MB), with the sampling settings used for
-    the reported numbers in `bundled.json`."""
-    from hart import HARTPipeline
+def assemble(work: Path, cfg: dict) -> None:
+    """The shipped folder: the trained pipeline with the decoder of the hybrid stage (float32, a few MB),
+    and the sampling settings used for the reported numbers in `bundled.json`."""
+    from hart import HARTPipeline, HybridTokenizer
 
-    pipe = HARTPipeline.from_pretrained(src)
+    pipe = HARTPipeline.from_pretrained(work / "runs" / "ft" / "pipeline")
+    tuned = HybridTokenizer.from_pretrained(work / "runs" / "dec" / "tokenizer")
+    for name in ("encoder", "quant_conv", "quantize"):  # frozen in the hybrid stage: must be the same
+        ours, theirs = getattr(pipe.vae, name).state_dict(), getattr(tuned, name).state_dict()
+        if not all(torch.equal(ours[k], theirs[k]) for k in ours):
+            raise SystemExit(f"runs/dec changed the tokenizer's {name}: it was not trained from runs/tok")
+    pipe.register_modules(vae=tuned)
+    dst = work / "pipeline"
     if dst.exists():
         shutil.rmtree(dst)
     pipe.save_pretrained(dst)
@@ -355,6 +391,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, required=True, help="working folder (data, runs, pipeline, report)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every phase")
     p.add_argument("--redo", action="append", default=[], help="run this phase again even if its output exists")
+    p.add_argument("--only", help="comma-separated phases to run (the others are skipped), e.g. `--only decoder` "
+                                  "in a second process while the first runs init,cache,transformer")
     p.add_argument("--install", action="store_true", help="copy WORK/pipeline to hart/bundled/shapes-128")
     p.add_argument("--tok_steps", type=int, help="tokenizer steps (default: the recipe's)")
     p.add_argument("--ft_steps", type=int, help="transformer steps (default: the recipe's)")
@@ -368,13 +406,15 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(cfg, indent=2))
     print(f"torch threads: {torch.get_num_threads()} (set OMP_NUM_THREADS to change)", flush=True)
-    ph = Phases(work, args.redo)
+    ph = Phases(work, args.redo, None if args.only is None else args.only.split(","))
     ph.run("data", work / "data" / "ft" / "metadata.jsonl", lambda: make_data(work, cfg))
     ph.run("text", work / "text_model" / "config.json", lambda: train_text(work, cfg))
     ph.run("tokenizer", work / "runs" / "tok" / "tokenizer", lambda: train_tok(work, cfg))
+    ph.run("decoder", work / "runs" / "dec" / "tokenizer", lambda: train_decoder(work, cfg))
     ph.run("init", work / "init_pipeline" / "model_index.json", lambda: build_init(work, cfg))
     ph.run("cache", work / "cache", lambda: build_cache(work, cfg))
-    ph.run("transformer", work / "pipeline" / "model_index.json", lambda: train_transformer(work, cfg))
+    ph.run("transformer", work / "runs" / "ft" / "pipeline" / "model_index.json", lambda: train_transformer(work, cfg))
+    ph.run("assemble", work / "pipeline" / "model_index.json", lambda: assemble(work, cfg))
     ph.run("eval", work / "report.json", lambda: evaluate(work, cfg))
     total = sum(t["cpu_s"] for t in ph.times.values())
     print("CPU time per phase:", json.dumps(ph.times), f"total {total:.0f} s", flush=True)

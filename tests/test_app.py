@@ -303,3 +303,46 @@ def test_shieldgemma_checker_loads_lazily_from_a_local_folder(tmp_path):
     assert checker("a policy question") == (p > 0.5)
     assert ShieldGemmaChecker(tmp_path, device="cpu", threshold=0.0)("x") is True
     assert ShieldGemmaChecker(tmp_path, device="cpu", threshold=1.0)("x") is False
+
+
+# ---- the inpainting tab ------------------------------------------------------------------------------
+
+def editor_value(tmp_path, side, box, painted=True):
+    """What the browser sends: the uploaded picture and one brush layer (transparent except the strokes)."""
+    from gradio_client import handle_file
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8))
+    layer = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    if painted:
+        layer.paste((255, 255, 255, 255), box)
+    picture.save(tmp_path / "picture.png")
+    layer.save(tmp_path / "layer.png")
+    return picture, {"background": handle_file(str(tmp_path / "picture.png")),
+                     "layers": [handle_file(str(tmp_path / "layer.png"))], "composite": None}
+
+
+def test_inpaint_tab_repaints_the_painted_area(client, fixture_pipe, tmp_path):
+    from pipelines import HARTInpaintPipeline
+
+    side = fixture_pipe.transformer.patch_nums[-1] * fixture_pipe.vae.downsample_factor
+    box = (16, 16, 48, 48)
+    picture, value = editor_value(tmp_path, side, box)
+    result, seed, status = client.predict(value, "a red circle", 11, False, 3.0, 2, api_name="/inpaint")
+    assert seed == 11 and status.startswith("Done in")
+    mask = Image.new("L", (side, side), 0)
+    mask.paste(255, box)
+    expected = HARTInpaintPipeline.from_pipe(fixture_pipe)(
+        "a red circle", image=picture, mask_image=mask, blend_radius=2, guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(11)).images[0]
+    assert np.array_equal(np.asarray(Image.open(result).convert("RGB")), np.asarray(expected))
+
+
+@pytest.mark.parametrize("painted,prompt,message", [
+    (False, "a red circle", "the mask is empty"),
+    (True, "   ", "Please enter a prompt"),
+])
+def test_inpaint_tab_explains_bad_input(client, fixture_pipe, tmp_path, painted, prompt, message):
+    side = fixture_pipe.transformer.patch_nums[-1] * fixture_pipe.vae.downsample_factor
+    _, value = editor_value(tmp_path, side, (8, 8, 24, 24), painted)
+    with pytest.raises(Exception, match=message):
+        client.predict(value, prompt, 1, False, 3.0, 0, api_name="/inpaint")

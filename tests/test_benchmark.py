@@ -5,7 +5,6 @@ import PIL.Image
 import pytest
 import torch
 
-import hart
 from hart import benchmark as bench
 from hart.cli import main
 from hart.sampling import sample_scales
@@ -69,7 +68,8 @@ def test_bad_configuration_is_a_clear_error(tmp_path, capsys):
     assert "unknown configuration 'nope'; choose one of hart-0.7b-1024" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(hasattr(hart, "BUNDLED_MODEL"), reason="a bundled model exists")
-def test_bundled_before_it_exists_is_a_clear_error(tmp_path, capsys):
-    assert main(["benchmark", "--config", "bundled", "--device", "cpu", "--out", str(tmp_path)]) == 2
-    assert "the bundled model is not available yet" in capsys.readouterr().err
+def test_bundled_configuration_times_the_shipped_model(tmp_path, capsys):
+    assert main(["benchmark", "--config", "bundled", "--device", "cpu", "--warmup", "0", "--iters", "1",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert result["config"] == "bundled" and (tmp_path / "benchmark.png").is_file()

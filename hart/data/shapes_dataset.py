@@ -24,15 +24,16 @@ EVAL_PER_CATEGORY = 32
 METADATA = "metadata.jsonl"
 
 
-def write_dataset(out_dir, n: int, seed: int) -> Path:
-    """Write `n` rendered scenes (categories drawn uniformly) and their captions into `out_dir`."""
+def write_dataset(out_dir, n: int, seed: int, categories=CATEGORIES) -> Path:
+    """Write `n` rendered scenes (categories drawn uniformly from `categories`) and their captions into
+    `out_dir`. (A tokenizer learns more per image from the categories with several objects: more edges.)"""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     width = max(5, len(str(n - 1)))
     lines = []
     for i in range(n):
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, categories[int(rng.integers(len(categories)))])
         text, _ = describe(scene, rng)
         name = f"{i:0{width}d}.png"
         render(scene).save(out / name)

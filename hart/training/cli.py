@@ -129,6 +129,9 @@ def tokenizer_parser() -> argparse.ArgumentParser:
     flag(g, "--recon_weight", type=float, default=1.0)
     flag(g, "--skip_continuous_prob", type=float, default=0.5,
          help="probability of training a batch on the discrete latent alone")
+    flag(g, "--restart_dead_codes_every", type=int, default=0,
+         help="every N steps, move codes unused in those steps onto live residuals (0: off)")
+    flag(g, "--restart_until_step", type=int, default=None, help="last step with restarts (default: 80%% of max_steps)")
     flag(g, "--disc_weight", type=float, default=0.0, help="PatchGAN generator loss weight (0: no GAN)")
     flag(g, "--disc_start_step", type=int, default=0, help="steps before the discriminator joins")
     g = p.add_argument_group("checkpoints and feedback")
