@@ -58,12 +58,18 @@ _QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, 
                    num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
 _SCALES_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 _SCALES_512 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 32)
+_SCALES_256 = (1, 2, 3, 4, 5, 7, 9, 12, 16)
 # The released 0.7B architecture (spec section 7; num_heads presumed 24, head dim 64).
 _HART_0_7B = dict(context_tokens=300, context_dim=1536, embed_dim=1536, depth=16, num_heads=24, vocab_size=4096,
                   latent_channels=32, use_context_norm=True, diff_width=1024, diff_depth=6)
 CONFIGS: Dict[str, BenchConfig] = {
     "hart-0.7b-1024": BenchConfig(dict(_HART_0_7B, patch_nums=_SCALES_1024), dict(patch_nums=_SCALES_1024), _QWEN2_1_5B),
     "hart-0.7b-512": BenchConfig(dict(_HART_0_7B, patch_nums=_SCALES_512), dict(patch_nums=_SCALES_512), _QWEN2_1_5B),
+    # width 512, depth 8 at 256 px with the released tokenizer and diffusion head: a size where the
+    # transformer's matmuls are big enough to measure CPU efficiency in seconds
+    "medium": BenchConfig(
+        dict(_HART_0_7B, embed_dim=512, depth=8, num_heads=8, patch_nums=_SCALES_256), dict(patch_nums=_SCALES_256),
+        _QWEN2_1_5B),
     "tiny": BenchConfig(
         dict(patch_nums=(1, 2, 3, 4), context_tokens=300, context_dim=96, embed_dim=64, depth=2, num_heads=2,
              vocab_size=768, latent_channels=16, diff_width=64, diff_depth=2),

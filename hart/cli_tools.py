@@ -39,7 +39,7 @@ def add_benchmark_command(subparsers) -> None:
                                           "the machine's matmul peak (measured in the same run). Writes "
                                           "OUT/benchmark.json and OUT/benchmark.png.")
     p.add_argument("--config", default="hart-0.7b-1024",
-                   help="hart-0.7b-1024 (default), hart-0.7b-512, tiny (random weights), or bundled")
+                   help="hart-0.7b-1024 (default), hart-0.7b-512, medium, tiny (random weights), or bundled")
     p.add_argument("--dtype", choices=TORCH_DTYPES, help="weights dtype (default bf16 on cuda, fp32 on cpu)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=POSITIVE_INT, action="append",

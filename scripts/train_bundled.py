@@ -39,11 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 PATCH_NUMS = [1, 2, 3, 4, 5, 6, 8]
 
 FULL = dict(
-    train_images=24000, tok_images=8000, heldout_images=500, ft_images=16000,
+    train_images=24000, tok_images=8000, heldout_images=500, ft_images=12000,
     text=dict(vocab_size=256, hidden=128, layers=2, heads=4, steps=600, batch_size=64, lr=3e-3),
     tokenizer=dict(vocab_size=128, latent_channels=16, base_channels=32, channel_multipliers=[1, 1, 1, 2, 2],
                    num_res_blocks=1, patch_nums=PATCH_NUMS),
-    tok_train=dict(max_steps=800, batch_size=8, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05,
+    tok_train=dict(max_steps=6000, batch_size=8, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05,
                    restart_dead_codes_every=25),
     dec_train=dict(max_steps=1500, batch_size=4, lr=1e-3, warmup_steps=20, min_lr_ratio=0.05, skip_continuous_prob=0.3),
     transformer=dict(patch_nums=PATCH_NUMS, context_tokens=32, embed_dim=128, depth=4, num_heads=4, mlp_ratio=3.0,
@@ -154,7 +154,7 @@ def train_tok(work: Path, cfg: dict) -> None:
     t = cfg["tok_train"]
     argv = ["--pretrained", str(start), "--data_dir", str(work / "data" / "tok"),
             "--output_dir", str(work / "runs" / "tok"), "--mixed_precision", "no", "--seed", "0",
-            "--checkpoint_every", "100000", "--max_steps", str(t["max_steps"]), "--batch_size", str(t["batch_size"]),
+            "--checkpoint_every", "200", "--max_steps", str(t["max_steps"]), "--batch_size", str(t["batch_size"]),
             "--lr", str(t["lr"]), "--warmup_steps", str(t["warmup_steps"]), "--min_lr_ratio", str(t["min_lr_ratio"]),
             "--restart_dead_codes_every", str(t["restart_dead_codes_every"])]
     _run_tokenizer_training(argv, work / "runs" / "tok")

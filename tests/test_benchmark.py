@@ -68,8 +68,9 @@ def test_bad_configuration_is_a_clear_error(tmp_path, capsys):
     assert "unknown configuration 'nope'; choose one of hart-0.7b-1024" in capsys.readouterr().err
 
 
-def test_bundled_configuration_times_the_shipped_model(tmp_path, capsys):
-    assert main(["benchmark", "--config", "bundled", "--device", "cpu", "--warmup", "0", "--iters", "1",
-                 "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "benchmark.json").read_text())
-    assert result["config"] == "bundled" and (tmp_path / "benchmark.png").is_file()
+def test_bundled_configuration_names_a_missing_model(tmp_path, capsys, monkeypatch):
+    import hart.bundled
+
+    monkeypatch.setattr(hart.bundled, "BUNDLED_MODEL", str(tmp_path / "shapes-128"))
+    assert main(["benchmark", "--config", "bundled", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "the bundled model is missing from this install" in capsys.readouterr().err

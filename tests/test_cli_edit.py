@@ -100,3 +100,14 @@ def test_bad_input_is_a_one_line_error(command, change, message, model, files, t
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"hart {command}: error: " in err and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["generate", "inpaint", "vary"])
+def test_without_model_the_bundled_one_is_used_or_named_when_missing(command, files, tmp_path, capsys, monkeypatch):
+    import hart.bundled
+
+    monkeypatch.setattr(hart.bundled, "BUNDLED_MODEL", str(tmp_path / "shapes-128"))
+    inputs = {"generate": [], "inpaint": ["--image", files["picture"], "--mask", files["mask"]],
+              "vary": ["--image", files["picture"]]}[command]
+    assert main([command, "a red circle", *inputs, "--out", str(tmp_path / "out")]) == 2
+    assert "--model is required: the bundled model is missing from this install" in capsys.readouterr().err
