@@ -92,3 +92,33 @@ def test_discriminator_layout_and_code_statistics():
     hits = torch.tensor([[2.0, 0, 0, 2], [0, 0, 0, 0]])
     stats = code_statistics(hits)
     assert stats["code_usage"] == 0.5 and stats["code_perplexity"] == pytest.approx(2.0)
+
+
+def test_dead_codes_move_onto_residuals_the_lookup_sees():
+    from hart.models.quantizer import MultiScaleQuantizer, area_down
+
+    torch.manual_seed(0)
+    q = MultiScaleQuantizer(16, 4)
+    with torch.no_grad():
+        q.embedding.weight.fill_(100.0)  # far from every latent: nothing but code 0 is ever used
+        q.embedding.weight[0] = 0.0
+    before = q.embedding.weight.detach().clone()
+    f = torch.randn(3, 4, 2, 2)
+    dead = torch.ones(16, dtype=torch.bool)
+    dead[0] = False
+    assert q.restart_codes(dead, f, [1, 2], torch.Generator().manual_seed(0)) == 15
+    after = q.embedding.weight.detach()
+    assert torch.equal(after[0], before[0])
+    # scale 0 sees the pooled latent; scale 1 the latent minus the scale-0 code (code 0 = zero, phi'd)
+    first = area_down(f, 1).permute(0, 2, 3, 1).reshape(-1, 4)
+    second = (f - q.apply_phi(torch.zeros(3, 4, 2, 2), 0, 2)).permute(0, 2, 3, 1).reshape(-1, 4)
+    seen = torch.cat([first, second])
+    assert all(torch.isclose(row, seen, atol=1e-6).all(dim=1).any() for row in after[1:])
+
+
+def test_training_restarts_dead_codes_until_the_set_step(data_dir, model_config, tmp_path):
+    train_tokenizer(tiny(data_dir, model_config, tmp_path, max_steps=6, restart_dead_codes_every=2,
+                         restart_until_step=4))
+    rows = read_metrics(tmp_path / "logs" / "metrics.csv")
+    moved = {int(r["step"]): r["restarted_codes"] for r in rows}
+    assert moved[2] > 0 and moved[1] == moved[3] == moved[5] == moved[6] == 0, moved
