@@ -41,8 +41,10 @@ PATCH_NUMS = [1, 2, 3, 4, 5, 6, 8]
 FULL = dict(
     train_images=24000, tok_images=8000, heldout_images=500, ft_images=12000,
     text=dict(vocab_size=256, hidden=128, layers=2, heads=4, steps=600, batch_size=64, lr=3e-3),
+    # 8 GroupNorm groups: at 32 channels the release's 32 groups normalise each channel alone, which
+    # removes the flat colours these pictures are made of
     tokenizer=dict(vocab_size=128, latent_channels=16, base_channels=32, channel_multipliers=[1, 1, 1, 2, 2],
-                   num_res_blocks=1, patch_nums=PATCH_NUMS),
+                   num_res_blocks=1, patch_nums=PATCH_NUMS, norm_groups=8),
     tok_train=dict(max_steps=6000, batch_size=8, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05,
                    restart_dead_codes_every=25),
     dec_train=dict(max_steps=1500, batch_size=4, lr=1e-3, warmup_steps=20, min_lr_ratio=0.05, skip_continuous_prob=0.3),

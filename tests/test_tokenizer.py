@@ -289,3 +289,16 @@ def test_state_dict_problems_are_named(tokenizer):
     with pytest.raises(CheckpointError, match=r"shape mismatches: decoder\.conv_out\.weight \(file \(1,\)"):
         load_checked(tokenizer, {**sd, key: torch.zeros(1)}, "f")
     load_checked(tokenizer, {**sd, "quantize.ema_vocab_hit_SV": torch.zeros(1)}, "f", OFFICIAL_TOKENIZER_TOLERATED)
+
+
+def test_norm_groups_change_the_grouping_not_the_weights():
+    from hart.models.tokenizer import HybridTokenizer
+
+    cfg = dict(vocab_size=16, latent_channels=4, base_channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
+               patch_nums=(1, 2))
+    released, narrow = HybridTokenizer(**cfg), HybridTokenizer(**cfg, norm_groups=8)
+    assert released.decoder.norm_out.num_groups == 32 and narrow.decoder.norm_out.num_groups == 8
+    assert {k: v.shape for k, v in released.state_dict().items()} == {k: v.shape for k, v in narrow.state_dict().items()}
+    narrow.load_state_dict(released.state_dict())
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    assert not torch.allclose(released.encode_latent(x), narrow.encode_latent(x))

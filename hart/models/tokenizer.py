@@ -16,15 +16,15 @@ from diffusers.configuration_utils import register_to_config
 from .quantizer import MultiScaleQuantizer
 
 
-def _norm(C: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, C, eps=1e-6)
+def _norm(C: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, C, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, C_in: int, C_out: int, dropout: float):
+    def __init__(self, C_in: int, C_out: int, dropout: float, groups: int):
         super().__init__()
-        self.norm1, self.conv1 = _norm(C_in), nn.Conv2d(C_in, C_out, 3, padding=1)
-        self.norm2, self.conv2 = _norm(C_out), nn.Conv2d(C_out, C_out, 3, padding=1)
+        self.norm1, self.conv1 = _norm(C_in, groups), nn.Conv2d(C_in, C_out, 3, padding=1)
+        self.norm2, self.conv2 = _norm(C_out, groups), nn.Conv2d(C_out, C_out, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.nin_shortcut = nn.Conv2d(C_in, C_out, 1) if C_in != C_out else nn.Identity()
 
@@ -37,9 +37,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the spatial positions (scale C^-1/2, SDPA's default)."""
 
-    def __init__(self, C: int):
+    def __init__(self, C: int, groups: int):
         super().__init__()
-        self.norm = _norm(C)
+        self.norm = _norm(C, groups)
         self.qkv = nn.Conv2d(C, 3 * C, 1)
         self.proj_out = nn.Conv2d(C, C, 1)
 
@@ -70,9 +70,10 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x_BChw, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(C: int, dropout: float) -> nn.Module:
+def _mid(C: int, dropout: float, groups: int) -> nn.Module:
     mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(C, C, dropout), AttnBlock(C), ResnetBlock(C, C, dropout)
+    mid.block_1, mid.attn_1 = ResnetBlock(C, C, dropout, groups), AttnBlock(C, groups)
+    mid.block_2 = ResnetBlock(C, C, dropout, groups)
     return mid
 
 
@@ -80,11 +81,11 @@ def _run_mid(mid: nn.Module, h_BChw: torch.Tensor) -> torch.Tensor:
     return mid.block_2(mid.attn_1(mid.block_1(h_BChw)))
 
 
-def _level(C_in: int, C_out: int, num_blocks: int, with_attn: bool, dropout: float) -> nn.Module:
+def _level(C_in: int, C_out: int, num_blocks: int, with_attn: bool, dropout: float, groups: int) -> nn.Module:
     """One resolution level: ResnetBlocks (first one changes width), attention after each if asked."""
     level = nn.Module()
-    level.block = nn.ModuleList(ResnetBlock(C_in if b == 0 else C_out, C_out, dropout) for b in range(num_blocks))
-    level.attn = nn.ModuleList(AttnBlock(C_out) for _ in range(num_blocks if with_attn else 0))
+    level.block = nn.ModuleList(ResnetBlock(C_in if b == 0 else C_out, C_out, dropout, groups) for b in range(num_blocks))
+    level.attn = nn.ModuleList(AttnBlock(C_out, groups) for _ in range(num_blocks if with_attn else 0))
     return level
 
 
@@ -97,18 +98,19 @@ def _run_level(level: nn.Module, h_BChw: torch.Tensor) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float,
+                 groups: int):
         super().__init__()
         n, widths = len(ch_mult), [ch * m for m in ch_mult]
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         self.down = nn.ModuleList()
         for l in range(n):
-            level = _level(widths[l - 1] if l else ch, widths[l], num_res_blocks, l == n - 1, dropout)
+            level = _level(widths[l - 1] if l else ch, widths[l], num_res_blocks, l == n - 1, dropout, groups)
             if l != n - 1:
                 level.downsample = Downsample(widths[l])
             self.down.append(level)
-        self.mid = _mid(widths[-1], dropout)
-        self.norm_out = _norm(widths[-1])
+        self.mid = _mid(widths[-1], dropout, groups)
+        self.norm_out = _norm(widths[-1], groups)
         self.conv_out = nn.Conv2d(widths[-1], z_channels, 3, padding=1)
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
@@ -122,20 +124,22 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float,
+                 groups: int):
         super().__init__()
         n, widths = len(ch_mult), [ch * m for m in ch_mult]
         self.conv_in = nn.Conv2d(z_channels, widths[-1], 3, padding=1)
-        self.mid = _mid(widths[-1], dropout)
+        self.mid = _mid(widths[-1], dropout, groups)
         # Stored as up[l] (finest first) but built and run coarsest first.
         up = []
         for l in range(n):
-            level = _level(widths[l + 1] if l < n - 1 else widths[-1], widths[l], num_res_blocks + 1, l == n - 1, dropout)
+            level = _level(widths[l + 1] if l < n - 1 else widths[-1], widths[l], num_res_blocks + 1, l == n - 1, dropout,
+                           groups)
             if l != 0:
                 level.upsample = Upsample(widths[l])
             up.append(level)
         self.up = nn.ModuleList(up)
-        self.norm_out = _norm(ch * ch_mult[0])
+        self.norm_out = _norm(ch * ch_mult[0], groups)
         self.conv_out = nn.Conv2d(ch * ch_mult[0], 3, 3, padding=1)
 
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
@@ -165,9 +169,12 @@ class HybridTokenizer(ModelMixin, ConfigMixin):
         num_phi: int = 4,
         using_znorm: bool = False,
         patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
+        norm_groups: int = 32,
     ):
         super().__init__()
-        args = (base_channels, tuple(channel_multipliers), num_res_blocks, latent_channels, dropout)
+        # GroupNorm groups: 32 in the release. A narrow tokenizer needs fewer: at one channel per group
+        # the norm removes each channel's per-image mean, i.e. the flat colours of simple images.
+        args = (base_channels, tuple(channel_multipliers), num_res_blocks, latent_channels, dropout, norm_groups)
         self.encoder, self.decoder = Encoder(*args), Decoder(*args)
         ks = quant_conv_kernel_size
         self.quant_conv = nn.Conv2d(latent_channels, latent_channels, ks, padding=ks // 2)
