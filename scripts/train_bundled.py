@@ -62,8 +62,9 @@ QUICK = dict(
     ft_train=dict(FULL["ft_train"], max_steps=2, batch_size=4),
     eval_seeds=1, eval_prompts=16,
 )
-# The tokenizer trains on scenes with several objects (more edges per image); the transformer on all categories.
-TOK_CATEGORIES = ("counting", "two_objects", "colour_attribution", "relative_position")
+# The tokenizer trains on scenes with several objects (more edges per image) and on the one category with
+# coloured backgrounds (every other scene is on grey); the transformer on all categories.
+TOK_CATEGORIES = ("counting", "two_objects", "colour_attribution", "relative_position", "background")
 DATA_SEEDS = dict(train=1, tok=3, heldout=7)
 
 
