@@ -45,7 +45,8 @@ def _run_edit(args, pipeline_class, make_inputs) -> int:
     import torch
     from PIL.PngImagePlugin import PngInfo
 
-    from hart.cli import _as_recorded, _package_version, load_pipeline, process_state_and_device, resolve_model
+    from hart.cli import (METADATA_KEY, _as_recorded, _package_version, load_pipeline, process_state_and_device,
+                          resolve_model)
 
     model = resolve_model(args.model)
     _, device = process_state_and_device(args.device)
@@ -70,7 +71,7 @@ def _run_edit(args, pipeline_class, make_inputs) -> int:
         except ValueError as e:  # the pipeline's own input checks (empty mask, sizes, ...)
             raise UsageError(str(e)) from None
         info = PngInfo()
-        info.add_text("hart", json.dumps(dict(common, seed=seed)))
+        info.add_text(METADATA_KEY, json.dumps(dict(common, seed=seed)))
         name = out / f"00000_{i:02d}.png"
         image.save(name, pnginfo=info)
         print(f"hart {args.command}: wrote {name} (seed {seed})")

@@ -13,6 +13,15 @@ from pipelines import HARTInpaintPipeline, HARTVariationPipeline
 SIDE = 64  # the fixture checkpoint's image size
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """The commands create accelerate's process-wide PartialState: do not leak it into other tests."""
+    yield
+    from accelerate.state import PartialState
+
+    PartialState._reset_state()
+
+
 @pytest.fixture(scope="module")
 def model(fixture_pipe, tmp_path_factory):
     folder = tmp_path_factory.mktemp("package_model")
