@@ -5,16 +5,14 @@ model), measures the machine's matmul peak, then times `HARTPipeline.__call__` e
 `iters` calls after `warmup`, synchronising the device at every mark) with a per-stage breakdown.
 Its result (written as benchmark.json by the CLI; times in seconds, memory in MiB):
 
-    config, dtype, device, device_name, torch_version, hart_version, warmup, iters, compile,
-    text_features ("text model" | "random"), image_size, patch_nums, build_s,
-    parameters: {transformer, diffusion_head (part of transformer), vae, text_encoder},
-    matmul_peak: {size, seconds, flops_per_s},
-    flops_per_image: {text_encoding, transformer, transformer_scales: [per scale], diffusion, decoding, total},
-    runs: [{batch_size, latency_s (median), latency_s_all, images_per_s,
-            stages_s: {text_encoding, transformer, transformer_scales: [per scale], diffusion, decoding, other},
-            peak_rss_mib (process peak so far), rss_increase_mib (during this batch size's calls),
-            cuda_max_allocated_mib (null off CUDA), achieved_flops_per_s: {transformer, end_to_end},
-            fraction_of_matmul_peak: {transformer, end_to_end}}]
+    config, dtype, device, device_name, torch_version, hart_version, warmup, iters, compile, text_features
+    ("text model" | "random"), image_size, patch_nums, build_s, parameters: {transformer, diffusion_head
+    (part of transformer), vae, text_encoder}, matmul_peak: {size, seconds, flops_per_s}, flops_per_image:
+    {text_encoding, transformer, transformer_scales: [per scale], diffusion, decoding, total},
+    runs: [{batch_size, latency_s (median), latency_s_all, images_per_s, stages_s: {text_encoding,
+            transformer, transformer_scales, diffusion, decoding, other}, peak_rss_mib (process peak so
+            far), rss_increase_mib (during this batch size's calls), cuda_max_allocated_mib (null off
+            CUDA), achieved_flops_per_s and fraction_of_matmul_peak: {transformer, end_to_end}}]
 
 Scale 0 includes the text prefix (300 tokens) and the conditioning; the last scale excludes the
 residual diffusion; "other" is the rest of the call (argument checks, conversion to PIL). FLOPs
@@ -48,7 +46,6 @@ class BenchmarkError(ValueError):
 @dataclass(frozen=True)
 class BenchConfig:
     """A model size: HARTTransformer, HybridTokenizer and Qwen2Config keyword arguments."""
-
     transformer: dict
     vae: dict
     text: dict
@@ -56,17 +53,15 @@ class BenchConfig:
 
 _QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                    num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
-_SCALES_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
-_SCALES_512 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 32)
 _SCALES_256 = (1, 2, 3, 4, 5, 7, 9, 12, 16)
+_SCALES_512, _SCALES_1024 = (*_SCALES_256, 21, 27, 32), (*_SCALES_256, 21, 27, 36, 48, 64)
 # The released 0.7B architecture (spec section 7; num_heads presumed 24, head dim 64).
 _HART_0_7B = dict(context_tokens=300, context_dim=1536, embed_dim=1536, depth=16, num_heads=24, vocab_size=4096,
                   latent_channels=32, use_context_norm=True, diff_width=1024, diff_depth=6)
 CONFIGS: Dict[str, BenchConfig] = {
     "hart-0.7b-1024": BenchConfig(dict(_HART_0_7B, patch_nums=_SCALES_1024), dict(patch_nums=_SCALES_1024), _QWEN2_1_5B),
     "hart-0.7b-512": BenchConfig(dict(_HART_0_7B, patch_nums=_SCALES_512), dict(patch_nums=_SCALES_512), _QWEN2_1_5B),
-    # width 512, depth 8 at 256 px with the released tokenizer and diffusion head: a size where the
-    # transformer's matmuls are big enough to measure CPU efficiency in seconds
+    # width 512, depth 8, 256 px, released tokenizer and diffusion head: CPU efficiency in seconds
     "medium": BenchConfig(
         dict(_HART_0_7B, embed_dim=512, depth=8, num_heads=8, patch_nums=_SCALES_256), dict(patch_nums=_SCALES_256),
         _QWEN2_1_5B),
@@ -123,10 +118,8 @@ def build_pipeline(name: str, dtype: torch.dtype, device: torch.device, random_t
 
     if name == "bundled":
         from hart.bundled import BUNDLED_MODEL
-
         if not (Path(BUNDLED_MODEL) / "model_index.json").is_file():
-            raise BenchmarkError(f"the bundled model is missing from this install ({BUNDLED_MODEL}); "
-                                 f"use one of {', '.join(CONFIGS)}")
+            raise BenchmarkError(f"the bundled model is missing from this install ({BUNDLED_MODEL})")
         pipe = HARTPipeline.from_pretrained(BUNDLED_MODEL).to(device, dtype)
     elif name in CONFIGS:
         cfg = CONFIGS[name]

@@ -170,12 +170,18 @@ BLEND = dict(type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=0,
                   "tokenizer's reconstruction of the input)")
 
 
+def _edit_parser(subparsers, name: str, out: str, summary: str, description: str, image_help: str):
+    """A sub-command with the shared options, its default output folder `out` and `--image`."""
+    p = subparsers.add_parser(name, help=summary, description=description)
+    _add_common(p, out)
+    p.add_argument("--image", required=True, help=image_help)
+    return p
+
+
 def add_inpaint_command(subparsers) -> None:
-    p = subparsers.add_parser("inpaint", help="repaint the white area of a mask, keep the rest",
-                              description="Text-guided inpainting: the tokens of the kept area are imposed at every "
-                                          "scale, only the masked area is generated.")
-    _add_common(p, "inpainted")
-    p.add_argument("--image", required=True, help="the image to edit (RGB, at the model's resolution)")
+    p = _edit_parser(subparsers, "inpaint", "inpainted", "repaint the white area of a mask, keep the rest",
+                     "Text-guided inpainting: the tokens of the kept area are imposed at every scale, only the "
+                     "masked area is generated.", "the image to edit (RGB, at the model's resolution)")
     p.add_argument("--mask", required=True, help="same-size mask: white = repaint, black = keep")
     p.add_argument("--resize", action="store_true", help="scale image and mask to the model's resolution")
     p.add_argument("--blend-radius", **BLEND)
@@ -183,11 +189,9 @@ def add_inpaint_command(subparsers) -> None:
 
 
 def add_outpaint_command(subparsers) -> None:
-    p = subparsers.add_parser("outpaint", help="extend an image beyond its borders",
-                              description="Place the image on a canvas at the model's resolution (centred, or at "
-                                          "--offset; parts outside the canvas are cut) and generate the rest.")
-    _add_common(p, "outpainted")
-    p.add_argument("--image", required=True, help="the image to extend")
+    p = _edit_parser(subparsers, "outpaint", "outpainted", "extend an image beyond its borders",
+                     "Place the image on a canvas at the model's resolution (centred, or at --offset; parts outside "
+                     "the canvas are cut) and generate the rest.", "the image to extend")
     p.add_argument("--image-size", type=POSITIVE_INT, help="resize the image to this width first (keeps its aspect)")
     p.add_argument("--offset", type=int, nargs=2, metavar=("LEFT", "TOP"),
                    help="where the image's top-left corner goes on the canvas (may be negative; default: centred)")
@@ -199,11 +203,9 @@ def add_outpaint_command(subparsers) -> None:
 
 
 def add_vary_command(subparsers) -> None:
-    p = subparsers.add_parser("vary", help="variations of an image: keep its coarse scales, resample the rest",
-                              description="Keep the first --keep-scales scales of the image's tokens (its layout) "
-                                          "and sample the finer ones with the prompt. 0 = plain text-to-image.")
-    _add_common(p, "variations")
-    p.add_argument("--image", required=True, help="the image to vary (RGB, at the model's resolution)")
+    p = _edit_parser(subparsers, "vary", "variations", "variations of an image: keep its coarse scales, resample the rest",
+                     "Keep the first --keep-scales scales of the image's tokens (its layout) and sample the finer "
+                     "ones with the prompt. 0 = plain text-to-image.", "the image to vary (RGB, at the model's resolution)")
     p.add_argument("--resize", action="store_true", help="scale the image to the model's resolution")
     p.add_argument("--keep-scales", type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=4,
                    help="how many of the coarsest scales to keep (default 4)")
