@@ -33,7 +33,7 @@ from hart.training.export import export_pipeline
 from hart.training.lora import add_lora, unused_adapters
 from hart.training.objective import hart_loss
 from hart.training.runtime import (MetricsLog, StopRequest, any_process, full_parameters, load_base_pipeline,
-                                   mean_over_processes, sum_over_processes, warmup_cosine)
+                                   mean_over_processes, report_step, sum_over_processes, warmup_cosine)
 from hart.training.sampler import ResumableBatchSampler
 from hart.training.validation import sample_images, save_grid
 
@@ -246,12 +246,7 @@ class _Run:
                 metrics = self._step(batches, replaced)
                 metrics["epoch"] = sampler.position(self.consumed - 1)[0]
                 metrics["images_per_sec"] = cfg.batch_size * acc.num_processes * cfg.grad_accum / (time.perf_counter() - t0)
-                if log is not None:
-                    log.log(self.step, metrics)
-                bar.update()
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.1f}")
-                if step_callback is not None:
-                    step_callback(self.step, metrics)
+                report_step(self.step, metrics, log, bar, step_callback)
                 stopped = any_process(acc, stop.requested)
                 if stopped or self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     self.save_checkpoint(manager)

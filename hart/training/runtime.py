@@ -117,6 +117,16 @@ class MetricsLog:
             self._tb.close()
 
 
+def report_step(step: int, metrics: Dict[str, float], log: Optional["MetricsLog"], bar, step_callback) -> None:
+    """After an optimizer step: the metrics row, the progress bar and the caller's callback."""
+    if log is not None:
+        log.log(step, metrics)
+    bar.update()
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.1f}")
+    if step_callback is not None:
+        step_callback(step, metrics)
+
+
 def read_metrics(path) -> List[Dict[str, float]]:
     """The rows of a metrics CSV, as numbers."""
     with Path(path).open(newline="") as f:

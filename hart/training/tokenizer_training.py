@@ -35,7 +35,8 @@ from hart.training.checkpoint import (CheckpointError, CheckpointManager, descri
                                       load_training_files, save_training_files)
 from hart.training.config import TokenizerTrainConfig
 from hart.training.data import ImageCaptionFolder, SkipReport
-from hart.training.runtime import MetricsLog, StopRequest, any_process, mean_over_processes, warmup_cosine
+from hart.training.runtime import (MetricsLog, StopRequest, any_process, mean_over_processes, report_step,
+                                   warmup_cosine)
 from hart.training.sampler import ResumableBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -241,12 +242,7 @@ class _TokenizerRun:
                 t0 = time.perf_counter()
                 metrics = self._step(batches)
                 metrics["images_per_sec"] = cfg.batch_size * acc.num_processes * cfg.grad_accum / (time.perf_counter() - t0)
-                if log is not None:
-                    log.log(self.step, metrics)
-                bar.update()
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.1f}")
-                if step_callback is not None:
-                    step_callback(self.step, metrics)
+                report_step(self.step, metrics, log, bar, step_callback)
                 stopped = any_process(acc, stop.requested)
                 if stopped or self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     self.save_checkpoint(manager)
