@@ -121,17 +121,21 @@ class MultiScaleQuantizer(nn.Module):
         idx_list.append(self._lookup_map(rest_BChw, using_znorm=False))
         return idx_list, rest_BLC - self.embedding(idx_list[-1])
 
+    def _var_walk(self, f_BChw: torch.Tensor, patch_nums: Sequence[int]):
+        """The plain VAR walk (§1.6.1, phi at every scale): per scale, the pooled residual the lookup
+        sees and its codes."""
+        P, S = self._check_latent(f_BChw, patch_nums), len(patch_nums)
+        rest_BChw = f_BChw.detach()
+        for si, p in enumerate(patch_nums):
+            r_BChw = area_down(rest_BChw, p)
+            idx_Bl = self._lookup_map(r_BChw)
+            yield r_BChw, idx_Bl
+            rest_BChw = rest_BChw - self.apply_phi(bicubic_up(self.embed(idx_Bl), P), si, S)
+
     @torch.no_grad()
     def encode_var(self, f_BChw: torch.Tensor, patch_nums: Sequence[int]) -> List[torch.Tensor]:
         """Plain VAR encode (§1.6.1): phi at every scale, including the last."""
-        P, S = self._check_latent(f_BChw, patch_nums), len(patch_nums)
-        rest_BChw = f_BChw.detach()
-        idx_list = []
-        for si, p in enumerate(patch_nums):
-            idx_Bl = self._lookup_map(area_down(rest_BChw, p))
-            idx_list.append(idx_Bl)
-            rest_BChw = rest_BChw - self.apply_phi(bicubic_up(self.embed(idx_Bl), P), si, S)
-        return idx_list
+        return [idx_Bl for _, idx_Bl in self._var_walk(f_BChw, patch_nums)]
 
     # ---------------------------------------------------------------- decoders
     def _accumulate(self, si: int, patch_nums: Sequence[int], f_hat_BChw: torch.Tensor, h_BChw: torch.Tensor):
@@ -214,17 +218,12 @@ class MultiScaleQuantizer(nn.Module):
         """
         dead = dead_V.nonzero().flatten()
         if len(dead):
-            P, S = self._check_latent(f_BChw, patch_nums), len(patch_nums)
-            rest_BChw, seen = f_BChw.detach().float(), []
-            for si, p in enumerate(patch_nums):
-                r_BChw = area_down(rest_BChw, p)
-                seen.append(r_BChw.permute(0, 2, 3, 1).reshape(-1, self.Cvae))
-                idx_Bl = self._lookup_map(r_BChw)
-                rest_BChw = rest_BChw - self.apply_phi(bicubic_up(self.embed(idx_Bl), P), si, S)
-            seen_NC = torch.cat(seen)
-            pick = torch.randint(len(seen_NC), (len(dead),), generator=generator, device=generator.device
-                                 if generator is not None else seen_NC.device).to(seen_NC.device)
-            self.embedding.weight[dead.to(self.embedding.weight.device)] = seen_NC[pick].to(self.embedding.weight.dtype)
+            seen_NC = torch.cat([r_BChw.permute(0, 2, 3, 1).reshape(-1, self.Cvae)
+                                 for r_BChw, _ in self._var_walk(f_BChw.float(), patch_nums)])
+            pick = torch.randint(len(seen_NC), (len(dead),), generator=generator,
+                                 device=None if generator is None else generator.device).to(seen_NC.device)
+            weight = self.embedding.weight
+            weight[dead.to(weight.device)] = seen_NC[pick].to(weight.dtype)
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(self.embedding.weight.data, src=0)
         return len(dead)
