@@ -302,3 +302,27 @@ def test_norm_groups_change_the_grouping_not_the_weights():
     narrow.load_state_dict(released.state_dict())
     x = torch.rand(1, 3, 8, 8) * 2 - 1
     assert not torch.allclose(released.encode_latent(x), narrow.encode_latent(x))
+
+
+def test_patch_size_folds_pixels_into_channels():
+    from hart.models.tokenizer import HybridTokenizer
+
+    torch.manual_seed(0)
+    vae = HybridTokenizer(vocab_size=16, latent_channels=4, base_channels=16, channel_multipliers=(1, 2),
+                          num_res_blocks=1, patch_nums=(1, 2, 4), norm_groups=8, patch_size=4)
+    assert vae.downsample_factor == 8
+    assert vae.encoder.conv_in.in_channels == 48 and vae.decoder.conv_out.out_channels == 48
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    f = vae.encode_latent(x)
+    assert f.shape == (2, 4, 4, 4)
+    idx, residual = vae.img_to_tokens(x)
+    assert [t.shape for t in idx] == [(2, 1), (2, 4), (2, 16)] and residual.shape == (2, 16, 4)
+    assert vae.tokens_to_img(idx, residual).shape == x.shape
+    # the fold is pixel_unshuffle: the first conv sees pixel (1, 2) of each 4 x 4 patch as its channels 6, 22, 38
+    seen = []
+    vae.encoder.conv_in.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    vae.encode_latent(x)
+    assert seen[0].shape == (2, 48, 8, 8)
+    assert torch.equal(seen[0][:, [6, 22, 38], 3, 5], x[:, :, 3 * 4 + 1, 5 * 4 + 2])
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vae.encode_latent(torch.zeros(1, 3, 36, 36))

@@ -99,10 +99,11 @@ def _run_level(level: nn.Module, h_BChw: torch.Tensor) -> torch.Tensor:
 
 class Encoder(nn.Module):
     def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float,
-                 groups: int):
+                 groups: int, patch_size: int):
         super().__init__()
         n, widths = len(ch_mult), [ch * m for m in ch_mult]
-        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.patch_size = patch_size
+        self.conv_in = nn.Conv2d(3 * patch_size**2, ch, 3, padding=1)
         self.down = nn.ModuleList()
         for l in range(n):
             level = _level(widths[l - 1] if l else ch, widths[l], num_res_blocks, l == n - 1, dropout, groups)
@@ -114,7 +115,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[-1], z_channels, 3, padding=1)
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
-        h_BChw = self.conv_in(x_B3HW)
+        h_BChw = self.conv_in(F.pixel_unshuffle(x_B3HW, self.patch_size))
         for level in self.down:
             h_BChw = _run_level(level, h_BChw)
             if hasattr(level, "downsample"):
@@ -125,9 +126,10 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float,
-                 groups: int):
+                 groups: int, patch_size: int):
         super().__init__()
         n, widths = len(ch_mult), [ch * m for m in ch_mult]
+        self.patch_size = patch_size
         self.conv_in = nn.Conv2d(z_channels, widths[-1], 3, padding=1)
         self.mid = _mid(widths[-1], dropout, groups)
         # Stored as up[l] (finest first) but built and run coarsest first.
@@ -140,7 +142,7 @@ class Decoder(nn.Module):
             up.append(level)
         self.up = nn.ModuleList(up)
         self.norm_out = _norm(ch * ch_mult[0], groups)
-        self.conv_out = nn.Conv2d(ch * ch_mult[0], 3, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch * ch_mult[0], 3 * patch_size**2, 3, padding=1)
 
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
         h_BChw = _run_mid(self.mid, self.conv_in(z_BChw))
@@ -148,7 +150,7 @@ class Decoder(nn.Module):
             h_BChw = _run_level(level, h_BChw)
             if hasattr(level, "upsample"):
                 h_BChw = level.upsample(h_BChw)
-        return self.conv_out(F.silu(self.norm_out(h_BChw)))
+        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h_BChw))), self.patch_size)
 
 
 class HybridTokenizer(ModelMixin, ConfigMixin):
@@ -170,11 +172,16 @@ class HybridTokenizer(ModelMixin, ConfigMixin):
         using_znorm: bool = False,
         patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
         norm_groups: int = 32,
+        patch_size: int = 1,
     ):
         super().__init__()
         # GroupNorm groups: 32 in the release. A narrow tokenizer needs fewer: at one channel per group
         # the norm removes each channel's per-image mean, i.e. the flat colours of simple images.
-        args = (base_channels, tuple(channel_multipliers), num_res_blocks, latent_channels, dropout, norm_groups)
+        # patch_size p > 1 folds p x p pixels into channels before the first conv (and unfolds after the
+        # last), so no level runs at full resolution: 1 in the release; the small bundled tokenizer uses
+        # it because full-resolution convolutions made CPU training far too slow.
+        args = (base_channels, tuple(channel_multipliers), num_res_blocks, latent_channels, dropout, norm_groups,
+                patch_size)
         self.encoder, self.decoder = Encoder(*args), Decoder(*args)
         ks = quant_conv_kernel_size
         self.quant_conv = nn.Conv2d(latent_channels, latent_channels, ks, padding=ks // 2)
@@ -183,13 +190,13 @@ class HybridTokenizer(ModelMixin, ConfigMixin):
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.config.channel_multipliers) - 1)
+        return self.config.patch_size * 2 ** (len(self.config.channel_multipliers) - 1)
 
     def _patch_nums(self, patch_nums: Optional[Sequence[int]]) -> Tuple[int, ...]:
         return tuple(self.config.patch_nums if patch_nums is None else patch_nums)
 
     def encode_latent(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) image in [-1, 1] -> latent f (B, Cvae, H/16, W/16)."""
+        """(B, 3, H, W) image in [-1, 1] -> latent f (B, Cvae, H/d, W/d), d = `downsample_factor` (16 as released)."""
         d = self.downsample_factor
         if img_B3HW.ndim != 4 or img_B3HW.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(img_B3HW.shape)}")
