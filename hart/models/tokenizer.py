@@ -178,8 +178,8 @@ class HybridTokenizer(ModelMixin, ConfigMixin):
         # GroupNorm groups: 32 in the release. A narrow tokenizer needs fewer: at one channel per group
         # the norm removes each channel's per-image mean, i.e. the flat colours of simple images.
         # patch_size p > 1 folds p x p pixels into channels before the first conv (and unfolds after the
-        # last), so no level runs at full resolution: 1 in the release; the small bundled tokenizer uses
-        # it because full-resolution convolutions made CPU training far too slow.
+        # last), so no level runs at full resolution: 1 in the release; the bundled recipe's small
+        # tokenizer uses 4, because full-resolution convolutions made its CPU training far too slow.
         args = (base_channels, tuple(channel_multipliers), num_res_blocks, latent_channels, dropout, norm_groups,
                 patch_size)
         self.encoder, self.decoder = Encoder(*args), Decoder(*args)
