@@ -171,10 +171,10 @@ def analytic_flops(t: dict, vae: dict) -> Dict[str, object]:
     for si, p in enumerate(pn):
         L = T if si == 0 else p * p
         seen += L
-        f = 2 * t["depth"] * (L * per_token + 2 * C * 6 * C + 4 * L * seen * C)  # blocks (AdaLN, attention)
+        f = 2 * t["depth"] * (L * per_token + 4 * L * seen * C)  # blocks (attention)
         f += 2 * (2 * C * 2 * C + p * p * 2 * C * V) + p * p * 2 * V * Cv  # head (AdaLN, logits), soft codes
         if si == 0:
-            f += 2 * T * 2 * t["context_dim"] * C  # context_embed
+            f += 2 * T * 2 * t["context_dim"] * C + 2 * t["depth"] * 2 * C * 6 * C  # context_embed, blocks' AdaLN
         f += phi + pn[si + 1] ** 2 * 2 * Cv * C if si < S - 1 else 2 * L * 2 * Cv * C  # next input / diffusion condition
         scales.append(f)
     per_row = 2 * (256 * W + W * W + C * W + Cv * W + t["diff_depth"] * 5 * W * W + 2 * W * W + W * 2 * Cv)

@@ -129,6 +129,7 @@ def sample_scales(
     pos_2BT = torch.cat([cond.position_ids_BT, uncond.position_ids_BT])
     cond_2BTD = transformer.embed_context(context)
     cond_blocks, cond_head = transformer.pool_condition(cond_2BTD, mask_2BT)
+    modulations = transformer.block_modulations(cond_blocks)
     offset_2B = pos_2BT[:, -1]
     device = cond_2BTD.device
 
@@ -143,11 +144,11 @@ def sample_scales(
         t = guidance_scale * ratio
         if last:
             return _last_scale(
-                transformer, codebook_VCv, x_2BlC, cond_blocks, cond_head, offset_2B, cache, f_hat, t, ratio,
+                transformer, codebook_VCv, x_2BlC, modulations, cond_head, offset_2B, cache, f_hat, t, ratio,
                 top_ks[si], top_p, more_smooth, generator, num_maskgit_iters, forced, callback, logits_processor,
             )
         rope = transformer.stage_rope(si, offset_2B, pos_2BT)
-        hidden = transformer.run_blocks(x_2BlC, cond_blocks, rope, cache=cache)
+        hidden = transformer.run_blocks(x_2BlC, modulations, rope, cache=cache)
         if si == 0:
             hidden = hidden[:, -1:]  # the last text position predicts the 1x1 scale
         logits_BlV = _guide(transformer.logits(hidden, cond_head), t)
@@ -200,7 +201,7 @@ def _maskgit_steps(num_tokens: int, num_iters: int, batch: int, generator, devic
 
 
 def _last_scale(
-    transformer, codebook_VCv, x_2BLC, cond_blocks, cond_head, offset_2B, cache, f_hat, t, ratio,
+    transformer, codebook_VCv, x_2BLC, modulations, cond_head, offset_2B, cache, f_hat, t, ratio,
     top_k, top_p, more_smooth, generator, num_maskgit_iters, forced, callback, logits_processor,
 ):
     """The last scale: tokens (optionally over MaskGIT steps) plus the residual diffusion."""
@@ -214,7 +215,7 @@ def _last_scale(
         pred_2Bn = pred_Bn.repeat(2, 1)
         x = x_2BLC.gather(1, pred_2Bn.unsqueeze(-1).expand(-1, -1, x_2BLC.shape[-1]))
         rope = transformer.stage_rope(si, offset_2B, index_Bl=pred_2Bn)
-        hidden_2BnC = transformer.run_blocks(x, cond_blocks, rope, cache=cache)
+        hidden_2BnC = transformer.run_blocks(x, modulations, rope, cache=cache)
         logits_BnV = _guide(transformer.logits(hidden_2BnC, cond_head), t)
         if logits_processor is not None:
             logits_BnV = logits_processor(si, logits_BnV)

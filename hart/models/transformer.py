@@ -172,9 +172,13 @@ class AdaLNBlock(nn.Module):
         self.ffn = SwiGLU(dim, mlp_hidden)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x_BLC, cond_BD, rope_cos_sin, mask_LL=None, cache=None, layer=0):
-        ada = self.ada_lin(cond_BD).view(-1, 1, 6, x_BLC.shape[-1]).to(x_BLC.dtype)
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
+    def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """`(B, 1, 6, C)`: gates, scales and shifts. They depend on the text only, so sampling
+        computes them once per call instead of once per scale."""
+        return self.ada_lin(cond_BD).view(cond_BD.shape[0], 1, 6, -1)
+
+    def forward(self, x_BLC, ada_B16C, rope_cos_sin, mask_LL=None, cache=None, layer=0):
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.to(x_BLC.dtype).unbind(2)
         h = self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1
         x_BLC = x_BLC + gamma1 * self.attn(h, rope_cos_sin, mask_LL, cache, layer)
         h = self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2
@@ -280,15 +284,19 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         m = mask_BT.to(cond_BTD.dtype).unsqueeze(-1)
         return (cond_BTD * m).sum(1) / m.sum(1).clamp(min=1), cond_max
 
+    def block_modulations(self, cond_BD: torch.Tensor) -> List[torch.Tensor]:
+        """Every block's AdaLN modulation of `cond_BD` (the first argument of `run_blocks`)."""
+        return [block.modulation(cond_BD) for block in self.blocks]
+
     # ---- running the blocks ------------------------------------------------------------------
-    def run_blocks(self, x_BLC, cond_BD, rope_cos_sin, mask_LL=None, cache: Optional[KVCache] = None):
-        for i, block in enumerate(self.blocks):
+    def run_blocks(self, x_BLC, modulations, rope_cos_sin, mask_LL=None, cache: Optional[KVCache] = None):
+        for i, (block, ada_B16C) in enumerate(zip(self.blocks, modulations)):
             if self.gradient_checkpointing and self.training:
                 x_BLC = torch.utils.checkpoint.checkpoint(
-                    block, x_BLC, cond_BD, rope_cos_sin, mask_LL, None, i, use_reentrant=False
+                    block, x_BLC, ada_B16C, rope_cos_sin, mask_LL, None, i, use_reentrant=False
                 )
             else:
-                x_BLC = block(x_BLC, cond_BD, rope_cos_sin, mask_LL, cache, i)
+                x_BLC = block(x_BLC, ada_B16C, rope_cos_sin, mask_LL, cache, i)
         return x_BLC
 
     def logits(self, hidden_BLC: torch.Tensor, head_cond_BD: torch.Tensor) -> torch.Tensor:
@@ -341,7 +349,7 @@ class HARTTransformer(ModelMixin, ConfigMixin):
 
         all_levels = torch.cat([levels.new_zeros(T), levels])
         mask_LL = all_levels.unsqueeze(1) >= all_levels.unsqueeze(0)  # block-causal by scale
-        hidden = self.run_blocks(x, cond_blocks, rope_cos_sin, mask_LL)
+        hidden = self.run_blocks(x, self.block_modulations(cond_blocks), rope_cos_sin, mask_LL)
         logits = self.logits(hidden[:, T - 1 :], cond_head)
         return logits, hidden[:, -K:]
 
