@@ -94,11 +94,12 @@ def train_text_model(captions: Sequence[str], folder, vocab_size: int = 256, hid
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     rnd = random.Random(seed)
     spm_path = train_sentencepiece(captions, folder / "spm", vocab_size)
     tokenizer = hf_tokenizer(spm_path)
-    model = Qwen2ForCausalLM(_qwen2_config(len(tokenizer), hidden, layers, heads, max_positions))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the initialisation (the only torch draw); the caller's RNG state is kept
+        model = Qwen2ForCausalLM(_qwen2_config(len(tokenizer), hidden, layers, heads, max_positions))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
