@@ -16,6 +16,9 @@ so an interrupted run continues where it stopped; `--redo PHASE` forces one agai
   transformer  the transformer (finetune_main on the cache)
   eval         ShapesEval (2 seeds per prompt) with and without the residual diffusion, tokenizer PSNR on
                the held-out renders (hybrid vs discrete-only), a sample grid; `WORK/report.json`
+  diagnose     ShapesEval when the first K scales come from each prompt's ground-truth render (K = 0 to S-1),
+               and of the tokenizer's reconstructions: which scales the transformer gets wrong;
+               `WORK/diagnose.json`
 
 The exported pipeline is `WORK/pipeline` (float32, about 10 MB).
 """
@@ -290,21 +293,28 @@ def load_pipeline(folder):
     return pipe
 
 
-def generate(pipe, prompts, seeds, guidance_scale, discrete_only=False, batch_size=64):
-    """Images for every (prompt, seed), prompt-major; discrete-only zeroes the residual diffusion."""
+def generate(pipe, prompts, seeds, guidance_scale, discrete_only=False, batch_size=64, kept_idx=None):
+    """Images for every (prompt, seed), prompt-major; discrete-only zeroes the residual diffusion.
+
+    `kept_idx`: per-scale token maps `(len(prompts), p*p)` imposed instead of sampled (one per
+    prompt, the first scales only), as variations keep an input's layout.
+    """
     from hart.sampling import ForcedTokens
 
-    jobs = [(p, s) for p in prompts for s in seeds]
+    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     images = []
     P = pipe.transformer.patch_nums[-1]
     Cv = pipe.transformer.config.latent_channels
     for i in range(0, len(jobs), batch_size):
         chunk = jobs[i: i + batch_size]
-        gens = [torch.Generator().manual_seed(s) for _, s in chunk]
-        forced = ForcedTokens(residual_BLCv=torch.zeros(len(chunk), P * P, Cv)) if discrete_only else None
+        gens = [torch.Generator().manual_seed(s) for _, _, s in chunk]
+        rows = torch.tensor([k for k, _, _ in chunk])
+        forced = ForcedTokens(
+            idx=[idx[rows] for idx in kept_idx or ()],
+            residual_BLCv=torch.zeros(len(chunk), P * P, Cv) if discrete_only else None)
         with torch.no_grad():
             f_hat = pipe.generate_latent(
-                [p for p, _ in chunk], None, 1, guidance_scale, None, None, True, gens, None, (), True, None,
+                [p for _, p, _ in chunk], None, 1, guidance_scale, None, None, True, gens, None, (), True, None,
                 forced=forced)
             images += pipe.finish(f_hat, "pil", True).images
     return images
@@ -316,14 +326,25 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse.clamp(min=1e-10))
 
 
+def to_tensor(images) -> torch.Tensor:
+    """PIL RGB images -> `(B, 3, H, W)` in [-1, 1]."""
+    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                        for im in images])
+
+
+def to_pil(x: torch.Tensor):
+    from PIL import Image
+
+    return [Image.fromarray(((im.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for im in x]
+
+
 def tokenizer_psnr(vae, folder: Path, n: int):
     from PIL import Image
 
     files = sorted(folder.glob("*.png"))[:n]
     hyb, disc = [], []
     for i in range(0, len(files), 50):
-        x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 127.5 - 1)
-                         .permute(2, 0, 1) for f in files[i: i + 50]])
+        x = to_tensor(Image.open(f) for f in files[i: i + 50])
         with torch.no_grad():
             idx, residual = vae.img_to_tokens(x)
             hyb.append(psnr(vae.tokens_to_img(idx, residual), x))
@@ -393,6 +414,31 @@ def evaluate(work: Path, cfg: dict) -> None:
     (work / "report.json").write_text(json.dumps(report, indent=2))
 
 
+def diagnose(work: Path, cfg: dict) -> None:
+    """Which scales the transformer gets wrong: ShapesEval (seed 0) when the first K scales are those of
+    each prompt's ground-truth render and the rest is sampled, for K = 0 (plain generation) to S - 1
+    (only the last scale sampled), next to the score of the tokenizer's own reconstructions of those
+    renders (the ceiling). `WORK/diagnose.json`."""
+    from hart.data.shapes import Scene, render
+    from hart.eval.shapes_eval import load_prompts, score
+
+    pipe = load_pipeline(work / "pipeline")
+    records = load_prompts()[: cfg.get("eval_prompts")]
+    x = to_tensor(render(Scene.from_dict(r["scene"])) for r in records)
+    with torch.no_grad():
+        idx, residual = pipe.vae.img_to_tokens(x)
+        report = {"prompts": len(records), "guidance_scale": cfg["guidance_scale"],
+                  "reconstruction_hybrid": score(to_pil(pipe.vae.tokens_to_img(idx, residual)), records),
+                  "reconstruction_discrete": score(to_pil(pipe.vae.tokens_to_img(idx, None)), records),
+                  "kept_scales": {}}
+    prompts = [r["prompt"] for r in records]
+    for k in range(len(idx)):
+        images = generate(pipe, prompts, [0], cfg["guidance_scale"], kept_idx=idx[:k])
+        report["kept_scales"][k] = score(images, records)
+        print(f"first {k} scales kept: {json.dumps(report['kept_scales'][k])}", flush=True)
+    (work / "diagnose.json").write_text(json.dumps(report, indent=2))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="working folder (data, runs, pipeline, report)")
@@ -423,6 +469,7 @@ def main(argv=None) -> int:
     ph.run("transformer", work / "runs" / "ft" / "pipeline" / "model_index.json", lambda: train_transformer(work, cfg))
     ph.run("assemble", work / "pipeline" / "model_index.json", lambda: assemble(work, cfg))
     ph.run("eval", work / "report.json", lambda: evaluate(work, cfg))
+    ph.run("diagnose", work / "diagnose.json", lambda: diagnose(work, cfg))
     total = sum(t["cpu_s"] for t in ph.times.values())
     print("CPU time per phase:", json.dumps(ph.times), f"total {total:.0f} s", flush=True)
     if args.install:
