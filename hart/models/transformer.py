@@ -285,7 +285,7 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         return (cond_BTD * m).sum(1) / m.sum(1).clamp(min=1), cond_max
 
     def block_modulations(self, cond_BD: torch.Tensor) -> List[torch.Tensor]:
-        """Every block's AdaLN modulation of `cond_BD` (the first argument of `run_blocks`)."""
+        """Every block's AdaLN modulation of `cond_BD`, in block order: what `run_blocks` takes."""
         return [block.modulation(cond_BD) for block in self.blocks]
 
     # ---- running the blocks ------------------------------------------------------------------
