@@ -332,12 +332,6 @@ def to_tensor(images) -> torch.Tensor:
                         for im in images])
 
 
-def to_pil(x: torch.Tensor):
-    from PIL import Image
-
-    return [Image.fromarray(((im.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for im in x]
-
-
 def tokenizer_psnr(vae, folder: Path, n: int):
     from PIL import Image
 
@@ -427,6 +421,7 @@ def diagnose(work: Path, cfg: dict) -> None:
     x = to_tensor(render(Scene.from_dict(r["scene"])) for r in records)
     with torch.no_grad():
         idx, residual = pipe.vae.img_to_tokens(x)
+        to_pil = lambda decoded: pipe.image_processor.postprocess(decoded, output_type="pil")  # as the pipeline
         report = {"prompts": len(records), "guidance_scale": cfg["guidance_scale"],
                   "reconstruction_hybrid": score(to_pil(pipe.vae.tokens_to_img(idx, residual)), records),
                   "reconstruction_discrete": score(to_pil(pipe.vae.tokens_to_img(idx, None)), records),
