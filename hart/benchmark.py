@@ -177,9 +177,8 @@ def analytic_flops(t: dict, vae: dict) -> Dict[str, object]:
             f += 2 * T * 2 * t["context_dim"] * C + 2 * t["depth"] * 2 * C * 6 * C  # context_embed, blocks' AdaLN
         f += phi + pn[si + 1] ** 2 * 2 * Cv * C if si < S - 1 else 2 * L * 2 * Cv * C  # next input / diffusion condition
         scales.append(f)
-    per_row = 2 * (C * W + Cv * W + t["diff_depth"] * 5 * W * W + 2 * W * W + W * 2 * Cv)
-    time_embedding = 2 * (256 * W + W * W)  # once per step, shared by every row
-    diffusion = int(t["num_sampling_steps"]) * (2 * P * P * per_row + time_embedding)
+    per_row = 2 * (256 * W + W * W + C * W + Cv * W + t["diff_depth"] * 5 * W * W + 2 * W * W + W * 2 * Cv)
+    diffusion = int(t["num_sampling_steps"]) * 2 * P * P * per_row
     return dict(transformer_scales=scales, transformer=sum(scales), diffusion=diffusion)
 
 

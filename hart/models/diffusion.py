@@ -84,7 +84,6 @@ class DiffusionMLP(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, x_NC: torch.Tensor, t_N: torch.Tensor, cond_ND: torch.Tensor) -> torch.Tensor:
-        """`t_N` holds one timestep per row, or a single one (shape (1,)) shared by all rows."""
         y_NW = self.time_embed(t_N) + self.cond_embed(cond_ND)
         x_NW = self.input_proj(x_NC)
         for block in self.res_blocks:
@@ -204,16 +203,15 @@ class DiffusionHead(nn.Module):
         x_nC = rng.randn((num_images, l, C), generator, device, dtype).flatten(0, 1)
         for k in reversed(range(len(sched.timesteps))):
             k_n = torch.full((n,), k, dtype=torch.long)
-            # every row shares the timestep: it is embedded once, not once per row
-            t_1 = torch.full((1,), int(sched.timesteps[k]), dtype=torch.long, device=device)
+            t_n = torch.full((n,), int(sched.timesteps[k]), dtype=torch.long, device=device)
             if guided:
                 # Both halves see the conditional x: the unconditional half only supplies eps_u.
-                out = self.net(x_nC.repeat(2, 1), t_1, net_cond)
+                out = self.net(x_nC.repeat(2, 1), t_n.repeat(2), net_cond)
                 eps_nC, v_nC = guide(out, guidance_scale)
                 # The reference draws noise for all 2n rows; drawing the same keeps one generator's stream in step.
                 noise_nC = rng.randn((2, num_images, l, C), generator, device, dtype, batch_dim=1)[0].flatten(0, 1)
             else:
-                eps_nC, v_nC = self.net(x_nC, t_1, net_cond).chunk(2, dim=1)
+                eps_nC, v_nC = self.net(x_nC, t_n, net_cond).chunk(2, dim=1)
                 noise_nC = rng.randn((num_images, l, C), generator, device, dtype).flatten(0, 1)
             mean_nC, log_var_nC = sched.p_mean_log_variance(x_nC, k_n, eps_nC, v_nC, clip_x0=True)
             # The last step's noise is drawn but unused, again to keep the random stream aligned.
