@@ -1,4 +1,4 @@
-"""Pieces of the bundled-model recipe (scripts/train_bundled.py): the text model and the init.
+"""Pieces of the bundled-model recipe (scripts/train_bundled.py): the text model, the init, batched generation.
 
 The model itself is not shipped yet (docs/bundled_recipe.md: the first CPU run was under-trained).
 """
@@ -39,3 +39,33 @@ def test_var_init_starts_blocks_as_identity():
     gates = tr.blocks[0].ada_lin[-1].weight[: 2 * 32]
     assert gates.abs().max() < 1e-4
     assert tr.head.weight.abs().max() < 0.02
+
+
+def test_generate_imposes_each_prompts_own_kept_scales(fixture_pipe):
+    """The recipe's `generate(kept_idx=...)` (its diagnose phase) forces every (prompt, seed) job with that
+    prompt's tokens, in batches that cut across prompts."""
+    import copy
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "train_bundled", Path(__file__).resolve().parents[1] / "scripts" / "train_bundled.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pipe = copy.deepcopy(fixture_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    pn = pipe.transformer.patch_nums
+    kept = [torch.arange(3 * p * p).view(3, p * p) % 7 for p in pn[:2]]  # 3 prompts, first 2 scales
+    seen = []
+    original = pipe.generate_latent
+
+    def spy(prompts, *args, forced=None, **kwargs):
+        seen.append((list(prompts), [idx.clone() for idx in forced.idx]))
+        return original(prompts, *args, forced=forced, **kwargs)
+
+    pipe.generate_latent = spy
+    images = mod.generate(pipe, ["a", "b", "c"], [0, 1], 2.0, batch_size=4, kept_idx=kept)
+    assert len(images) == 6 and [p for batch, _ in seen for p in batch] == ["a", "a", "b", "b", "c", "c"]
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])
+    for si in range(2):
+        assert torch.equal(torch.cat([idx[si] for _, idx in seen]), kept[si][rows])
