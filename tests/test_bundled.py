@@ -1,6 +1,6 @@
 """Pieces of the bundled-model recipe (scripts/train_bundled.py): the text model, the init, batched generation.
 
-The model itself is not shipped yet (docs/bundled_recipe.md: the first CPU run was under-trained).
+The model itself is not shipped yet (docs/bundled_recipe.md: its transformer is under-trained).
 """
 import numpy as np
 import torch
