@@ -123,9 +123,11 @@ def train_text_model(captions: Sequence[str], folder, vocab_size: int = 256, hid
         enc = tokenizer([tokenizer.bos_token + c + tokenizer.eos_token for c in batch], padding=True,
                         return_tensors="pt", add_special_tokens=False)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        h_BTC = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        lm_loss = F.cross_entropy(model.lm_head(h_BTC[:, :-1]).flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        this_BTV, prev_BTV = readout(h_BTC).chunk(2, dim=-1)
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels,
+                    output_hidden_states=True)
+        lm_loss = out.loss
+        # hidden_states[-1] is exactly what `hart.text.encode_prompts` hands to the transformer
+        this_BTV, prev_BTV = readout(out.hidden_states[-1]).chunk(2, dim=-1)
         readout_loss = (F.cross_entropy(this_BTV.flatten(0, 1), labels.flatten(), ignore_index=-100)
                         + F.cross_entropy(prev_BTV[:, 1:].flatten(0, 1), labels[:, :-1].flatten(), ignore_index=-100))
         loss = lm_loss + readout_loss
