@@ -16,9 +16,12 @@ from hart.sampling import ForcedTokens
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor]
 
-# A token is kept (forced to the input's code) at a scale when less than this fraction of its area
-# is to be repainted: coarse tokens mostly outside the hole keep the picture's layout.
-KEEP_IF_HOLE_FRACTION_BELOW = 0.5
+# A token is generated at a scale when at least this fraction of its area is to be repainted, and
+# otherwise re-encoded from the input. The threshold is low: a coarse token that the hole barely touches
+# is still generated, so new objects can form there (forcing it to the input's code keeps a coarse map
+# of the old picture under the hole, on which the transformer draws nothing). Re-encoding the known
+# tokens against what was drawn keeps the surroundings on course whatever the coarse tokens became.
+GENERATE_IF_HOLE_FRACTION = 0.1
 
 
 def _to_tensor(x: ImageInput, name: str, channels: int) -> torch.Tensor:
@@ -76,20 +79,17 @@ def prepare_mask(mask: ImageInput, image_size: Tuple[int, int]) -> torch.Tensor:
     return m
 
 
-def inpaint_tokens(idx_list, f_BChw: torch.Tensor, hole_11HW: torch.Tensor, patch_nums, batch: int) -> ForcedTokens:
-    """Forced tokens for inpainting: the input's codes where a token is mostly known, and the final
-    latent pinned to the input's on every latent position that the hole does not touch."""
+def inpaint_tokens(f_BChw: torch.Tensor, hole_11HW: torch.Tensor, patch_nums, batch: int) -> ForcedTokens:
+    """Forced tokens for inpainting: where a token is mostly known, the code that encodes the input's
+    latent `f_BChw` from what was drawn so far; the final latent pinned to the input's on every latent
+    position that the hole does not touch."""
     device = f_BChw.device
-    idx, mask = [], []
-    for p, idx_Bl in zip(patch_nums, idx_list):
-        hole_frac = area_down(hole_11HW.to(device), p).flatten(1)  # (1, p*p)
-        idx.append(idx_Bl.expand(batch, -1))
-        mask.append((hole_frac < KEEP_IF_HOLE_FRACTION_BELOW).expand(batch, -1))
+    known = [(area_down(hole_11HW.to(device), p).flatten(1) < GENERATE_IF_HOLE_FRACTION).expand(batch, -1)
+             for p in patch_nums]
     P = patch_nums[-1]
     untouched_BPP = (area_down(hole_11HW.to(device), P)[:, 0] == 0).expand(batch, -1, -1)
-    return ForcedTokens(
-        idx=idx, mask=mask, latent_BChw=f_BChw.expand(batch, -1, -1, -1), latent_mask_Bhw=untouched_BPP
-    )
+    f_BChw = f_BChw.expand(batch, -1, -1, -1)
+    return ForcedTokens(mask=known, target_BChw=f_BChw, latent_BChw=f_BChw, latent_mask_Bhw=untouched_BPP)
 
 
 def variation_tokens(idx_list, keep_scales: int, batch: int) -> ForcedTokens:

@@ -23,21 +23,30 @@ class ForcedTokens:
 
     `idx[si]` is `(B, p_si^2)` or None (nothing forced at that scale); `mask[si]` (bool, same shape)
     marks the forced positions, None meaning all of them. A forced position takes the hard code
-    embedding. `residual_BLCv` replaces the diffusion output at the last scale. `latent_BChw` pins
-    the final f-hat where `latent_mask_Bhw` is True (inpainting: the known region ends exactly at
-    the input's latent, whatever the coarse scales drew). Random draws still happen at forced
-    positions, so the free positions see the same random stream whatever is forced.
+    embedding. With `target_BChw` (inpainting) the forced codes are not given but chosen at each
+    scale as the tokenizer would encode the target from the f-hat drawn so far, so the known region
+    heads back to the target whatever was sampled at coarser scales; `mask[si]` then says where.
+    `residual_BLCv` replaces the diffusion output at the last scale. `latent_BChw` pins the final
+    f-hat where `latent_mask_Bhw` is True (inpainting: the known region ends exactly at the input's
+    latent). Random draws still happen at forced positions, so the free positions see the same
+    random stream whatever is forced.
     """
 
     idx: Sequence[Optional[torch.Tensor]] = ()
     mask: Sequence[Optional[torch.Tensor]] = ()
+    target_BChw: Optional[torch.Tensor] = None
     residual_BLCv: Optional[torch.Tensor] = None
     latent_BChw: Optional[torch.Tensor] = None
     latent_mask_Bhw: Optional[torch.Tensor] = None
 
-    def at(self, si: int):
-        idx = self.idx[si] if si < len(self.idx) else None
+    def at(self, si: int, p: int, f_hat_BChw: torch.Tensor, quantizer):
+        """(codes, mask) forced at scale `si` (side `p`), given the f-hat drawn so far; (None, None) if none."""
         mask = self.mask[si] if si < len(self.mask) else None
+        if self.target_BChw is not None:
+            if mask is None:
+                return None, None
+            return quantizer.residual_codes(self.target_BChw.to(f_hat_BChw) - f_hat_BChw, p), mask
+        idx = self.idx[si] if si < len(self.idx) else None
         if idx is not None and mask is None:
             mask = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
         return idx, mask
@@ -142,10 +151,12 @@ def sample_scales(
         if not last or not stale_last_scale_guidance:
             ratio = si / (S - 1) if S > 1 else 1.0
         t = guidance_scale * ratio
+        forced_idx, forced_mask = forced.at(si, pn[si], f_hat, quantizer)
         if last:
             return _last_scale(
                 transformer, codebook_VCv, x_2BlC, modulations, cond_head, offset_2B, cache, f_hat, t, ratio,
-                top_ks[si], top_p, more_smooth, generator, num_maskgit_iters, forced, callback, logits_processor,
+                top_ks[si], top_p, more_smooth, generator, num_maskgit_iters, forced, forced_idx, forced_mask,
+                callback, logits_processor,
             )
         rope = transformer.stage_rope(si, offset_2B, pos_2BT)
         hidden = transformer.run_blocks(x_2BlC, modulations, rope, cache=cache)
@@ -155,7 +166,7 @@ def sample_scales(
         if logits_processor is not None:
             logits_BlV = logits_processor(si, logits_BlV)
         idx_Bl, h_BlCv = _draw_tokens(
-            logits_BlV, codebook_VCv, top_ks[si], top_p, more_smooth, ratio, generator, *forced.at(si)
+            logits_BlV, codebook_VCv, top_ks[si], top_p, more_smooth, ratio, generator, forced_idx, forced_mask
         )
         p = pn[si]
         h_BCvpp = h_BlCv.transpose(1, 2).reshape(B, -1, p, p)
@@ -202,12 +213,12 @@ def _maskgit_steps(num_tokens: int, num_iters: int, batch: int, generator, devic
 
 def _last_scale(
     transformer, codebook_VCv, x_2BLC, modulations, cond_head, offset_2B, cache, f_hat, t, ratio,
-    top_k, top_p, more_smooth, generator, num_maskgit_iters, forced, callback, logits_processor,
+    top_k, top_p, more_smooth, generator, num_maskgit_iters, forced, forced_idx, forced_mask, callback,
+    logits_processor,
 ):
     """The last scale: tokens (optionally over MaskGIT steps) plus the residual diffusion."""
     B, Cv, P, _ = f_hat.shape
     si = len(transformer.patch_nums) - 1
-    forced_idx, forced_mask = forced.at(si)
     tokens_BLCv = torch.zeros(B, P * P, Cv, device=f_hat.device)
     idx_BL = torch.zeros(B, P * P, dtype=torch.long, device=f_hat.device)
     logits_BLV = None

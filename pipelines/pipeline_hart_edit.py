@@ -44,11 +44,11 @@ class _EditPipeline(HARTPipeline):
         return args
 
     def _encode_input(self, img_13HW: torch.Tensor):
-        """The input as the tokenizer sees it: latent, per-scale codes and continuous residual."""
+        """The input as the tokenizer sees it: latent and per-scale codes."""
         img = img_13HW.to(self._execution_device, next(self.vae.parameters()).dtype)
         f_BChw = self.vae.encode_latent(img).float()
-        idx_list, residual = self.vae.quantize.encode(f_BChw, self.transformer.patch_nums)
-        return f_BChw, idx_list, residual
+        idx_list, _ = self.vae.quantize.encode(f_BChw, self.transformer.patch_nums)
+        return f_BChw, idx_list
 
     def _generate(self, args: Dict, forced, postprocess=None):
         f_hat = self.generate_latent(
@@ -66,10 +66,11 @@ class _EditPipeline(HARTPipeline):
 class HARTInpaintPipeline(_EditPipeline):
     r"""Text-guided inpainting: repaint the white area of `mask_image`, keep the rest.
 
-    At every scale the tokens mostly outside the hole are the input's own, so the new content fits
-    its surroundings; at the end the latent outside the hole is exactly the input's, so outside the
-    mask the result is the tokenizer's reconstruction of the input (up to the decoder's reach across
-    the border; `blend_radius` > 0 pastes the reconstruction back with a soft seam).
+    At every scale the tokens mostly outside the hole encode the input (re-encoded against what was
+    drawn so far), so the new content fits its surroundings; at the end the latent outside the hole
+    is exactly the input's, so outside the mask the result is the tokenizer's reconstruction of the
+    input (up to the decoder's reach across the border; `blend_radius` > 0 pastes the reconstruction
+    back with a soft seam).
     For outpainting, place the image with `hart.editing.outpaint_canvas` and pass its mask.
     """
 
@@ -85,9 +86,9 @@ class HARTInpaintPipeline(_EditPipeline):
             raise ValueError(f"`blend_radius` must be a non-negative integer, got {blend_radius!r}.")
         img = prepare_image(image, self.resolution)
         hole = prepare_mask(mask_image, img.shape[-2:])
-        f_BChw, idx_list, _ = self._encode_input(img)
+        f_BChw, _ = self._encode_input(img)
         hole = hole.to(f_BChw.device)
-        forced = inpaint_tokens(idx_list, f_BChw, hole, self.transformer.patch_nums, self._batch(args))
+        forced = inpaint_tokens(f_BChw, hole, self.transformer.patch_nums, self._batch(args))
         postprocess = None
         if blend_radius > 0:
             reconstruction = self.decode_latent(f_BChw)
@@ -113,5 +114,5 @@ class HARTVariationPipeline(_EditPipeline):
             raise ValueError(f"`keep_scales` must be an integer in [0, {S - 1}], got {keep_scales!r}.")
         if image is None:
             raise ValueError("variations need an input `image`.")
-        _, idx_list, _ = self._encode_input(prepare_image(image, self.resolution))
+        _, idx_list = self._encode_input(prepare_image(image, self.resolution))
         return self._generate(args, variation_tokens(idx_list, keep_scales, self._batch(args)))

@@ -67,6 +67,32 @@ def test_inpainting_keeps_the_known_latent_and_repaints_the_hole(pipes, picture)
     assert (out[:, hole] - recon[:, hole]).abs().mean() > 0.02
 
 
+def test_known_tokens_are_re_encoded_against_what_was_drawn(pipes, picture):
+    # Nothing to repaint: re-encoding reproduces the tokenizer's own codes at every scale. With the
+    # 1 x 1 scale drawn freely, the next scale's known codes change so as to head back to the input.
+    from hart.sampling import ForcedTokens
+
+    inpaint, _ = pipes
+    pn = inpaint.transformer.patch_nums
+    f_BChw = inpaint.vae.encode_latent(to_tensor(picture)).float()
+    codes, _ = inpaint.vae.quantize.encode(f_BChw, pn)
+
+    def drawn(first_scale_known):
+        seen = {}
+        known = [torch.full((1, p * p), si > 0 or first_scale_known) for si, p in enumerate(pn)]
+        inpaint._generate(inpaint._arguments("a red circle", dict(
+            generator=torch.Generator().manual_seed(1), output_type="latent", top_k=1,
+            callback_on_step_end=lambda p, si, side, t: seen.__setitem__(si, t["idx"]) or {},
+            callback_on_step_end_tensor_inputs=["idx"])), ForcedTokens(mask=known, target_BChw=f_BChw))
+        return seen
+
+    everything_known = drawn(True)
+    assert all(torch.equal(everything_known[si], codes[si]) for si in range(len(pn)))
+    first_drawn = drawn(False)
+    assert not torch.equal(first_drawn[0], codes[0])  # the model's own 1 x 1 code is not the input's...
+    assert not torch.equal(first_drawn[1], codes[1])  # ...so the 2 x 2 codes that encode the input change
+
+
 def test_outpainting_keeps_the_original_latent_in_place(pipes, picture):
     inpaint, _ = pipes
     size, d = picture.size[0], inpaint.vae.downsample_factor

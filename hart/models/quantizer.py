@@ -105,6 +105,10 @@ class MultiScaleQuantizer(nn.Module):
 
     # ---------------------------------------------------------------- encoders
     @torch.no_grad()
+    def residual_codes(self, rest_BChw: torch.Tensor, p: int) -> torch.Tensor:
+        """The codes `encode` picks at a p x p scale for what is left of the latent: (B, p*p)."""
+        return self._lookup_map(area_down(rest_BChw, p), using_znorm=False)
+
     def encode(self, f_BChw: torch.Tensor, patch_nums: Sequence[int]) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """Hybrid encode (§1.6.2): per-scale codes plus the continuous residual (B, P*P, Cvae).
 
@@ -114,11 +118,11 @@ class MultiScaleQuantizer(nn.Module):
         rest_BChw = f_BChw.detach()
         idx_list = []
         for si, p in enumerate(patch_nums[:-1]):
-            idx_Bl = self._lookup_map(area_down(rest_BChw, p), using_znorm=False)
+            idx_Bl = self.residual_codes(rest_BChw, p)
             idx_list.append(idx_Bl)
             rest_BChw = rest_BChw - self.apply_phi(bicubic_up(self.embed(idx_Bl), P), si, S)
         rest_BLC = rest_BChw.flatten(2).transpose(1, 2)
-        idx_list.append(self._lookup_map(rest_BChw, using_znorm=False))
+        idx_list.append(self.residual_codes(rest_BChw, P))
         return idx_list, rest_BLC - self.embedding(idx_list[-1])
 
     def _var_walk(self, f_BChw: torch.Tensor, patch_nums: Sequence[int]):
