@@ -124,7 +124,7 @@ def test_converter_output_gives_the_same_images(official, fixtures, tmp_path, mo
 
 
 @pytest.mark.parametrize("case", [
-    "no_prompt", "no_model", "missing_model", "neither_layout", "no_text_encoder", "fp16_on_cpu",
+    "no_prompt", "missing_model", "neither_layout", "no_text_encoder", "fp16_on_cpu",
     "missing_prompts_file", "png_without_metadata", "from_png_with_seed", "convert_into_nonempty_folder",
 ])
 def test_bad_input_exits_with_a_message_naming_the_problem(case, official, fixtures, tmp_path, capsys):
@@ -135,7 +135,6 @@ def test_bad_input_exits_with_a_message_naming_the_problem(case, official, fixtu
     (tmp_path / "full" / "x").write_text("x")
     argv, expected = {
         "no_prompt": (["generate", *official], "PROMPT"),
-        "no_model": (["generate", "a cat"], "--model is required"),
         "missing_model": (["generate", "a cat", "--model", str(tmp_path / "nope")], str(tmp_path / "nope")),
         "neither_layout": (["generate", "a cat", "--model", str(tmp_path)], "neither"),
         "no_text_encoder": (["generate", "a cat", "--model", ckpt], "--text-encoder is required"),

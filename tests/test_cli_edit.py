@@ -112,7 +112,7 @@ def test_bad_input_is_a_one_line_error(command, change, message, model, files, t
 
 
 @pytest.mark.parametrize("command", ["generate", "inpaint", "vary"])
-def test_without_model_the_bundled_one_is_used_or_named_when_missing(command, files, tmp_path, capsys, monkeypatch):
+def test_without_model_a_missing_bundled_one_is_named(command, files, tmp_path, capsys, monkeypatch):
     import hart.bundled
 
     monkeypatch.setattr(hart.bundled, "BUNDLED_MODEL", str(tmp_path / "shapes-128"))
