@@ -80,14 +80,12 @@ def prepare_mask(mask: ImageInput, image_size: Tuple[int, int]) -> torch.Tensor:
 
 
 def inpaint_tokens(f_BChw: torch.Tensor, hole_11HW: torch.Tensor, patch_nums, batch: int) -> ForcedTokens:
-    """Forced tokens for inpainting: where a token is mostly known, the code that encodes the input's
-    latent `f_BChw` from what was drawn so far; the final latent pinned to the input's on every latent
-    position that the hole does not touch."""
-    device = f_BChw.device
-    known = [(area_down(hole_11HW.to(device), p).flatten(1) < GENERATE_IF_HOLE_FRACTION).expand(batch, -1)
-             for p in patch_nums]
-    P = patch_nums[-1]
-    untouched_BPP = (area_down(hole_11HW.to(device), P)[:, 0] == 0).expand(batch, -1, -1)
+    """Forced tokens for inpainting: where less than `GENERATE_IF_HOLE_FRACTION` of a token is in the
+    hole, the code that encodes the input's latent `f_BChw` from what was drawn so far; the final latent
+    pinned to the input's on every latent position that the hole does not touch."""
+    hole_11HW = hole_11HW.to(f_BChw.device)
+    known = [(area_down(hole_11HW, p).flatten(1) < GENERATE_IF_HOLE_FRACTION).expand(batch, -1) for p in patch_nums]
+    untouched_BPP = (area_down(hole_11HW, patch_nums[-1])[:, 0] == 0).expand(batch, -1, -1)
     f_BChw = f_BChw.expand(batch, -1, -1, -1)
     return ForcedTokens(mask=known, target_BChw=f_BChw, latent_BChw=f_BChw, latent_mask_Bhw=untouched_BPP)
 

@@ -66,8 +66,8 @@ class _EditPipeline(HARTPipeline):
 class HARTInpaintPipeline(_EditPipeline):
     r"""Text-guided inpainting: repaint the white area of `mask_image`, keep the rest.
 
-    At every scale the tokens mostly outside the hole encode the input (re-encoded against what was
-    drawn so far), so the new content fits its surroundings; at the end the latent outside the hole
+    At every scale the tokens less than a tenth inside the hole encode the input (re-encoded against
+    what was drawn so far), so the new content fits its surroundings; at the end the latent outside the hole
     is exactly the input's, so outside the mask the result is the tokenizer's reconstruction of the
     input (up to the decoder's reach across the border; `blend_radius` > 0 pastes the reconstruction
     back with a soft seam).

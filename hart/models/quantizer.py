@@ -109,6 +109,7 @@ class MultiScaleQuantizer(nn.Module):
         """The codes `encode` picks at a p x p scale for what is left of the latent: (B, p*p)."""
         return self._lookup_map(area_down(rest_BChw, p), using_znorm=False)
 
+    @torch.no_grad()
     def encode(self, f_BChw: torch.Tensor, patch_nums: Sequence[int]) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """Hybrid encode (§1.6.2): per-scale codes plus the continuous residual (B, P*P, Cvae).
 
