@@ -145,3 +145,31 @@ def test_maskgit_iterations_run(models, inputs):
     with torch.no_grad():
         f_hat = _run(models, _conditioning(inputs, 2), call, generator=torch.Generator().manual_seed(1), num_maskgit_iters=3)[0]
     assert torch.isfinite(f_hat).all()
+
+
+def test_compiled_blocks_match_eager_without_compiling_per_scale(models, inputs, monkeypatch):
+    """`hart benchmark --compile` compiles each block. The KV cache must stay out of the graphs:
+    otherwise every scale of every layer compiles again, until Dynamo's recompile limit silently
+    turns compilation off (here: raises)."""
+    import copy
+
+    import torch._dynamo
+
+    transformer, vae = models
+    compiled = copy.deepcopy(transformer)
+    for block in compiled.blocks:
+        block.compile(dynamic=True)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    cond = _conditioning(inputs, 2)
+    run = lambda model: sample_scales(model, vae.quantize, cond, guidance_scale=4.5, top_k=1,
+                                      generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager, fast = run(transformer), run(compiled)
+            again = run(compiled)  # a second call reuses the graphs
+    finally:
+        torch._dynamo.reset()
+    assert_close(fast, eager, 1e-4, "f_hat")
+    assert_close(again, eager, 1e-4, "f_hat, second call")

@@ -103,6 +103,9 @@ class KVCache:
         self.v: List[Optional[torch.Tensor]] = [None] * depth
         self.len = [0] * depth
 
+    # Kept out of torch.compile graphs: tracing it would guard on the cache's Python state (allocated
+    # or not, filled length), so every scale of every layer would compile again.
+    @torch.compiler.disable
     def extend(self, layer: int, k_BHld: torch.Tensor, v_BHld: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.k[layer] is None:
             B, H, _, d = k_BHld.shape
