@@ -38,6 +38,17 @@ def test_tiny_benchmark_writes_every_documented_field(tmp_path, capsys):
     assert "batch 2:" in capsys.readouterr().out
 
 
+def test_the_better_of_two_peak_measurements_is_the_reference(monkeypatch):
+    """The peak is measured before and after the timed calls; a low first reading (a busy moment on a
+    shared machine) must not inflate the fractions."""
+    readings = iter([dict(size=512, seconds=1.0, flops_per_s=1e9), dict(size=1024, seconds=1.0, flops_per_s=4e9)])
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype, device: next(readings))
+    result = bench.run_benchmark("tiny", "fp32", "cpu", (1,), warmup=0, iters=1)
+    assert result["matmul_peak"]["flops_per_s"] == 4e9
+    run = result["runs"][0]
+    assert run["fraction_of_matmul_peak"]["transformer"] == pytest.approx(run["achieved_flops_per_s"]["transformer"] / 4e9)
+
+
 def test_flop_counter_matches_hand_computation():
     linear, conv = torch.nn.Linear(5, 7), torch.nn.Conv2d(3, 4, kernel_size=3, padding=1)
     with bench.flop_counter() as counter:
