@@ -1,11 +1,9 @@
 """`hart benchmark`: speed, memory and FLOPs of generation, stage by stage, for the released sizes.
 
-`run_benchmark` builds a pipeline (the released architecture with random weights, or the bundled
-model), times `HARTPipeline.__call__` end to end (median of `iters` calls after `warmup`, synchronising
-the device at every mark) with a per-stage breakdown, and measures the machine's matmul peak before and
-after the timed calls, keeping the better: on a shared machine one measurement can land in a busy moment
-and make every fraction of the peak look too high.
-Its result (written as benchmark.json by the CLI; times in seconds, memory in MiB):
+`run_benchmark` builds a pipeline (released architecture with random weights, or the bundled model),
+times `HARTPipeline.__call__` (median of `iters` calls after `warmup`, device synchronised at every mark)
+stage by stage, and measures the matmul peak before and after, keeping the better reading (one taken in a
+busy moment of a shared machine would inflate every fraction). Result (benchmark.json; s, MiB):
 
     config, dtype, device, device_name, torch_version, hart_version, warmup, iters, compile, text_features
     ("text model" | "random"), image_size, patch_nums, build_s, parameters: {transformer, diffusion_head
@@ -348,8 +346,8 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
 
 def format_summary(result: Dict[str, object]) -> str:
     """The figures of `run_benchmark` as text, one block per batch size."""
-    f, peak, stages = result["flops_per_image"], result["matmul_peak"], ("text_encoding", "transformer", "diffusion",
-                                                                           "decoding", "other")
+    f, peak = result["flops_per_image"], result["matmul_peak"]
+    stages = ("text_encoding", "transformer", "diffusion", "decoding", "other")
     lines = [f"{result['config']} ({result['image_size']} px, text: {result['text_features']}) {result['dtype']} on "
              f"{result['device_name']}; built in {result['build_s']:.1f} s",
              f"matmul peak {peak['flops_per_s'] / 1e12:.2f} TFLOP/s ({peak['size']}^2); GFLOP per image: "
@@ -365,8 +363,6 @@ def format_summary(result: Dict[str, object]) -> str:
                   f"{100 * frac['transformer']:.1f}% of the matmul peak (end to end {100 * frac['end_to_end']:.1f}%)"]
     return "\n".join(lines)
 
-
-# ---- chart ---------------------------------------------------------------------------------------
 
 _COLOURS = dict(text_encoding=(91, 143, 201), transformer=(235, 140, 52), diffusion=(98, 175, 92),
                 decoding=(196, 78, 82), other=(150, 150, 150))
@@ -391,8 +387,7 @@ def write_chart(result: Dict[str, object], path) -> None:
         rows += [("residual diffusion", s["diffusion"], "diffusion"), ("decoding", s["decoding"], "decoding"),
                  ("other", max(s["other"], 0.0), "other")]
         draw.text((10, y), f"{result['config']} {result['dtype']} {result['device']} (text: {result['text_features']}), "
-                  f"batch {run['batch_size']}: "
-                  f"{run['latency_s']:.3f} s, {run['images_per_s']:.3g} images/s", fill="black", font=font)
+                  f"batch {run['batch_size']}: {run['latency_s']:.3f} s, {run['images_per_s']:.3g} images/s", fill="black", font=font)
         y += head_h
         longest = max(v for _, v, _ in rows) or 1.0
         for label, value, kind in rows:
