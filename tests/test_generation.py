@@ -159,8 +159,10 @@ def test_compiled_blocks_match_eager_without_compiling_per_scale(models, inputs,
     compiled = copy.deepcopy(transformer)
     for block in compiled.blocks:
         block.compile(dynamic=True)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    config = torch._dynamo.config
+    new_names = hasattr(config, "recompile_limit")  # torch < 2.7: cache_size_limit, fail_on_cache_limit_hit
+    monkeypatch.setattr(config, "recompile_limit" if new_names else "cache_size_limit", 3)
+    monkeypatch.setattr(config, "fail_on_recompile_limit_hit" if new_names else "fail_on_cache_limit_hit", True)
     cond = _conditioning(inputs, 2)
     run = lambda model: sample_scales(model, vae.quantize, cond, guidance_scale=4.5, top_k=1,
                                       generator=torch.Generator().manual_seed(3))
