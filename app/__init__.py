@@ -1,1 +1,1 @@
-"""The HART web demo: `python -m app --model DIR` (see `app.demo.build_demo`, `app.safety`)."""
+"""The HART web demo: `python -m hart.app --model DIR` (see `app.demo.build_demo`, `app.safety`)."""

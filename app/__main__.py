@@ -1,4 +1,4 @@
-"""`python -m app [--model DIR]`: serve the HART Gradio demo on http://127.0.0.1:7860.
+"""`python -m hart.app [--model DIR]`: serve the HART Gradio demo on http://127.0.0.1:7860.
 
 Without `--model` the bundled shapes-world model is served. The model comes from the command line only (the same loader as `hart generate`); the page never
 names or chooses files.
@@ -24,7 +24,7 @@ def _whole(low: int, high: float = float("inf")):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m app", description="HART text-to-image web demo (Gradio).")
+    p = argparse.ArgumentParser(prog="python -m hart.app", description="HART text-to-image web demo (Gradio).")
     p.add_argument("--model", help="pipeline folder (model_index.json) or official release folder (llm/ + tokenizer/); "
                                    "default: the bundled shapes-world model")
     p.add_argument("--text-encoder", help="text model folder; required with an official release folder")
@@ -70,15 +70,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         device, dtype = resolve_device(args.device, args.dtype)
         safety_checker = None
         if args.safety_model:
-            from app.safety import ShieldGemmaChecker
+            from hart.app.safety import ShieldGemmaChecker
 
             safety_checker = ShieldGemmaChecker(args.safety_model, device=str(device))
         pipe = load_pipeline(resolve_model(args.model), args.text_encoder, device, dtype)
     except (UsageError, CheckpointError, FileNotFoundError) as e:
-        print(f"python -m app: error: {e}", file=sys.stderr)
+        print(f"python -m hart.app: error: {e}", file=sys.stderr)
         return 2
 
-    from app.demo import build_demo
+    from hart.app.demo import build_demo
 
     demo = build_demo(pipe, max_images=args.max_images, concurrency=args.concurrency, max_queue=args.max_queue,
                       safety_checker=safety_checker)

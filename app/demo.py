@@ -208,7 +208,7 @@ def editor_inputs(value, side: int):
 
 def make_inpaint(pipe, safety_checker: Optional[Callable[[str], bool]] = None):
     """The inpainting handler: `(image, seed, status)` from the editor, prompt and options."""
-    from pipelines import HARTInpaintPipeline
+    from hart.pipelines import HARTInpaintPipeline
 
     inpaint_pipe = HARTInpaintPipeline(**pipe.components)  # the same modules, no copy
     side = inpaint_pipe.resolution
@@ -237,7 +237,7 @@ def build_demo(pipe, *, max_images: int = 4, concurrency: int = 1, max_queue: in
     """A queued Blocks app around a loaded `HARTPipeline`.
 
     `concurrency` generations run at once (1: one per device), at most `max_queue` wait; more are
-    refused with "Queue is full". `safety_checker(prompt) -> True` refuses a prompt (see `app.safety`).
+    refused with "Queue is full". `safety_checker(prompt) -> True` refuses a prompt (see `hart.app.safety`).
     """
     config = pipe.transformer.config
     side = pipe.transformer.patch_nums[-1] * pipe.vae.downsample_factor

@@ -6,9 +6,9 @@ argument parsing) start without loading diffusers and transformers.
 from importlib import import_module
 
 _EXPORTS = {
-    "HARTPipeline": "pipelines",
-    "HARTInpaintPipeline": "pipelines",
-    "HARTVariationPipeline": "pipelines",
+    "HARTPipeline": "hart.pipelines",
+    "HARTInpaintPipeline": "hart.pipelines",
+    "HARTVariationPipeline": "hart.pipelines",
     "HARTTransformer": "hart.models.transformer",
     "HybridTokenizer": "hart.models.tokenizer",
     "ForcedTokens": "hart.sampling",

@@ -84,7 +84,7 @@ def run_inpaint(args) -> int:
     _check_prompt(args)
     from PIL import Image
 
-    from pipelines import HARTInpaintPipeline
+    from hart.pipelines import HARTInpaintPipeline
 
     image, mask = _read_image("--image", args.image, "RGB"), _read_image("--mask", args.mask, "L")
 
@@ -103,7 +103,7 @@ def run_outpaint(args) -> int:
     from PIL import Image
 
     from hart.editing import outpaint_canvas
-    from pipelines import HARTInpaintPipeline
+    from hart.pipelines import HARTInpaintPipeline
 
     image = _read_image("--image", args.image, "RGB")
 
@@ -131,7 +131,7 @@ def run_vary(args) -> int:
     _check_prompt(args)
     from PIL import Image
 
-    from pipelines import HARTVariationPipeline
+    from hart.pipelines import HARTVariationPipeline
 
     image = _read_image("--image", args.image, "RGB")
 

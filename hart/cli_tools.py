@@ -58,10 +58,10 @@ def add_benchmark_command(subparsers) -> None:
 
 def add_app_command(subparsers) -> None:
     p = subparsers.add_parser("app", add_help=False, help="start the Gradio web demo (options: hart app --help)",
-                              description="Same as `python -m app`; every option is passed through.")
+                              description="Same as `python -m hart.app`; every option is passed through.")
 
     def run_app(args) -> int:
-        from app.__main__ import main as app_main
+        from hart.app.__main__ import main as app_main
 
         try:
             return app_main(args.passthrough)

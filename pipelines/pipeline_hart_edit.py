@@ -3,7 +3,7 @@
 Both pipelines share `HARTPipeline`'s components; build one from another without reloading:
 
     >>> from hart import HARTPipeline
-    >>> from pipelines import HARTInpaintPipeline
+    >>> from hart.pipelines import HARTInpaintPipeline
     >>> pipe = HARTPipeline.from_pretrained("path/to/hart-pipeline")
     >>> inpaint = HARTInpaintPipeline.from_pipe(pipe)
     >>> image = inpaint("a red circle", image=photo, mask_image=mask).images[0]
@@ -15,7 +15,7 @@ from typing import Dict, List, Union
 import torch
 
 from hart.editing import blend_mask, inpaint_tokens, prepare_image, prepare_mask, variation_tokens
-from pipelines.pipeline_hart import HARTPipeline
+from hart.pipelines.pipeline_hart import HARTPipeline
 
 # arguments shared with HARTPipeline.__call__, passed through unchanged
 _T2I_DEFAULTS = dict(

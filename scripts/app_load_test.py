@@ -2,7 +2,7 @@
 
     python scripts/app_load_test.py --model DIR [--text-encoder DIR] [--clients 20] [--requests 50]
 
-Starts `python -m app` as a separate process (so its memory is measured alone) with `--max-queue`,
+Starts `python -m hart.app` as a separate process (so its memory is measured alone) with `--max-queue`,
 then `--clients` gradio_client clients submit generation requests until `--requests` have completed;
 a request refused with gradio's "Queue is full" is counted and retried after a short pause. It
 checks that:
@@ -13,7 +13,7 @@ checks that:
   after the 10th.
 
 The last line printed is a one-line JSON summary; the exit status is 0 when every check passes.
-Without `--model` it uses the tiny test fixture (`$HART_FIXTURES` or ../shared/fixtures/official-tiny).
+Without `--model` it uses the tiny test fixture (`$HART_FIXTURES` or tests/fixtures/official-tiny).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def free_port() -> int:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    fixture = Path(os.environ.get("HART_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "official-tiny")) / "ckpt"
+    fixture = Path(os.environ.get("HART_FIXTURES", REPO_ROOT / "tests" / "fixtures" / "official-tiny")) / "ckpt"
     p.add_argument("--model", default=str(fixture), help="model folder (default: the tiny test fixture)")
     p.add_argument("--text-encoder", help="text encoder folder (default: MODEL/text_encoder when it exists)")
     p.add_argument("--clients", type=int, default=20, help="concurrent clients (default 20)")
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(work / "gradio"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "app", "--model", args.model, "--port", str(port), "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "hart.app", "--model", args.model, "--port", str(port), "--host", "127.0.0.1",
                "--device", "cpu", "--max-queue", str(args.max_queue), "--concurrency", "1", "--max-images", "2"]
     if text_encoder:
         command += ["--text-encoder", text_encoder]

@@ -23,7 +23,7 @@ from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from gradio_client.utils import QueueError, Status  # noqa: E402
 
-from app.demo import build_demo  # noqa: E402
+from hart.app.demo import build_demo  # noqa: E402
 
 # gradio 6.31's queue statistics use pandas options that pandas 3 deprecates
 pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
@@ -190,7 +190,7 @@ def test_invalid_input_gets_a_friendly_message(client, changes, message):
 def test_error_inside_generation_is_shown_logged_and_the_app_keeps_serving(client, caplog):
     with pytest.raises(AppError, match="Generation failed: RuntimeError: simulated device failure"):
         run(client, prompt="explode")
-    assert any(r.name == "app.demo" and r.exc_info for r in caplog.records), "the failure was not logged"
+    assert any(r.name == "hart.app.demo" and r.exc_info for r in caplog.records), "the failure was not logged"
     assert len(images(run(client)[-1][1])) == 1
 
 
@@ -238,23 +238,23 @@ def test_a_full_queue_refuses_with_a_clear_message(fixture_pipe, sandbox):
 
 
 def test_command_line(fixtures, sandbox):
-    from app.__main__ import build_parser, main
+    from hart.app.__main__ import build_parser, main
 
     args = build_parser().parse_args(["--model", "m"])
     assert (args.host, args.port, args.share, args.concurrency, args.max_queue, args.max_images) == \
         ("127.0.0.1", 7860, False, 1, 20, 4)
     assert main(["--model", str(sandbox / "missing")]) == 2
     assert main(["--model", str(fixtures / "ckpt"), "--safety-model", str(sandbox / "missing")]) == 2
-    done = subprocess.run([sys.executable, "-m", "app", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "hart.app", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=WAIT)
     assert done.returncode == 0 and "--model" in done.stdout and "--share" in done.stdout
 
 
 def test_main_loads_the_model_and_serves_on_localhost(fixtures, sandbox, monkeypatch, capsys):
-    """`python -m app`'s main() end to end, except that it returns instead of serving until Ctrl+C."""
+    """`python -m hart.app`'s main() end to end, except that it returns instead of serving until Ctrl+C."""
     import gradio as gr
 
-    from app.__main__ import main
+    from hart.app.__main__ import main
 
     launched = {}
     original = gr.Blocks.launch
@@ -283,7 +283,7 @@ def test_shieldgemma_checker_loads_lazily_from_a_local_folder(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
-    from app.safety import ShieldGemmaChecker
+    from hart.app.safety import ShieldGemmaChecker
 
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         ShieldGemmaChecker(tmp_path / "missing")
@@ -322,7 +322,7 @@ def editor_value(tmp_path, side, box, painted=True):
 
 
 def test_inpaint_tab_repaints_the_painted_area(client, fixture_pipe, tmp_path):
-    from pipelines import HARTInpaintPipeline
+    from hart.pipelines import HARTInpaintPipeline
 
     side = fixture_pipe.transformer.patch_nums[-1] * fixture_pipe.vae.downsample_factor
     box = (16, 16, 48, 48)

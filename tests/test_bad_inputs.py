@@ -193,7 +193,7 @@ def _png_bytes(mode="RGB", size=(64, 64)) -> bytes:
 
 
 def _inpaint(env, **kwargs):
-    from pipelines import HARTInpaintPipeline
+    from hart.pipelines import HARTInpaintPipeline
 
     pipe = HARTInpaintPipeline.from_pipe(env.pipe)
     mask = np.zeros((64, 64), np.uint8)
@@ -511,7 +511,7 @@ def resume_from_a_checkpoint_of_another_model(env):
 
 # =============================================================================== the web app
 def _app_validate(**changes):
-    from app.demo import validate
+    from hart.app.demo import validate
 
     args = dict(prompt="a red fox", negative_prompt="", seed=7, randomize_seed=False, guidance_scale=4.5, top_k=0,
                 top_p=1.0, more_smooth=True, num_images=1)
@@ -562,7 +562,7 @@ def app_top_p_out_of_range(env):
 
 
 def app_command_line_missing_model(env):
-    from app.__main__ import main
+    from hart.app.__main__ import main
 
     env.capsys.readouterr()
     assert main(["--model", str(env.tmp / "nowhere")]) == 2
@@ -573,8 +573,8 @@ def app_binds_loopback_and_takes_no_paths_from_the_page(env):
     """Safety of loading: 127.0.0.1 unless told otherwise, and no input of the page is a file or path."""
     import gradio as gr
 
-    from app.__main__ import build_parser
-    from app.demo import build_demo
+    from hart.app.__main__ import build_parser
+    from hart.app.demo import build_demo
 
     assert build_parser().parse_args(["--model", "m"]).host == "127.0.0.1"
     demo = build_demo(env.pipe)

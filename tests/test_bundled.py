@@ -186,7 +186,7 @@ def _reconstruction(pipe, image) -> np.ndarray:
 
 
 def test_inpainting_a_red_circle_into_an_empty_square(bundled, guidance):
-    from pipelines import HARTInpaintPipeline
+    from hart.pipelines import HARTInpaintPipeline
 
     inpaint = HARTInpaintPipeline.from_pipe(bundled)
     # grey: the world's background unless a caption names another (a red circle on white is rarer)
@@ -217,7 +217,7 @@ def test_inpainting_a_red_circle_into_an_empty_square(bundled, guidance):
 
 def test_outpainting_keeps_the_shapes_in_place(bundled, guidance):
     from hart.editing import outpaint_canvas
-    from pipelines import HARTInpaintPipeline
+    from hart.pipelines import HARTInpaintPipeline
 
     inpaint = HARTInpaintPipeline.from_pipe(bundled)
     picture = scene_image([("circle", "red", "large", 10, 40, 48), ("square", "blue", "small", 70, 12, 24)])
@@ -237,7 +237,7 @@ def test_outpainting_keeps_the_shapes_in_place(bundled, guidance):
 
 
 def test_variations_keep_the_layout_of_the_kept_scales(bundled, guidance):
-    from pipelines import HARTVariationPipeline
+    from hart.pipelines import HARTVariationPipeline
 
     vary = HARTVariationPipeline.from_pipe(bundled)
     picture = scene_image([("triangle", "yellow", "large", 20, 60, 48), ("circle", "purple", "small", 90, 20, 24)])

@@ -8,7 +8,7 @@ import torch
 
 from hart.cli import METADATA_KEY, main
 from hart.editing import outpaint_canvas
-from pipelines import HARTInpaintPipeline, HARTVariationPipeline
+from hart.pipelines import HARTInpaintPipeline, HARTVariationPipeline
 
 SIDE = 64  # the fixture checkpoint's image size
 

@@ -20,7 +20,8 @@ from hart.sampling import ForcedTokens, sample_scales
 from hart.text import TextConditioning
 from tests.utils import REPO_ROOT, assert_close
 
-ON_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+NO_CUDA = "needs a CUDA device: on a GPU machine run scripts/gpu_check.sh (or python -m pytest -m cuda)"
+ON_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)]
 # (device, dtype, tolerance on logits and f-hat as a fraction of the reference's largest magnitude, on images
 # in [0, 1]). bf16 keeps 8 bits of mantissa: on CPU its logits land within 1.2-1.9% of the largest logit
 # (0.6 of 34) and its images within 0.04. fp32 on CUDA differs by the TF32 convolutions of the decoder.
@@ -68,7 +69,7 @@ def test_replayed_generation_stays_close_to_the_reference(models, recorded, devi
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 def test_xformers_attention_matches_sdpa():
     pytest.importorskip("xformers")
     from hart.models.attention import attention
@@ -81,7 +82,7 @@ def test_xformers_attention_matches_sdpa():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 def test_pipeline_generates_on_cuda_in_bf16(fixture_pipe):
     pipe = copy.deepcopy(fixture_pipe).to("cuda", torch.bfloat16)
     run = lambda: pipe("a red circle", generator=torch.Generator().manual_seed(3), output_type="pt").images

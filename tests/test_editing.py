@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hart.editing import outpaint_canvas
-from pipelines import HARTInpaintPipeline, HARTVariationPipeline
+from hart.pipelines import HARTInpaintPipeline, HARTVariationPipeline
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from hart.limits import MAX_GUIDANCE_SCALE
-from pipelines.pipeline_hart import OUTPUT_TYPES, HARTPipeline
+from hart.pipelines.pipeline_hart import OUTPUT_TYPES, HARTPipeline
 
 VOCAB = 768  # the fixture transformer's codebook
 SIDE, LATENT_SIDE, LATENT_CHANNELS = 64, 4, 16

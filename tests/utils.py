@@ -9,12 +9,16 @@ from safetensors.torch import load_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+DEFAULT_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "official-tiny"
+
+
 def fixture_root() -> Path:
-    """The reference fixture folder: `$HART_FIXTURES`, else `../shared/fixtures/official-tiny`."""
-    root = Path(os.environ.get("HART_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "official-tiny"))
+    """The recorded fixture set: `$HART_FIXTURES`, else the one in the repository."""
+    root = Path(os.environ.get("HART_FIXTURES", DEFAULT_FIXTURES))
     if not (root / "manifest.json").is_file():
         raise FileNotFoundError(
-            f"Reference fixtures not found at {root}: set HART_FIXTURES to the official-tiny folder."
+            f"No recorded fixture set at {root} (no manifest.json): point HART_FIXTURES at a folder "
+            f"laid out like {DEFAULT_FIXTURES.relative_to(REPO_ROOT)}."
         )
     return root
 

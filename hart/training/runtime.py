@@ -155,7 +155,7 @@ def full_parameters(accelerator, model: torch.nn.Module):
 def load_base_pipeline(path, text_encoder=None):
     """A `HARTPipeline` from a `save_pretrained` folder, or from the official layout (`llm/` +
     `tokenizer/`, with `text_encoder` naming the text model folder)."""
-    from pipelines import HARTPipeline
+    from hart.pipelines import HARTPipeline
 
     path = Path(path)
     if (path / "model_index.json").is_file():
