@@ -45,7 +45,8 @@ PHOTO_EXAMPLES = (  # for a model folder without its own examples (the released 
 
 
 # Runs in the browser when an event starts: closes the toasts of earlier errors, passes the inputs on.
-CLEAR_TOASTS_JS = "(...inputs) => { document.querySelectorAll('.toast-close').forEach(b => b.click()); return inputs; }"
+CLEAR_TOASTS_JS = "(...inputs) => { document.querySelectorAll('.toast-close').forEach(b => b.click()); " \
+                  "return inputs; }"
 
 
 def example_prompts(pipe) -> List[str]:
@@ -64,7 +65,7 @@ def example_prompts(pipe) -> List[str]:
 
 
 def token_notes(tokenizer, max_tokens: int, **texts: str) -> str:
-    """A note for each text longer than the model reads, e.g. "Prompt cut: 32 of 45 tokens kept."""
+    """A note (e.g. "Prompt cut: 32 of 45 tokens kept.") for each text longer than the model reads."""
     notes = []
     for name, text in texts.items():
         n = len(tokenizer(text)["input_ids"]) if text else 0  # counted as `hart.text.encode_prompts` counts
