@@ -1,4 +1,4 @@
-"""`python -m hart.app [--model DIR]`: serve the HART Gradio demo on http://127.0.0.1:7860.
+"""`hart app [--model DIR]` (or `python -m hart.app`): serve the HART Gradio demo on http://127.0.0.1:7860.
 
 Without `--model` the bundled shapes-world model is served. The model comes from the command line only (the same loader as `hart generate`); the page never
 names or chooses files.
@@ -23,8 +23,9 @@ def _whole(low: int, high: float = float("inf")):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hart.app", description="HART text-to-image web demo (Gradio).")
+def build_parser(prog: str = "hart app") -> argparse.ArgumentParser:
+    """The options; `prog` is the command named in usage and error lines (`hart app` runs `main` directly)."""
+    p = argparse.ArgumentParser(prog=prog, description="HART text-to-image web demo (Gradio).")
     p.add_argument("--model", help="pipeline folder (model_index.json) or official release folder (llm/ + tokenizer/); "
                                    "default: the bundled shapes-world model")
     p.add_argument("--text-encoder", help="text model folder; required with an official release folder")
@@ -59,8 +60,8 @@ def resolve_device(device: Optional[str], dtype: Optional[str]):
     return device, dtype
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)  # before the heavy imports: --help stays quick
+def main(argv: Optional[List[str]] = None, prog: str = "hart app") -> int:
+    args = build_parser(prog).parse_args(argv)  # before the heavy imports: --help stays quick
     from hart.cli import UsageError, load_pipeline, resolve_model
     from hart.loading import CheckpointError
 
@@ -75,7 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             safety_checker = ShieldGemmaChecker(args.safety_model, device=str(device))
         pipe = load_pipeline(resolve_model(args.model), args.text_encoder, device, dtype)
     except (UsageError, CheckpointError, FileNotFoundError) as e:
-        print(f"python -m hart.app: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 
     from hart.app.demo import build_demo
@@ -90,4 +91,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m hart.app"))

@@ -5,10 +5,12 @@ Two tabs. "Text to image": the event `generate` (API name `/generate`) is a gene
 more with the finished images. The pipeline runs in a worker thread that hands each scale's preview
 over a queue. "Inpaint": an image editor whose brush strokes are the area to repaint; the event
 `inpaint` (API name `/inpaint`) returns `(image, seed, status)`.
-Nothing here reads a file path from the browser: the model is whatever the caller loaded.
+Nothing here reads a file path from the browser: the model is whatever the caller loaded, and its
+example prompts come from its own folder (`examples.json`, see `example_prompts`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -16,7 +18,8 @@ import queue
 import random
 import threading
 import time
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, List, Optional
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no outbound calls
 
@@ -30,7 +33,8 @@ MAX_SEED = 2**31 - 1
 MAX_PROMPT_CHARS = 2000
 MAX_GUIDANCE = 20.0
 PREVIEW_TILE = 256  # display side of each image in the live preview (upscaled, nearest neighbour)
-EXAMPLES = (
+EXAMPLES_FILE = "examples.json"  # optional in a pipeline folder: a JSON list of prompts the model draws well
+PHOTO_EXAMPLES = (  # for a model folder without its own examples (the released text-to-image model)
     "An astronaut riding a horse on the moon, oil painting by Van Gogh.",
     "A close-up photo of a red fox in fresh snow, golden hour.",
     "A cozy wooden cabin by a mountain lake at sunrise, mist over the water.",
@@ -38,6 +42,52 @@ EXAMPLES = (
     "A watercolor map of an imaginary island with a lighthouse.",
     "A bowl of ramen drawn in the style of a 1980s anime still.",
 )
+
+
+# Runs in the browser when an event starts: closes the toasts of earlier errors, passes the inputs on.
+CLEAR_TOASTS_JS = "(...inputs) => { document.querySelectorAll('.toast-close').forEach(b => b.click()); " \
+                  "return inputs; }"
+
+
+def example_prompts(pipe) -> List[str]:
+    """The example prompts of the loaded model: its folder's `examples.json`, else PHOTO_EXAMPLES."""
+    folder = getattr(pipe, "name_or_path", None)  # set by `from_pretrained`; None for the official layout
+    path = Path(folder) / EXAMPLES_FILE if folder else None
+    if path is None or not path.is_file():
+        return list(PHOTO_EXAMPLES)
+    try:
+        prompts = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(x, str) and x.strip() for x in prompts):
+        raise ValueError(f"{path} must be a JSON list of non-empty prompt strings")
+    return prompts
+
+
+def token_notes(tokenizer, max_tokens: int, **texts: str) -> str:
+    """A note (e.g. "Prompt cut: 32 of 45 tokens kept.") for each text longer than the model reads."""
+    notes = []
+    for name, text in texts.items():
+        n = len(tokenizer(text)["input_ids"]) if text else 0  # counted as `hart.text.encode_prompts` counts
+        if n > max_tokens:
+            notes.append(f"{name.replace('_', ' ').capitalize()} cut: {max_tokens} of {n} tokens kept.")
+    return " ".join(notes)
+
+
+class LastRun:
+    """The banner's line on where the model runs and how long the last image took, measured, not guessed."""
+
+    def __init__(self, pipe):
+        self.where = f"`{pipe._execution_device}` with {str(pipe.transformer.dtype).removeprefix('torch.')} weights"
+        self.seconds_per_image: Optional[float] = None
+
+    def record(self, seconds: float, num_images: int) -> None:
+        self.seconds_per_image = seconds / num_images
+
+    def banner(self) -> str:
+        if self.seconds_per_image is None:
+            return f"Running on {self.where}; no image generated yet."
+        return f"Running on {self.where}; the last image took {self.seconds_per_image:.2f} s."
 
 
 class _Cancelled(Exception):
@@ -122,10 +172,10 @@ def _screen(prompt: str, safety_checker: Optional[Callable[[str], bool]]) -> Non
                        title="Prompt refused", print_exception=False)
 
 
-def make_generate(pipe, max_images: int, safety_checker: Optional[Callable[[str], bool]] = None):
+def make_generate(pipe, max_images: int, last_run: LastRun, safety_checker: Optional[Callable[[str], bool]] = None):
     """The event handler: a generator over `(preview, gallery, seed, status)` updates."""
     num_scales = len(pipe.transformer.patch_nums)
-    vocab_size = pipe.transformer.config.vocab_size
+    vocab_size, max_tokens = pipe.transformer.config.vocab_size, pipe.transformer.config.context_tokens
 
     def generate(prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_k, top_p, more_smooth,
                  num_images):
@@ -133,6 +183,8 @@ def make_generate(pipe, max_images: int, safety_checker: Optional[Callable[[str]
                         num_images, vocab_size=vocab_size, max_images=max_images)
         _screen(args["prompt"], safety_checker)
         seed, n = args.pop("seed"), args.pop("num_images")
+        notes = token_notes(pipe.tokenizer, max_tokens, prompt=args["prompt"], negative_prompt=args["negative_prompt"])
+        notes = f" {notes}" if notes else ""
         updates: queue.Queue = queue.Queue()
         cancelled = threading.Event()
 
@@ -160,12 +212,14 @@ def make_generate(pipe, max_images: int, safety_checker: Optional[Callable[[str]
                 kind, *payload = updates.get()
                 if kind == "preview":
                     scale_index, side, preview = payload
-                    status = f"Scale {scale_index + 1}/{num_scales} ({side}x{side} tokens)..."
+                    status = f"Scale {scale_index + 1}/{num_scales} ({side}x{side} tokens)...{notes}"
                     yield preview_grid(preview), None, seed, status
                 elif kind == "done":
                     gallery = [(image, f"seed {seed + i}") for i, image in enumerate(payload[0])]
                     seeds = f"seeds {seed} to {seed + n - 1}" if n > 1 else f"seed {seed}"
-                    status = f"Done in {time.perf_counter() - start:.1f} s: {n} image{'s' * (n > 1)}, {seeds}."
+                    seconds = time.perf_counter() - start
+                    last_run.record(seconds, n)
+                    status = f"Done in {seconds:.1f} s: {n} image{'s' * (n > 1)}, {seeds}.{notes}"
                     yield gr.skip(), gallery, seed, status
                     return
                 else:
@@ -206,13 +260,13 @@ def editor_inputs(value, side: int):
     return image, mask
 
 
-def make_inpaint(pipe, safety_checker: Optional[Callable[[str], bool]] = None):
+def make_inpaint(pipe, last_run: LastRun, safety_checker: Optional[Callable[[str], bool]] = None):
     """The inpainting handler: `(image, seed, status)` from the editor, prompt and options."""
     from hart.pipelines import HARTInpaintPipeline
 
     inpaint_pipe = HARTInpaintPipeline(**pipe.components)  # the same modules, no copy
     side = inpaint_pipe.resolution
-    vocab_size = pipe.transformer.config.vocab_size
+    vocab_size, max_tokens = pipe.transformer.config.vocab_size, pipe.transformer.config.context_tokens
 
     def inpaint(editor, prompt, seed, randomize_seed, guidance_scale, blend_radius):
         args = validate(prompt, None, seed, randomize_seed, guidance_scale, 0, 1.0, True, 1,
@@ -227,7 +281,10 @@ def make_inpaint(pipe, safety_checker: Optional[Callable[[str], bool]] = None):
                                   generator=torch.Generator().manual_seed(args["seed"])).images[0]
         except Exception as e:
             raise _failure("Inpainting failed", e) from None
-        return result, args["seed"], f"Done in {time.perf_counter() - start:.1f} s, seed {args['seed']}."
+        seconds = time.perf_counter() - start
+        last_run.record(seconds, 1)
+        notes = token_notes(pipe.tokenizer, max_tokens, prompt=args["prompt"])
+        return result, args["seed"], f"Done in {seconds:.1f} s, seed {args['seed']}." + (f" {notes}" if notes else "")
 
     return inpaint
 
@@ -238,19 +295,22 @@ def build_demo(pipe, *, max_images: int = 4, concurrency: int = 1, max_queue: in
 
     `concurrency` generations run at once (1: one per device), at most `max_queue` wait; more are
     refused with "Queue is full". `safety_checker(prompt) -> True` refuses a prompt (see `hart.app.safety`).
+    The example prompts are the model's own (`example_prompts`).
     """
     config = pipe.transformer.config
     side = pipe.transformer.patch_nums[-1] * pipe.vae.downsample_factor
-    device = pipe._execution_device
+    last_run = LastRun(pipe)
+    # Each event shows its progress and error badge on its status box only, so that an error leaves the
+    # seed, preview and result as they were; CLEAR_TOASTS_JS closes earlier error toasts when a run starts.
     with gr.Blocks(title="HART text-to-image", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# HART text-to-image\n"
             "Hybrid autoregressive generation draws the image coarse to fine: the preview below sharpens "
             f"scale by scale ({len(pipe.transformer.patch_nums)} scales, {side}x{side} px images, "
-            f"running on `{device.type}`)."
-            + ("\n\n**No GPU here: generation runs on the CPU and is slow.**" if device.type == "cpu" else "")
+            f"prompts of up to {config.context_tokens} tokens)."
             + ("\n\nPrompts are screened by a safety checker." if safety_checker is not None else "")
         )
+        banner = gr.Markdown(last_run.banner(), elem_id="banner")
         with gr.Tabs():
             with gr.Tab("Text to image", id="text-to-image"):
                 with gr.Row():
@@ -262,8 +322,9 @@ def build_demo(pipe, *, max_images: int = 4, concurrency: int = 1, max_queue: in
                                                      placeholder="What the image should not show")
                         with gr.Row():
                             seed = gr.Number(label="Seed", value=42, precision=0, minimum=0, maximum=MAX_SEED,
-                                             info="The seed used is shown here; untick 'Randomize' to reuse it.")
-                            randomize_seed = gr.Checkbox(label="Randomize seed", value=True)
+                                             info="The seed used is shown here; untick 'Randomize' to reuse it.",
+                                             elem_id="seed")
+                            randomize_seed = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize-seed")
                         num_images = gr.Slider(1, max_images, value=1, step=1, label="Number of images")
                         with gr.Accordion("Sampling options", open=False):
                             guidance_scale = gr.Slider(0.0, MAX_GUIDANCE, value=4.5, step=0.1, label="Guidance scale")
@@ -271,7 +332,8 @@ def build_demo(pipe, *, max_images: int = 4, concurrency: int = 1, max_queue: in
                                               info="0 uses the model's own schedule")
                             top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p", info="1 is off")
                             more_smooth = gr.Checkbox(label="More smooth (soft codes)", value=True)
-                        gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
+                        gr.Examples([[e] for e in example_prompts(pipe)], inputs=[prompt], label="Example prompts",
+                                    elem_id="examples")
                     with gr.Column(scale=1):
                         preview = gr.Image(label="Live preview (coarse to fine)", type="pil", format="png",
                                            interactive=False, buttons=["fullscreen"], elem_id="preview")
@@ -280,14 +342,14 @@ def build_demo(pipe, *, max_images: int = 4, concurrency: int = 1, max_queue: in
                                              buttons=["download", "download_all", "fullscreen"], interactive=False,
                                              elem_id="gallery")
                 gr.on(
-                    [run.click, prompt.submit], make_generate(pipe, max_images, safety_checker),
+                    [run.click, prompt.submit], make_generate(pipe, max_images, last_run, safety_checker),
                     inputs=[prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_k, top_p, more_smooth,
                             num_images],
-                    outputs=[preview, gallery, seed, status], api_name="generate",
+                    outputs=[preview, gallery, seed, status], api_name="generate", show_progress_on=[status],
                     # raw values reach `validate`, which names the field in its message (gradio's own bound
                     # checks would not)
-                    preprocess=False,
-                )
+                    preprocess=False, js=CLEAR_TOASTS_JS,
+                ).then(last_run.banner, outputs=banner, queue=False, show_progress="hidden", api_visibility="private")
             with gr.Tab("Inpaint", id="inpaint"):
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -312,8 +374,9 @@ def build_demo(pipe, *, max_images: int = 4, concurrency: int = 1, max_queue: in
                                                   buttons=["download", "fullscreen"], elem_id="inpaint-result")
                         inpaint_status = gr.Textbox(label="Status", interactive=False, elem_id="inpaint-status")
                 gr.on(
-                    [inpaint_run.click, inpaint_prompt.submit], make_inpaint(pipe, safety_checker),
+                    [inpaint_run.click, inpaint_prompt.submit], make_inpaint(pipe, last_run, safety_checker),
                     inputs=[editor, inpaint_prompt, inpaint_seed, inpaint_randomize, inpaint_guidance, blend_radius],
                     outputs=[inpaint_result, inpaint_seed, inpaint_status], api_name="inpaint",
-                )
+                    show_progress_on=[inpaint_status], js=CLEAR_TOASTS_JS,
+                ).then(last_run.banner, outputs=banner, queue=False, show_progress="hidden", api_visibility="private")
     return demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)

@@ -1,4 +1,5 @@
 """The Gradio demo, launched in-process on 127.0.0.1 around the tiny fixture pipeline, driven by gradio_client."""
+import json
 import os
 import socket
 import subprocess
@@ -9,6 +10,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +26,7 @@ from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from gradio_client.utils import QueueError, Status  # noqa: E402
 
-from hart.app.demo import build_demo  # noqa: E402
+from hart.app.demo import PHOTO_EXAMPLES, LastRun, build_demo, example_prompts  # noqa: E402
 
 # gradio 6.31's queue statistics use pandas options that pandas 3 deprecates
 pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
@@ -128,6 +131,15 @@ def images(gallery):
     return [np.asarray(Image.open(item["image"]).convert("RGB")) for item in gallery]
 
 
+def side_of(pipe) -> int:
+    return pipe.transformer.patch_nums[-1] * pipe.vae.downsample_factor
+
+
+def component(demo, elem_id):
+    """The props of the component with this elem_id in a built demo."""
+    return next(c["props"] for c in demo.config["components"] if c["props"].get("elem_id") == elem_id)
+
+
 def test_streams_one_preview_per_scale_then_the_images(client, fixture_pipe):
     updates = run(client, num_images=2)
     num_scales = len(fixture_pipe.transformer.patch_nums)
@@ -138,7 +150,8 @@ def test_streams_one_preview_per_scale_then_the_images(client, fixture_pipe):
         assert Image.open(preview).size == (512, 256)  # two images side by side, 256 px each
     gallery, seed, status = final[1:]
     pictures = images(gallery)
-    assert len(pictures) == 2 and all(p.shape == (64, 64, 3) for p in pictures)
+    side = side_of(fixture_pipe)
+    assert len(pictures) == 2 and all(p.shape == (side, side, 3) for p in pictures)
     assert [item["caption"] for item in gallery] == ["seed 7", "seed 8"]
     assert seed == 7 and status.startswith("Done")
     assert all(p.std() > 5 for p in pictures), "blank image"
@@ -173,7 +186,7 @@ def test_sampling_options_reach_the_pipeline(client):
     (dict(prompt="x" * 2001), "keep it under 2000"),
     (dict(guidance=25), "Guidance scale must be a number from 0 to 20"),
     (dict(guidance=-1), "Guidance scale"),
-    (dict(top_k=-1), "Top-k must be a whole number from 0 to 768"),
+    (dict(top_k=-1), "Top-k must be a whole number from 0 to {vocab}"),
     (dict(top_k=2.5), "Top-k"),
     (dict(top_p=0), "Top-p must be a number above 0 and at most 1"),
     (dict(top_p=1.5), "Top-p"),
@@ -182,8 +195,8 @@ def test_sampling_options_reach_the_pipeline(client):
     (dict(seed=-1), "Seed must be a whole number from 0 to 2147483647"),
     (dict(seed=None), "Seed"),
 ])
-def test_invalid_input_gets_a_friendly_message(client, changes, message):
-    with pytest.raises(AppError, match=message):
+def test_invalid_input_gets_a_friendly_message(client, fixture_pipe, changes, message):
+    with pytest.raises(AppError, match=message.format(vocab=fixture_pipe.transformer.config.vocab_size)):
         run(client, **changes)
 
 
@@ -248,6 +261,89 @@ def test_command_line(fixtures, sandbox):
     done = subprocess.run([sys.executable, "-m", "hart.app", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=WAIT)
     assert done.returncode == 0 and "--model" in done.stdout and "--share" in done.stdout
+    assert done.stdout.startswith("usage: python -m hart.app ")
+    done = subprocess.run([sys.executable, "-m", "hart.cli", "app", "--help"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=WAIT)
+    assert done.returncode == 0 and done.stdout.startswith("usage: hart app ") and "--model" in done.stdout
+    assert "python -m" not in done.stdout
+    done = subprocess.run([sys.executable, "-m", "hart.cli", "app", "--port", "0"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=WAIT)
+    assert done.returncode == 2 and "hart app: error: argument --port" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def bundled_pipe():
+    from hart import HARTPipeline
+    from hart.bundled import BUNDLED_MODEL
+
+    return HARTPipeline.from_pretrained(BUNDLED_MODEL)
+
+
+def test_example_prompts_are_the_bundled_models_own(bundled_pipe):
+    from hart.bundled import BUNDLED_MODEL
+    from hart.eval.shapes_eval import load_prompts
+
+    shipped = json.loads((Path(BUNDLED_MODEL) / "examples.json").read_text())
+    assert example_prompts(bundled_pipe) == shipped
+    # each is a ShapesEval prompt, so how well the model draws it can be measured (tests/test_app_browser.py)
+    assert set(shipped) <= {p["prompt"] for p in load_prompts()}
+    assert component(build_demo(bundled_pipe), "examples")["samples"] == [[p] for p in shipped]
+
+
+def test_a_model_without_examples_keeps_the_photo_prompts(fixture_pipe, tmp_path):
+    assert fixture_pipe.name_or_path is None  # the official layout: no pipeline folder
+    assert component(build_demo(fixture_pipe), "examples")["samples"] == [[p] for p in PHOTO_EXAMPLES]
+    assert example_prompts(SimpleNamespace(name_or_path=str(tmp_path))) == list(PHOTO_EXAMPLES)
+    (tmp_path / "examples.json").write_text('["a cat", "a dog on a sofa"]')
+    assert example_prompts(SimpleNamespace(name_or_path=str(tmp_path))) == ["a cat", "a dog on a sofa"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[\"a cat\",", "is not valid JSON"),
+    ('{"prompts": ["a cat"]}', "must be a JSON list of non-empty prompt strings"),
+    ("[]", "must be a JSON list"),
+    ('["a cat", "  "]', "must be a JSON list"),
+    ('["a cat", 3]', "must be a JSON list"),
+])
+def test_a_broken_examples_file_is_named(tmp_path, text, message):
+    (tmp_path / "examples.json").write_text(text)
+    with pytest.raises(ValueError, match=f"examples.json {message}"):
+        example_prompts(SimpleNamespace(name_or_path=str(tmp_path)))
+
+
+def long_text(tokenizer, more_than: int) -> str:
+    """A prompt of more than `more_than` tokens (and under the app's character limit)."""
+    words = "a small red circle above a large blue square on a green background"
+    text = words
+    while len(tokenizer(text)["input_ids"]) <= more_than:
+        text += ", " + words
+    assert len(text) <= 2000, "the model reads more tokens than the app allows characters"
+    return text
+
+
+def test_a_cut_prompt_is_noted_in_the_status(client, fixture_pipe):
+    tokenizer, max_tokens = fixture_pipe.tokenizer, fixture_pipe.transformer.config.context_tokens
+    prompt = long_text(tokenizer, max_tokens)
+    n = len(tokenizer(prompt)["input_ids"])
+    updates = run(client, prompt=prompt)
+    note = f"Prompt cut: {max_tokens} of {n} tokens kept."
+    assert all(status.endswith(note) for *_, status in updates), [u[-1] for u in updates]
+    assert updates[-1][-1].startswith("Done")
+    negative = long_text(tokenizer, max_tokens + 5)
+    status = run(client, prompt=prompt, negative=negative)[-1][-1]
+    m = len(tokenizer(negative)["input_ids"])
+    assert status.endswith(f"{note} Negative prompt cut: {max_tokens} of {m} tokens kept.")
+    assert "cut" not in run(client, prompt="a red fox")[-1][-1]
+
+
+def test_banner_states_device_dtype_and_the_last_measured_time(fixture_pipe):
+    device, dtype = fixture_pipe._execution_device, str(fixture_pipe.transformer.dtype).removeprefix("torch.")
+    banner = component(build_demo(fixture_pipe), "banner")["value"]
+    assert banner == f"Running on `{device}` with {dtype} weights; no image generated yet."
+    assert "slow" not in banner and "GPU" not in banner
+    last_run = LastRun(fixture_pipe)
+    last_run.record(0.9, 3)
+    assert last_run.banner() == f"Running on `{device}` with {dtype} weights; the last image took 0.30 s."
 
 
 def test_main_loads_the_model_and_serves_on_localhost(fixtures, sandbox, monkeypatch, capsys):
@@ -324,8 +420,8 @@ def editor_value(tmp_path, side, box, painted=True):
 def test_inpaint_tab_repaints_the_painted_area(client, fixture_pipe, tmp_path):
     from hart.pipelines import HARTInpaintPipeline
 
-    side = fixture_pipe.transformer.patch_nums[-1] * fixture_pipe.vae.downsample_factor
-    box = (16, 16, 48, 48)
+    side = side_of(fixture_pipe)
+    box = (side // 4, side // 4, 3 * side // 4, 3 * side // 4)
     picture, value = editor_value(tmp_path, side, box)
     result, seed, status = client.predict(value, "a red circle", 11, False, 3.0, 2, api_name="/inpaint")
     assert seed == 11 and status.startswith("Done in")
@@ -342,7 +438,7 @@ def test_inpaint_tab_repaints_the_painted_area(client, fixture_pipe, tmp_path):
     (True, "   ", "Please enter a prompt"),
 ])
 def test_inpaint_tab_explains_bad_input(client, fixture_pipe, tmp_path, painted, prompt, message):
-    side = fixture_pipe.transformer.patch_nums[-1] * fixture_pipe.vae.downsample_factor
-    _, value = editor_value(tmp_path, side, (8, 8, 24, 24), painted)
+    side = side_of(fixture_pipe)
+    _, value = editor_value(tmp_path, side, (side // 8, side // 8, 3 * side // 8, 3 * side // 8), painted)
     with pytest.raises(Exception, match=message):
         client.predict(value, prompt, 1, False, 3.0, 0, api_name="/inpaint")
