@@ -282,6 +282,8 @@ def assemble(work: Path, cfg: dict) -> None:
         shutil.rmtree(dst)
     pipe.save_pretrained(dst)
     (dst / "bundled.json").write_text(json.dumps({"guidance_scale": cfg["guidance_scale"], "resolution": 128}, indent=2))
+    # The app's example prompts: kept from the shipped folder (prompts of the committed ShapesEval set).
+    shutil.copy(REPO / "hart" / "bundled" / "shapes-128" / "examples.json", dst / "examples.json")
     # Shipped files name no local path, and the text tokenizer class by the name that transformers 4
     # and 5 both know (5 saves its new name, `TokenizersBackend`, which 4 cannot load).
     for name in ("model_index.json", "vae/config.json", "transformer/config.json", "tokenizer/tokenizer_config.json"):
