@@ -1,5 +1,5 @@
 """Pieces every training loop here needs: the LR schedule, SIGTERM handling, the metrics log,
-cross-process agreement and loading the model to start from."""
+and cross-process agreement."""
 from __future__ import annotations
 
 import csv
@@ -151,17 +151,3 @@ def full_parameters(accelerator, model: torch.nn.Module):
     with FSDP.summon_full_params(model, writeback=False):
         yield
 
-
-def load_base_pipeline(path, text_encoder=None):
-    """A `HARTPipeline` from a `save_pretrained` folder, or from the official layout (`llm/` +
-    `tokenizer/`, with `text_encoder` naming the text model folder)."""
-    from hart.pipelines import HARTPipeline
-
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        return HARTPipeline.from_pretrained(path)
-    if (path / "llm").is_dir() or (path / "config.json").is_file():
-        if text_encoder is None:
-            raise ValueError(f"{path} is an official HART folder: give the text encoder folder too (--text_encoder)")
-        return HARTPipeline.from_official(path, text_encoder=text_encoder)
-    raise FileNotFoundError(f"{path} is neither a HARTPipeline folder (model_index.json) nor an official HART folder (llm/)")
