@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
@@ -42,22 +43,32 @@ SEED = checked(int, lambda v: 0 <= v <= MAX_TRAIN_SEED, f"a whole number from 0 
 GUIDANCE = checked(float, lambda v: 0 <= v <= MAX_GUIDANCE_SCALE, f"a number from 0 to {MAX_GUIDANCE_SCALE:g}")
 TEXT = checked(str, lambda v: v.strip() != "", "a non-empty text")
 
+
+def _usable_path(text: str) -> bool:
+    """Non-blank, no NUL byte, and short enough for the OS (longer names make `stat` raise, not say no)."""
+    parts = os.fsencode(text).split(b"/")
+    return text.strip() != "" and "\0" not in text and len(os.fsencode(text)) < 4096 and max(map(len, parts)) < 256
+
+
+PATH = checked(str, _usable_path, "a file or folder path (not blank, no NUL byte, at most 255 bytes a name)")
+
 _COMMON = dict(
-    crop=one_of("center", "random"), min_image_size=POSITIVE_INT, num_workers=NON_NEGATIVE_INT,
+    pretrained=PATH, data_dir=PATH, output_dir=PATH, resume=PATH, crop=one_of("center", "random"), min_image_size=POSITIVE_INT, num_workers=NON_NEGATIVE_INT,
     max_steps=POSITIVE_INT, batch_size=POSITIVE_INT, grad_accum=POSITIVE_INT, lr=POSITIVE_NUMBER,
     weight_decay=NON_NEGATIVE_NUMBER, warmup_steps=NON_NEGATIVE_INT, min_lr_ratio=FRACTION,
     max_grad_norm=NON_NEGATIVE_NUMBER, mixed_precision=one_of("no", "bf16"), seed=SEED,
     checkpoint_every=POSITIVE_INT, keep_checkpoints=POSITIVE_INT,
 )
 FINETUNE_RULES = dict(
-    _COMMON, cache_dtype=one_of("float32", "bfloat16", "float16"), cond_drop_rate=FRACTION, ema_decay=DECAY,
-    lora_rank=NON_NEGATIVE_INT, lora_alpha=POSITIVE_NUMBER, validation_prompts=TEXT, validation_every=NON_NEGATIVE_INT,
-    validation_guidance=GUIDANCE, export_weights=one_of("ema", "raw"),
+    _COMMON, text_encoder=PATH, cache_dir=PATH, cache_dtype=one_of("float32", "bfloat16", "float16"),
+    cond_drop_rate=FRACTION, ema_decay=DECAY, lora_rank=NON_NEGATIVE_INT, lora_alpha=POSITIVE_NUMBER,
+    validation_prompts=TEXT, validation_every=NON_NEGATIVE_INT, validation_guidance=GUIDANCE,
+    export_weights=one_of("ema", "raw"),
 )
 TOKENIZER_RULES = dict(
-    _COMMON, trainable=one_of("all", "decoder"), recon_weight=NON_NEGATIVE_NUMBER, skip_continuous_prob=FRACTION,
-    restart_dead_codes_every=NON_NEGATIVE_INT, restart_until_step=NON_NEGATIVE_INT, disc_weight=NON_NEGATIVE_NUMBER,
-    disc_start_step=NON_NEGATIVE_INT,
+    _COMMON, model_config=PATH, trainable=one_of("all", "decoder"), recon_weight=NON_NEGATIVE_NUMBER,
+    skip_continuous_prob=FRACTION, restart_dead_codes_every=NON_NEGATIVE_INT, restart_until_step=NON_NEGATIVE_INT,
+    disc_weight=NON_NEGATIVE_NUMBER, disc_start_step=NON_NEGATIVE_INT,
 )
 _FLAGS = {"validation_prompts": "--validation_prompt"}
 

@@ -63,7 +63,7 @@ def _logging() -> None:
 def finetune_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="finetune.py", description="Fine-tune the HART transformer on captioned images.")
     g = p.add_argument_group("model and data")
-    flag(g, "--pretrained", required=True, help="HARTPipeline folder, or official HART folder (llm/ + tokenizer/)")
+    flag(g, "--pretrained", required=True, help="HARTPipeline folder, training run folder (its pipeline/), or official HART folder (llm/ + tokenizer/)")
     flag(g, "--text_encoder", help="text model folder (only with an official HART folder)")
     flag(g, "--data_dir", help="images with metadata.jsonl, metadata.csv or .txt captions")
     flag(g, "--output_dir", required=True, help="checkpoints/, logs/, validation/ and the exported pipeline/")
@@ -142,7 +142,7 @@ def tokenizer_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="train_tokenizer.py", description="Train or fine-tune the HART hybrid tokenizer.")
     g = p.add_argument_group("model and data")
     start = g.add_mutually_exclusive_group(required=True)
-    flag(start, "--pretrained", help="HybridTokenizer folder, HARTPipeline folder, or official tokenizer folder")
+    flag(start, "--pretrained", help="HybridTokenizer, HARTPipeline or training run folder, or official tokenizer folder")
     flag(start, "--model_config", help="JSON file of HybridTokenizer arguments (train from scratch)")
     flag(g, "--data_dir", required=True, help="a folder of images (captions are not needed)")
     flag(g, "--output_dir", required=True, help="checkpoints/, logs/ and the trained tokenizer/")
