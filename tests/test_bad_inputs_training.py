@@ -531,7 +531,7 @@ def fuzz_paths(world, tmp_path_factory):
                                                "channel_multipliers": [1, 2], "patch_nums": [1, 2]}))
     return [str(p) for p in (world["official"], world["text_encoder"], world["data"], world["pipeline"], world["run"],
                              world["run"] / "checkpoints" / "checkpoint-00000001", root / "file.txt", root / "tok.json",
-                             root / "new-out", root / "missing" / "deeper", root)]
+                             root / "new-out", root / "missing" / "deeper", root, root / ("n" * 300))]
 
 
 def _value(paths):
@@ -541,17 +541,21 @@ def _value(paths):
                      st.text(max_size=300).map(lambda t: "d/" + t))
 
 
+EDGE_NUMBERS = ["0", "1", "2", "0.5", "1.0", "-1", "nan", "inf", "1e9", str(2**32), str(2**63)]
+
+
 def _command_lines(parser, base, paths):
-    """A valid base command line, often with flags left out, plus up to five flags with random values
-    (a flag's own choices half of the time it has some)."""
+    """A valid base command line, often with flags left out, plus up to four flags with random values
+    (half of the time a value of the flag's kind: one of its choices, one of `paths`, a number near a limit)."""
     def arg(action):
-        values = _value(paths) if not action.choices else st.one_of(_value(paths), st.sampled_from(action.choices))
+        fitting = action.choices or (paths if action.type is checks.PATH else EDGE_NUMBERS)
+        values = st.one_of(_value(paths), st.sampled_from(fitting))
         return st.tuples(st.sampled_from(action.option_strings), values).map(
             lambda fv: [fv[0]] if action.nargs == 0 else list(fv))
 
     pairs = range(0, len(base), 2)
     kept = st.one_of(st.just(set(pairs)), st.sets(st.sampled_from(pairs)))
-    extra = st.lists(st.sampled_from(_flags(parser)).flatmap(arg), max_size=5)
+    extra = st.lists(st.sampled_from(_flags(parser)).flatmap(arg), max_size=4)
     return st.tuples(kept, extra).map(lambda ke: [x for i in sorted(ke[0]) for x in base[i:i + 2]]
                                       + [x for a in ke[1] for x in a])
 
@@ -566,7 +570,7 @@ def _fuzz(parser, make_config, base, paths, data):
         assert not lines, (argv, lines)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzz_finetune_command_line(world, fuzz_paths, tmp_path_factory, data):
     out = str(tmp_path_factory.getbasetemp() / "fuzz-ft-out")
@@ -576,7 +580,7 @@ def test_fuzz_finetune_command_line(world, fuzz_paths, tmp_path_factory, data):
     assert not Path(out).exists()  # checking never writes
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzz_tokenizer_command_line(world, fuzz_paths, tmp_path_factory, data):
     out = str(tmp_path_factory.getbasetemp() / "fuzz-tok-out")
