@@ -461,6 +461,17 @@ def test_disk_full_while_exporting(run, ws, monkeypatch):
     assert not (out / "pipeline.tmp").exists()
 
 
+def test_disk_full_while_logging_metrics(run, ws, monkeypatch):
+    from hart.training.runtime import MetricsLog
+
+    def log(self, step, metrics):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(MetricsLog, "log", log)
+    assert_refused(run(finetune_main, ws.finetune_argv("--max_steps", 1)), "no space left on",
+                   str(ws.tmp / "out" / "logs" / "metrics.csv"), "--resume latest")
+
+
 # ---- errors, debugging and real bugs --------------------------------------------------------------
 
 def test_hart_debug_shows_the_traceback(ws, monkeypatch):
@@ -497,7 +508,7 @@ def test_scripts_print_one_line_and_exit_2(tmp_path, script, argv):
 
 def test_the_catalogue_size():
     cases = (len(FINETUNE_VALUES) + len(TOKENIZER_VALUES) + len(MODEL_CONFIGS) + len(PATH_CASES) + len(LOADER_CASES)
-             + len(DISK_FULL))
+             + len(DISK_FULL) + 2)
     assert cases >= 70
 
 

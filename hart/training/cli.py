@@ -15,7 +15,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 from hart.training.cache import CacheMismatchError
-from hart.training.checkpoint import CheckpointError
+from hart.training.checkpoint import CheckpointError, out_of_space
 from hart.training.checks import (FINETUNE_RULES, TOKENIZER_RULES, OneLineParser, SettingError,
                                   check_finetune_folders, check_tokenizer_folders)
 from hart.training.config import FinetuneConfig, TokenizerTrainConfig
@@ -49,9 +49,12 @@ def run_program(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], 
         return int(e.code or 0)
     try:
         return work(make_config(args))
-    except USER_ERRORS as e:
-        if os.environ.get("HART_DEBUG") == "1":
+    except (*USER_ERRORS, OSError) as e:
+        if os.environ.get("HART_DEBUG") == "1" or isinstance(e, OSError) and not out_of_space(e):
             raise
+        if isinstance(e, OSError):  # a full disk outside a checkpoint save (those say more): the metrics log, a cache
+            e = f"no space left on {e.filename or 'the disk'} ({e.strerror}): free some space, then continue the run " \
+                "with --resume latest (or start it again with --overwrite if it saved no checkpoint)"
         logger.error("%s: error: %s", parser.prog, " ".join(str(e).split()))
         return 2
 
