@@ -327,6 +327,13 @@ def test_captions_that_are_not_utf8(run, ws):
     refused_run(run, finetune_main, argv, ws.tmp, str(data / "metadata.jsonl"), "not UTF-8")
 
 
+def test_too_few_images_for_one_batch_leaves_nothing_behind(run, ws):
+    for extra in ([], ["--cache_dir", ws.tmp / "cache"]):  # found after loading the model; before caching
+        refused_run(run, finetune_main, ws.finetune_argv("--batch_size", 8, *extra), ws.tmp, "4 usable samples",
+                    "--batch_size")
+    refused_run(run, tokenizer_main, ws.tokenizer_argv("--batch_size", 8), ws.tmp, "4 usable samples")
+
+
 # ---- one loader for every layout ------------------------------------------------------------------
 
 def test_every_layout_is_detected(world, ws):

@@ -171,7 +171,7 @@ def move_earlier_run_aside(out: Path) -> Optional[Path]:
     return aside
 
 
-def _check_common_folders(cfg) -> None:
+def _check_common(cfg) -> None:
     from hart.training.checkpoint import CheckpointManager
     from hart.training.data import DataError
 
@@ -200,7 +200,7 @@ def check_finetune_folders(cfg) -> None:
     if cfg.cache_only:  # writes the cache only: output_dir is not touched
         return
     check_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite, cfg.pretrained)
-    _check_common_folders(cfg)
+    _check_common(cfg)
 
 
 def check_tokenizer_folders(cfg) -> None:
@@ -212,7 +212,7 @@ def check_tokenizer_folders(cfg) -> None:
     else:
         check_model_config(Path(cfg.model_config))
     check_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite, cfg.pretrained)
-    _check_common_folders(cfg)
+    _check_common(cfg)
 
 
 def check_model_config(path: Path) -> None:

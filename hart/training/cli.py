@@ -30,7 +30,7 @@ def flag(group, name: str, **kwargs) -> None:
     """Add `--an_option`, also spelled `--an-option` (the `hart` command line's style). A value is
     parsed by its setting's checker (`hart.training.checks`); `choices` lists stay for --help."""
     dest = kwargs.get("dest", name.lstrip("-"))
-    if kwargs.get("action", "append") == "append" and "choices" not in kwargs and dest in CHECKERS:
+    if kwargs.get("action") in (None, "append") and "choices" not in kwargs and dest in CHECKERS:
         kwargs["type"] = CHECKERS[dest]
     spellings = [name] + ([name.replace("_", "-")] if "_" in name else [])
     group.add_argument(*spellings, **kwargs)

@@ -36,7 +36,7 @@ from hart.training.lora import add_lora, unused_adapters
 from hart.training.objective import hart_loss
 from hart.training.runtime import (MetricsLog, StopRequest, any_process, full_parameters,
                                    mean_over_processes, report_step, sum_over_processes, warmup_cosine)
-from hart.training.sampler import ResumableBatchSampler
+from hart.training.sampler import ResumableBatchSampler, check_enough_samples
 from hart.training.validation import sample_images, save_grid
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class _Run:
             if cfg.data_dir is None:
                 raise DataError(f"no cache in {cfg.cache_dir} yet: give the data folder (--data_dir) to build it")
             source = ImageCaptionFolder(cfg.data_dir, self.resolution, "center", False, cfg.seed, cfg.min_image_size)
+            check_enough_samples(len(source), cfg.batch_size, self.acc.num_processes)  # before the work of caching
             build_cache(cfg.cache_dir, source, spec, self.vae, self.text_encoder, self.pipe.tokenizer,
                         self.system_prompt, self.acc, batch_size=cfg.batch_size)
         return CachedExamples(cfg.cache_dir, spec, cfg.seed)
@@ -229,7 +230,8 @@ class _Run:
             self.resume(manager)
         sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, acc.num_processes, acc.process_index,
                                         cfg.seed, start=self.consumed)
-        # everything that can refuse the run has run: from here on it writes into output_dir
+        # everything that can refuse the run has run (on every process): from here on it writes into output_dir
+        acc.wait_for_everyone()
         if acc.is_main_process:
             if cfg.overwrite and (aside := move_earlier_run_aside(self.out)) is not None:
                 logger.warning("--overwrite: moved the earlier run in %s to %s", self.out, aside)

@@ -98,10 +98,8 @@ class MetricsLog:
         self._file.flush()
         self._tb = None
         if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise RuntimeError("TensorBoard logging needs the `tensorboard` package (pip install tensorboard)") from e
+            from torch.utils.tensorboard import SummaryWriter  # its presence is checked with the settings
+
             self._tb = SummaryWriter(str(tensorboard_dir))
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:

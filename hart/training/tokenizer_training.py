@@ -225,7 +225,8 @@ class _TokenizerRun:
         sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, acc.num_processes, acc.process_index,
                                         cfg.seed, start=self.consumed)
         batches = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers))
-        # everything that can refuse the run has run: from here on it writes into output_dir
+        # everything that can refuse the run has run (on every process): from here on it writes into output_dir
+        acc.wait_for_everyone()
         if acc.is_main_process and cfg.overwrite and (aside := move_earlier_run_aside(self.out)) is not None:
             logger.warning("--overwrite: moved the earlier run in %s to %s", self.out, aside)
         acc.wait_for_everyone()
