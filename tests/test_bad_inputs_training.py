@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from hart.loading import CheckpointError, detect_layout, load_image_tokenizer, load_pipeline
 from hart.training import checks
 from hart.training.checks import SettingError
-from hart.training.cli import (finetune_config, finetune_main, finetune_parser, run_program, tokenizer_config,
+from hart.training.cli import (CHECKERS, finetune_config, finetune_main, finetune_parser, run_program, tokenizer_config,
                                tokenizer_main, tokenizer_parser)
 from tests.test_training_data import make_folder
 from tests.utils import REPO_ROOT
@@ -217,14 +217,21 @@ MODEL_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("content,parts", [(c[0], c[1:]) for c in MODEL_CONFIGS], ids=["missing", "not-json", "not-utf8", "list", "unknown-key",
-                                                              "negative-size"])
+@pytest.mark.parametrize("content,parts", [(c[0], c[1:]) for c in MODEL_CONFIGS],
+                         ids=["missing", "not-json", "not-utf8", "list", "unknown-key", "negative-size"])
 def test_tokenizer_model_config_is_refused(run, ws, content, parts):
     path = ws.tmp / "tok.json"
     if content is not None:
         path.write_bytes(content)
     argv = ["--model_config", path, *ws.tokenizer_argv()[2:]]
     refused_run(run, tokenizer_main, argv, ws.tmp, "--model_config", str(path), *parts)
+
+
+def test_every_flag_that_takes_a_value_is_checked():
+    for parser in (finetune_parser(), tokenizer_parser()):
+        for action in _flags(parser):
+            if action.nargs != 0:
+                assert action.choices or action.type in CHECKERS.values(), action.option_strings
 
 
 def test_settings_from_python_are_checked_the_same_way(ws):

@@ -42,7 +42,8 @@ def out_of_space(error: BaseException) -> bool:
 
 def space_error(path: Path, doing: str, last: Optional[Path], error: BaseException) -> CheckpointError:
     """The one-line report of a full disk: where, what was lost, what is intact and how to go on."""
-    where = f"no space left on {path} while {doing} ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    said = str(error).splitlines()[0] if str(error) else type(error).__name__
+    where = f"no space left on {path} while {doing} ({said})"
     if last is None:
         return CheckpointError(f"{where}: no checkpoint was saved yet; free some space and start the run again "
                                "with --overwrite")

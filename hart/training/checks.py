@@ -53,7 +53,8 @@ def _usable_path(text: str) -> bool:
 PATH = checked(str, _usable_path, "a file or folder path (not blank, no NUL byte, at most 255 bytes a name)")
 
 _COMMON = dict(
-    pretrained=PATH, data_dir=PATH, output_dir=PATH, resume=PATH, crop=one_of("center", "random"), min_image_size=POSITIVE_INT, num_workers=NON_NEGATIVE_INT,
+    pretrained=PATH, data_dir=PATH, output_dir=PATH, resume=PATH, crop=one_of("center", "random"),
+    min_image_size=POSITIVE_INT, num_workers=NON_NEGATIVE_INT,
     max_steps=POSITIVE_INT, batch_size=POSITIVE_INT, grad_accum=POSITIVE_INT, lr=POSITIVE_NUMBER,
     weight_decay=NON_NEGATIVE_NUMBER, warmup_steps=NON_NEGATIVE_INT, min_lr_ratio=FRACTION,
     max_grad_norm=NON_NEGATIVE_NUMBER, mixed_precision=one_of("no", "bf16"), seed=SEED,
@@ -231,4 +232,5 @@ def check_model_config(path: Path) -> None:
         with torch.device("meta"):  # sizes only: nothing is allocated
             HybridTokenizer(**kwargs)
     except Exception as e:  # a hand-written config can fail anywhere in the constructor
-        raise SettingError(f"--model_config: {path} does not describe a HybridTokenizer ({type(e).__name__}: {e})") from None
+        raise SettingError(f"--model_config: {path} does not describe a HybridTokenizer "
+                           f"({type(e).__name__}: {e})") from None
