@@ -58,6 +58,10 @@ def read_weights(path: PathLike) -> Dict[str, torch.Tensor]:
     return dict(sd)
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _listing(title: str, items: list, limit: int = 10) -> str:
     more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
     return f"{len(items)} {title}: " + ", ".join(items[:limit]) + more
@@ -78,11 +82,8 @@ def fit_problems(expected: Mapping[str, tuple], found: Mapping[str, tuple], tole
 
 def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: PathLike,
                  tolerated: Iterable[str] = ()) -> None:
-    """Strictly load `state_dict` into `module`, explaining every missing, extra or misshaped key.
-
-    Keys matching one of the `tolerated` regexes (full match) may be in the file without being module
-    keys: they are dropped.
-    """
+    """Strictly load `state_dict` into `module`, explaining every missing, extra or misshaped key; keys
+    matching one of the `tolerated` regexes (full match) may be in the file, and are dropped."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     problems = fit_problems(expected, {k: tuple(v.shape) for k, v in state_dict.items()}, tolerated)
     if problems:
@@ -182,10 +183,8 @@ def transformer_config_from_official(cfg: dict, state_dict: Dict[str, torch.Tens
     """Map the official `llm/config.json` (plus sizes read off the weights) to HARTTransformer kwargs."""
     for key, released in _RELEASED_VARIANT.items():
         if cfg.get(key, released) != released:
-            raise CheckpointError(
-                f"{source}: {key}={cfg[key]!r} is not supported; this package implements the released "
-                f"HART variant ({key}={released!r})."
-            )
+            raise CheckpointError(f"{source}: {key}={cfg[key]!r} is not supported; this package implements the "
+                                  f"released HART variant ({key}={released!r}).")
     for key in ("word_embed.weight", "head.weight"):
         if key not in state_dict:
             raise CheckpointError(f"{source}: key {key!r} is missing; is this a HART transformer checkpoint?")
@@ -255,14 +254,13 @@ def load_text_encoder(name_or_path: PathLike, torch_dtype: torch.dtype = torch.f
     from transformers import AutoModel, AutoTokenizer
 
     folder = resolve_folder(name_or_path)
-    tok_cfg = folder / "tokenizer_config.json"
-    tokenizer_cls = AutoTokenizer
-    if tok_cfg.is_file():
-        named = json.loads(tok_cfg.read_text()).get("tokenizer_class")
-        if named == "PreTrainedTokenizerFast":
-            tokenizer_cls = transformers.PreTrainedTokenizerFast
-    tokenizer = tokenizer_cls.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder, dtype=torch_dtype)
+    named = _read_config(folder, "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    fast = named.get("tokenizer_class") == "PreTrainedTokenizerFast"
+    try:
+        tokenizer = (transformers.PreTrainedTokenizerFast if fast else AutoTokenizer).from_pretrained(folder)
+        model = AutoModel.from_pretrained(folder, dtype=torch_dtype)
+    except (OSError, ValueError) as e:  # missing, truncated or mismatched files, in transformers' words
+        raise CheckpointError(f"cannot load the text encoder in {folder}: {_first_line(e)}") from e
     return tokenizer, model.eval()
 
 
@@ -380,7 +378,7 @@ def load_pipeline(name_or_path: PathLike, text_encoder: Optional[PathLike] = Non
     try:
         return HARTPipeline.from_pretrained(folder)
     except (OSError, ValueError) as e:  # what is left: the text encoder or its tokenizer
-        raise CheckpointError(f"cannot load the pipeline in {folder}: {str(e).splitlines()[0]}") from e
+        raise CheckpointError(f"cannot load the pipeline in {folder}: {_first_line(e)}") from e
 
 
 def load_image_tokenizer(name_or_path: PathLike) -> HybridTokenizer:
@@ -397,4 +395,4 @@ def load_image_tokenizer(name_or_path: PathLike) -> HybridTokenizer:
     try:
         return HybridTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the tokenizer in {path}: {str(e).splitlines()[0]}") from e
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {_first_line(e)}") from e

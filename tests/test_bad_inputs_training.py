@@ -296,6 +296,7 @@ PATH_CASES = {
     "official-no-text-encoder": lambda ws: (["--text_encoder", None], ["official layout", "text encoder"]),
     "unfinished-run-folder": lambda ws: (["--pretrained", ws.unfinished], ["training run folder without", "pipeline/"]),
     "single-model-folder": lambda ws: (["--pretrained", ws.pipe / "vae"], ["single model folder"]),
+    "text-encoder-empty-folder": lambda ws: (["--text_encoder", ws.empty], ["cannot load the text encoder", "empty"]),
 }
 
 
@@ -304,6 +305,8 @@ def test_finetune_path_is_refused_before_any_work(run, ws, case):
     ws.file = ws.tmp / "a-file"
     ws.file.write_text("x")
     ws.pipe = ws.copy("pipeline")
+    ws.empty = ws.tmp / "empty"
+    ws.empty.mkdir()
     ws.unfinished = ws.tmp / "unfinished"
     (ws.unfinished / "checkpoints").mkdir(parents=True)
     extra, parts = PATH_CASES[case](ws)
