@@ -290,6 +290,8 @@ PATH_CASES = {
     "pretrained-missing": lambda ws: (["--pretrained", ws.tmp / "nowhere"], ["model folder not found"]),
     "resume-latest-nothing": lambda ws: (["--resume", "latest"], ["no finished checkpoint", "to resume from"]),
     "resume-missing-folder": lambda ws: (["--resume", ws.tmp / "ckpt"], ["not a finished checkpoint"]),
+    "resume-into-another-run": lambda ws: (["--resume", ws.ckpt, "--output_dir", ws.other_run],
+                                           ["--resume", "not a checkpoint of --output_dir", "holds another run"]),
     "output-is-pretrained": lambda ws: (["--pretrained", ws.pipe, "--output_dir", ws.pipe], ["holds the --pretrained"]),
     "text-encoder-with-own": lambda ws: (["--pretrained", ws.pipe, "--text_encoder", ws.text_encoder],
                                          ["has its own text encoder"]),
@@ -305,6 +307,9 @@ def test_finetune_path_is_refused_before_any_work(run, ws, case):
     ws.file = ws.tmp / "a-file"
     ws.file.write_text("x")
     ws.pipe = ws.copy("pipeline")
+    ws.other_run = ws.copy("run")
+    ws.ckpt = ws.tmp / "elsewhere" / "checkpoint-00000001"
+    shutil.copytree(ws.other_run / "checkpoints" / "checkpoint-00000001", ws.ckpt)
     ws.empty = ws.tmp / "empty"
     ws.empty.mkdir()
     ws.unfinished = ws.tmp / "unfinished"

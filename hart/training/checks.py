@@ -145,6 +145,10 @@ def check_output_dir(out: Path, resume: Optional[str], overwrite: bool, pretrain
         require(base != target and target not in base.parents,
                 f"--output_dir: {out} holds the --pretrained model {pretrained}: write the new run to another folder")
     found = earlier_run(out)
+    if found and resume not in (None, "latest") and Path(resume).absolute().parent != (out / "checkpoints").absolute():
+        # resuming prunes the checkpoints of output_dir as it saves: they must be this run's
+        raise SettingError(f"--resume: {resume} is not a checkpoint of --output_dir {out}, which holds another run: "
+                           "resume into a new --output_dir, or from one of its own checkpoints")
     if found and not resume and not overwrite:
         resumable = any((out / "checkpoints").glob("checkpoint-*/complete.json"))
         go_on = "continue it with --resume latest, or" if resumable else \
