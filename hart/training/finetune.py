@@ -6,6 +6,9 @@ optional bf16 autocast, gradient checkpointing, EMA and LoRA. The global batch i
 `batch_size x processes x grad_accum` images per optimizer step. Checkpoints are atomic and resume
 exactly (model, EMA, optimizer, scheduler, data position, every random state); SIGTERM saves one
 before exiting. The result is exported as a `HARTPipeline` folder (EMA weights, LoRA merged).
+Every setting and path is checked before the model loads, and nothing is written until everything
+that can refuse the run has run; an `output_dir` holding another run is refused unless the run resumes
+it or `overwrite` moves it aside (`hart.training.checks`).
 """
 from __future__ import annotations
 
