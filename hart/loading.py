@@ -1,18 +1,21 @@
-"""Loading checkpoints saved in the official HART layout, with errors that say what is wrong.
+"""Loading models in every layout, with errors that say what is wrong (all `CheckpointError`).
 
-Generic pieces (`read_weights`, `load_checked`) serve every model; the `*_tokenizer*` functions map
-the official tokenizer folder (`config.json` + `model.safetensors` / `pytorch_model.bin`) onto
-`HybridTokenizer`, the `*_transformer*` functions the official `llm/` folder onto `HARTTransformer`. Every size comes from the checkpoint's own config.
+`load_pipeline` and `load_image_tokenizer` take any layout (`detect_layout`): this package's
+(`model_index.json`), a training run folder (its exported `pipeline/`) or the official release. For
+the official one, the `*_tokenizer*` functions map the tokenizer folder (`config.json` +
+`model.safetensors` / `pytorch_model.bin`) onto `HybridTokenizer`, the `*_transformer*` functions the
+`llm/` folder onto `HARTTransformer`; every size comes from the checkpoint's own config.
 """
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Mapping, Union
+from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .models.tokenizer import HybridTokenizer
@@ -55,31 +58,37 @@ def read_weights(path: PathLike) -> Dict[str, torch.Tensor]:
     return dict(sd)
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _listing(title: str, items: list, limit: int = 10) -> str:
     more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
     return f"{len(items)} {title}: " + ", ".join(items[:limit]) + more
 
 
+def fit_problems(expected: Mapping[str, tuple], found: Mapping[str, tuple], tolerated: Iterable[str] = ()) -> str:
+    """Every missing, extra or misshaped key of `found` (key -> shape) against `expected`, in one
+    line ("" when they fit). Keys matching one of the `tolerated` regexes may be extra."""
+    patterns = [re.compile(t) for t in tolerated]
+    found = {k: v for k, v in found.items() if k in expected or not any(p.fullmatch(k) for p in patterns)}
+    missing = sorted(k for k in expected if k not in found)
+    unexpected = sorted(k for k in found if k not in expected)
+    mismatched = sorted(f"{k} (file {tuple(v)}, model {tuple(expected[k])})"
+                        for k, v in found.items() if k in expected and tuple(v) != tuple(expected[k]))
+    return "; ".join(_listing(t, ks) for t, ks in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                   ("shape mismatches", mismatched)) if ks)
+
+
 def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: PathLike,
                  tolerated: Iterable[str] = ()) -> None:
-    """Strictly load `state_dict` into `module`, explaining every missing, extra or misshaped key.
-
-    Keys matching one of the `tolerated` regexes (full match) may be in the file without being module
-    keys: they are dropped.
-    """
-    expected = module.state_dict()
-    patterns = [re.compile(t) for t in tolerated]
-    sd = {k: v for k, v in state_dict.items()
-          if k in expected or not any(p.fullmatch(k) for p in patterns)}
-    missing = sorted(k for k in expected if k not in sd)
-    unexpected = sorted(k for k in sd if k not in expected)
-    mismatched = sorted(f"{k} (file {tuple(v.shape)}, model {tuple(expected[k].shape)})"
-                        for k, v in sd.items() if k in expected and v.shape != expected[k].shape)
-    if missing or unexpected or mismatched:
-        problems = [_listing(t, ks) for t, ks in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                 ("shape mismatches", mismatched)) if ks]
-        raise CheckpointError(f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(problems))
-    module.load_state_dict(sd, strict=True)
+    """Strictly load `state_dict` into `module`, explaining every missing, extra or misshaped key; keys
+    matching one of the `tolerated` regexes (full match) may be in the file, and are dropped."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    problems = fit_problems(expected, {k: tuple(v.shape) for k, v in state_dict.items()}, tolerated)
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not fit {type(module).__name__}: {problems}")
+    module.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=True)
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -97,16 +106,10 @@ def tokenizer_config_from_official(cfg: Mapping, source: PathLike = "tokenizer c
     # share_quant_resi: 0 = one phi per scale, 1 = a single shared phi, k > 1 = k partially shared.
     num_phi = share if share > 0 else int(cfg.get("default_qresi_counts", 0) or len(cfg["v_patch_nums"]))
     return dict(
-        vocab_size=int(cfg["vocab_size"]),
-        latent_channels=int(cfg["z_channels"]),
-        base_channels=int(cfg["ch"]),
-        channel_multipliers=tuple(int(m) for m in cfg["ch_mult"]),
-        dropout=float(cfg.get("dropout", 0.0)),
-        beta=float(cfg.get("beta", 0.25)),
-        quant_conv_kernel_size=int(cfg.get("quant_conv_ks", 3)),
-        phi_ratio=float(cfg.get("quant_resi", 0.5)),
-        num_phi=num_phi,
-        using_znorm=bool(cfg.get("using_znorm", False)),
+        vocab_size=int(cfg["vocab_size"]), latent_channels=int(cfg["z_channels"]), base_channels=int(cfg["ch"]),
+        channel_multipliers=tuple(int(m) for m in cfg["ch_mult"]), dropout=float(cfg.get("dropout", 0.0)),
+        beta=float(cfg.get("beta", 0.25)), quant_conv_kernel_size=int(cfg.get("quant_conv_ks", 3)),
+        phi_ratio=float(cfg.get("quant_resi", 0.5)), num_phi=num_phi, using_znorm=bool(cfg.get("using_znorm", False)),
         patch_nums=tuple(int(p) for p in cfg["v_patch_nums"]),
     )
 
@@ -140,14 +143,17 @@ def _weights_file(folder: Path) -> Path:
     raise CheckpointError(f"no weights file ({' or '.join(WEIGHT_FILES)}) in {folder}")
 
 
-def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
+def _read_config(folder: Path, name: str = "config.json") -> dict:
+    path = folder / name
     if not path.is_file():
-        raise CheckpointError(f"no config.json in {folder}")
+        raise CheckpointError(f"no {name} in {folder}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return config
 
 
 def load_official_tokenizer(folder: PathLike) -> HybridTokenizer:
@@ -169,45 +175,28 @@ TRANSFORMER_TOLERATED = (r"lvl_1L", r"attn_bias_for_masking", r"blocks\.\d+\.att
 
 # Official options whose other values change the architecture; this package implements the
 # released variant only, and says so instead of loading the weights into the wrong network.
-_RELEASED_VARIANT = {
-    "attn_type": "llama",
-    "mlp_type": "llama",
-    "disable_aln": False,
-    "use_timestep_embed": False,
-    "use_cross_attn": False,
-    "sampler": "iddpm",
-}
+_RELEASED_VARIANT = {"attn_type": "llama", "mlp_type": "llama", "disable_aln": False, "use_timestep_embed": False,
+                     "use_cross_attn": False, "sampler": "iddpm"}
 
 
 def transformer_config_from_official(cfg: dict, state_dict: Dict[str, torch.Tensor], source: str) -> dict:
     """Map the official `llm/config.json` (plus sizes read off the weights) to HARTTransformer kwargs."""
     for key, released in _RELEASED_VARIANT.items():
         if cfg.get(key, released) != released:
-            raise CheckpointError(
-                f"{source}: {key}={cfg[key]!r} is not supported; this package implements the released "
-                f"HART variant ({key}={released!r})."
-            )
+            raise CheckpointError(f"{source}: {key}={cfg[key]!r} is not supported; this package implements the "
+                                  f"released HART variant ({key}={released!r}).")
     for key in ("word_embed.weight", "head.weight"):
         if key not in state_dict:
             raise CheckpointError(f"{source}: key {key!r} is missing; is this a HART transformer checkpoint?")
     try:
         return dict(
-            patch_nums=tuple(cfg["patch_nums"]),
-            context_tokens=cfg["context_token"],
-            context_dim=cfg["context_dim"],
-            embed_dim=cfg["embed_dim"],
-            depth=cfg["depth"],
-            num_heads=cfg["num_heads"],
-            mlp_ratio=cfg.get("mlp_ratio", 4.0),
-            vocab_size=state_dict["head.weight"].shape[0],
-            latent_channels=state_dict["word_embed.weight"].shape[1],
-            norm_eps=cfg.get("norm_eps", 1e-6),
-            attn_l2_norm=cfg.get("attn_l2_norm", False),
-            cond_pooling=cfg.get("sep_aln_pooling_mode", "max"),
-            use_context_norm=cfg.get("use_context_norm", False),
-            cond_drop_rate=cfg.get("cond_drop_rate", 0.1),
-            diff_width=cfg.get("diff_width", 1024),
-            diff_depth=cfg.get("diff_depth", 6),
+            patch_nums=tuple(cfg["patch_nums"]), context_tokens=cfg["context_token"], context_dim=cfg["context_dim"],
+            embed_dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=cfg["num_heads"],
+            mlp_ratio=cfg.get("mlp_ratio", 4.0), vocab_size=state_dict["head.weight"].shape[0],
+            latent_channels=state_dict["word_embed.weight"].shape[1], norm_eps=cfg.get("norm_eps", 1e-6),
+            attn_l2_norm=cfg.get("attn_l2_norm", False), cond_pooling=cfg.get("sep_aln_pooling_mode", "max"),
+            use_context_norm=cfg.get("use_context_norm", False), cond_drop_rate=cfg.get("cond_drop_rate", 0.1),
+            diff_width=cfg.get("diff_width", 1024), diff_depth=cfg.get("diff_depth", 6),
             num_sampling_steps=str(cfg.get("num_sampling_steps", "8")),
             diffusion_batch_mul=cfg.get("diffusion_batch_mul", 4),
         )
@@ -265,14 +254,13 @@ def load_text_encoder(name_or_path: PathLike, torch_dtype: torch.dtype = torch.f
     from transformers import AutoModel, AutoTokenizer
 
     folder = resolve_folder(name_or_path)
-    tok_cfg = folder / "tokenizer_config.json"
-    tokenizer_cls = AutoTokenizer
-    if tok_cfg.is_file():
-        named = json.loads(tok_cfg.read_text()).get("tokenizer_class")
-        if named == "PreTrainedTokenizerFast":
-            tokenizer_cls = transformers.PreTrainedTokenizerFast
-    tokenizer = tokenizer_cls.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder, dtype=torch_dtype)
+    named = _read_config(folder, "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    fast = named.get("tokenizer_class") == "PreTrainedTokenizerFast"
+    try:
+        tokenizer = (transformers.PreTrainedTokenizerFast if fast else AutoTokenizer).from_pretrained(folder)
+        model = AutoModel.from_pretrained(folder, dtype=torch_dtype)
+    except (OSError, ValueError) as e:  # missing, truncated or mismatched files, in transformers' words
+        raise CheckpointError(f"cannot load the text encoder in {folder}: {_first_line(e)}") from e
     return tokenizer, model.eval()
 
 
@@ -311,3 +299,100 @@ def check_text_encoder_width(text_model, transformer: HARTTransformer, source: P
             f"text encoder {source} has hidden size {width}, but the transformer expects context_dim "
             f"{transformer.config.context_dim}: use the text encoder this model was trained with"
         )
+
+
+# ---- every layout: official, this package's (`model_index.json`), a training run folder ----------
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+RUN_MARKERS = ("run_info.json", "checkpoints")  # what `scripts/finetune.py` writes into --output_dir
+
+
+def detect_layout(name_or_path: PathLike) -> Tuple[str, Path]:
+    """`("pipeline", folder)` for this package's layout (a training run folder counts as its exported
+    `pipeline/`), `("official", folder)` for the release's `llm/` + `tokenizer/` (or its `llm/` folder);
+    anything else is a `CheckpointError` saying what the folder is and what to give instead."""
+    path = resolve_folder(name_or_path)
+    for folder in (path, path / "pipeline"):
+        if (folder / "model_index.json").is_file():
+            return "pipeline", folder
+    config = _read_config(path) if (path / "config.json").is_file() else None
+    if (path / "llm" / "config.json").is_file() or config is not None and "_class_name" not in config:
+        return "official", path
+    if any((path / m).exists() for m in RUN_MARKERS):
+        raise CheckpointError(f"{path} is a training run folder without an exported pipeline/ (the run has not "
+                              "finished): continue it with --resume latest")
+    what = "a single model folder, not a pipeline" if config is not None else "neither a hart pipeline folder"
+    raise CheckpointError(f"{path} is {what}: give a folder holding model_index.json, a training run folder "
+                          "(pipeline/model_index.json) or an official HART release folder (llm/ and tokenizer/)")
+
+
+def safetensors_shapes(path: Path) -> Dict[str, tuple]:
+    """Key -> shape of a `.safetensors` file, from its header (checks the file is complete, reads no data)."""
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # SafetensorError (truncated, corrupt), OSError: one message
+        raise CheckpointError(f"cannot read weights file {path} (truncated or corrupt?): {e}") from e
+
+
+def check_model_folder(cls, folder: Path) -> None:
+    """Refuse, before loading, a diffusers-format folder (`config.json` + `diffusion_pytorch_model.safetensors`)
+    whose config does not build `cls` or whose weights do not fit the model that config describes."""
+    config = _read_config(folder)
+    shapes = safetensors_shapes(folder / DIFFUSERS_WEIGHTS)
+    try:
+        with torch.device("meta"):  # sizes only: no memory, no initialisation
+            model = cls.from_config(config)
+    except Exception as e:  # a hand-edited config can fail anywhere in the constructor
+        raise CheckpointError(f"{folder / 'config.json'} does not describe a {cls.__name__}: "
+                              f"{type(e).__name__}: {e}") from e
+    problems = fit_problems({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes)
+    if problems:
+        raise CheckpointError(f"checkpoint {folder / DIFFUSERS_WEIGHTS} does not fit the {cls.__name__} that "
+                              f"{folder / 'config.json'} describes: {problems}")
+
+
+def _check_pipeline_folder(folder: Path) -> None:
+    for name, cls in (("transformer", HARTTransformer), ("vae", HybridTokenizer)):
+        check_model_folder(cls, folder / name)
+    for weights in sorted((folder / "text_encoder").glob("*.safetensors")):
+        safetensors_shapes(weights)
+
+
+def load_pipeline(name_or_path: PathLike, text_encoder: Optional[PathLike] = None, use_ema: bool = True):
+    """A `HARTPipeline` from any layout (see `detect_layout`); `text_encoder` is needed for, and only
+    allowed with, the official layout. Every loading failure is a `CheckpointError` naming the file."""
+    from hart.pipelines import HARTPipeline
+
+    layout, folder = detect_layout(name_or_path)
+    if layout == "official":
+        if text_encoder is None:
+            raise CheckpointError(f"{folder} is in the official layout (llm/ + tokenizer/), which has no text "
+                                  "encoder: give the text encoder folder too")
+        return HARTPipeline.from_official(folder, text_encoder=resolve_folder(text_encoder), use_ema=use_ema)
+    if text_encoder is not None:
+        raise CheckpointError(f"{folder} has its own text encoder (model_index.json): give no other text encoder")
+    _check_pipeline_folder(folder)
+    try:
+        return HARTPipeline.from_pretrained(folder)
+    except (OSError, ValueError) as e:  # what is left: the text encoder or its tokenizer
+        raise CheckpointError(f"cannot load the pipeline in {folder}: {_first_line(e)}") from e
+
+
+def load_image_tokenizer(name_or_path: PathLike) -> HybridTokenizer:
+    """A `HybridTokenizer` from a pipeline's `vae/`, a training run (`pipeline/vae`, `tokenizer/`), a
+    `HybridTokenizer` folder, or the official tokenizer folder (or the release folder holding it)."""
+    path = resolve_folder(name_or_path)
+    if (path / "model_index.json").is_file() or (path / "pipeline" / "model_index.json").is_file():
+        path = detect_layout(path)[1] / "vae"
+    elif (path / "tokenizer").is_dir():
+        path = path / "tokenizer"
+    if _read_config(path).get("_class_name") != HybridTokenizer.__name__:
+        return load_official_tokenizer(path)
+    check_model_folder(HybridTokenizer, path)
+    try:
+        return HybridTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {_first_line(e)}") from e

@@ -293,7 +293,7 @@ def test_entry_point_flags_cover_the_config():
     from scripts.finetune import build_parser
     from scripts.train_tokenizer import build_parser as tokenizer_parser
 
-    args = build_parser().parse_args(["--pretrained", "p", "--output_dir", "o", "--validation_prompt", "a",
+    args = build_parser().parse_args(["--pretrained", "p", "--output_dir", "o", "--data_dir", "d", "--validation_prompt", "a",
                                       "--validation-prompt", "b", "--lora-rank", "4", "--no_system_prompt"])
     cfg = config_from_args(args)
     assert cfg.validation_prompts == ("a", "b") and cfg.lora_rank == 4 and cfg.use_system_prompt is False

@@ -8,6 +8,7 @@ run killed while saving leaves the previous checkpoint as the latest valid one.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,6 +29,26 @@ logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 COMPLETE = "complete.json"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
+# How a full disk shows when it is not an OSError: torch's zip writer (torch.save) and safetensors.
+_SPACE_MESSAGES = ("No space left on device", "os error 28", "unexpected pos", "file write failed")
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether `error` is a write that failed because the disk (or the quota) is full."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(m in str(error) for m in _SPACE_MESSAGES)
+
+
+def space_error(path: Path, doing: str, last: Optional[Path], error: BaseException) -> CheckpointError:
+    """The one-line report of a full disk: where, what was lost, what is intact and how to go on."""
+    said = str(error).splitlines()[0] if str(error) else type(error).__name__
+    where = f"no space left on {path} while {doing} ({said})"
+    if last is None:
+        return CheckpointError(f"{where}: no checkpoint was saved yet; free some space and start the run again "
+                               "with --overwrite")
+    return CheckpointError(f"{where}: the last good checkpoint is {last}; free some space and continue the run with "
+                           "--resume latest")
 
 
 
@@ -78,17 +99,25 @@ class CheckpointManager:
         """Every process calls this; `write(folder)` writes that process's files."""
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = self.root / f".tmp-{final.name}"
+        try:
+            if self.state.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self.state.wait_for_everyone()
+            write(tmp)
+            self.state.wait_for_everyone()
+            if self.state.is_main_process:
+                with open(tmp / COMPLETE, "w") as f:
+                    json.dump({"step": step, **meta}, f, indent=1)
+                    f.flush()
+                    os.fsync(f.fileno())
+        except Exception as e:
+            if not out_of_space(e):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space the torn save took; the last one is intact
+            done = self.complete()
+            raise space_error(self.root, f"saving {final.name}", done[-1] if done else None, e) from e
         if self.state.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.state.wait_for_everyone()
-        write(tmp)
-        self.state.wait_for_everyone()
-        if self.state.is_main_process:
-            with open(tmp / COMPLETE, "w") as f:
-                json.dump({"step": step, **meta}, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
             if final.exists():  # saving the same step again (a resumed run that stops at once)
                 old = self.root / f".old-{final.name}"
                 final.rename(old)

@@ -1,27 +1,62 @@
-"""Command lines of the two training programs (`scripts/finetune.py`, `scripts/train_tokenizer.py`,
-and the `hart` command): argument parsers mapping one to one onto `hart.training.config`.
+"""Command lines of the two training programs (`scripts/finetune.py`, `scripts/train_tokenizer.py`):
+argument parsers mapping one to one onto `hart.training.config`.
 
-Every `--an_option` is also accepted as `--an-option`. Errors about the data, a cache or a
-checkpoint end the program with a one-line message and exit status 2.
+Every `--an_option` is also accepted as `--an-option`. Every value is checked when parsed (the
+checkers of `hart.training.checks`), then every path, before any model is loaded; a bad input, data,
+cache or checkpoint ends the program with one line, `PROG: error: MESSAGE`, and exit status 2
+(`HART_DEBUG=1` raises the error with its full traceback instead). Other exceptions are bugs and keep
+their traceback.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import Optional, Sequence
+import os
+from typing import Callable, Optional, Sequence
 
 from hart.training.cache import CacheMismatchError
-from hart.training.checkpoint import CheckpointError
+from hart.training.checkpoint import CheckpointError, out_of_space
+from hart.training.checks import (FINETUNE_RULES, TOKENIZER_RULES, OneLineParser, SettingError,
+                                  check_finetune_folders, check_tokenizer_folders)
 from hart.training.config import FinetuneConfig, TokenizerTrainConfig
 from hart.training.data import DataError
 
-USER_ERRORS = (DataError, CacheMismatchError, CheckpointError, FileNotFoundError)
+CHECKERS = {**FINETUNE_RULES, **TOKENIZER_RULES}  # the names they share have the same checker
+USER_ERRORS = (DataError, CacheMismatchError, CheckpointError, SettingError, FileNotFoundError)
+logger = logging.getLogger(__name__)
 
 
 def flag(group, name: str, **kwargs) -> None:
-    """Add `--an_option`, also spelled `--an-option` (the `hart` command line's style)."""
+    """Add `--an_option`, also spelled `--an-option` (the `hart` command line's style). A value is
+    parsed by its setting's checker (`hart.training.checks`); `choices` lists stay for --help."""
+    dest = kwargs.get("dest", name.lstrip("-"))
+    if kwargs.get("action") in (None, "append") and "choices" not in kwargs and dest in CHECKERS:
+        kwargs["type"] = CHECKERS[dest]
     spellings = [name] + ([name.replace("_", "-")] if "_" in name else [])
     group.add_argument(*spellings, **kwargs)
+
+
+def run_program(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], make_config: Callable,
+                work: Callable) -> int:
+    """Parse `argv`, build and check the config (values, then paths), then `work(config)` -> exit status.
+
+    Bad input of any kind is logged as one line and gives status 2; with `HART_DEBUG=1` it is raised.
+    """
+    _logging()
+    try:
+        args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    except SystemExit as e:  # --help (0), or a usage error already printed as one line (2)
+        return int(e.code or 0)
+    try:
+        return work(make_config(args))
+    except (*USER_ERRORS, OSError) as e:
+        if os.environ.get("HART_DEBUG") == "1" or isinstance(e, OSError) and not out_of_space(e):
+            raise
+        if isinstance(e, OSError):  # a full disk outside a checkpoint save (those say more): the metrics log, a cache
+            e = f"no space left on {e.filename or 'the disk'} ({e.strerror}): free some space, then continue the run " \
+                "with --resume latest (or start it again with --overwrite if it saved no checkpoint)"
+        logger.error("%s: error: %s", parser.prog, " ".join(str(e).split()))
+        return 2
 
 
 def _logging() -> None:
@@ -29,16 +64,17 @@ def _logging() -> None:
 
 
 def finetune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Fine-tune the HART transformer on captioned images.")
+    p = OneLineParser(prog="finetune.py", description="Fine-tune the HART transformer on captioned images.")
     g = p.add_argument_group("model and data")
-    flag(g, "--pretrained", required=True, help="HARTPipeline folder, or official HART folder (llm/ + tokenizer/)")
+    flag(g, "--pretrained", required=True,
+         help="HARTPipeline folder, training run folder (its pipeline/), or official HART folder (llm/ + tokenizer/)")
     flag(g, "--text_encoder", help="text model folder (only with an official HART folder)")
     flag(g, "--data_dir", help="images with metadata.jsonl, metadata.csv or .txt captions")
     flag(g, "--output_dir", required=True, help="checkpoints/, logs/, validation/ and the exported pipeline/")
     flag(g, "--crop", choices=("center", "random"), default="center")
     flag(g, "--flip", action="store_true", help="random horizontal flips")
-    flag(g, "--min_image_size", type=int, help="skip smaller images (default: the model's resolution)")
-    flag(g, "--num_workers", type=int, default=0, help="data loader worker processes")
+    flag(g, "--min_image_size", help="skip smaller images (default: the model's resolution)")
+    flag(g, "--num_workers", default=0, help="data loader worker processes")
     flag(g, "--no_system_prompt", dest="use_system_prompt", action="store_false",
          help="encode captions without the release's prompt-enhancer system prompt")
     g = p.add_argument_group("cache")
@@ -47,32 +83,34 @@ def finetune_parser() -> argparse.ArgumentParser:
          help="storage type of the cached text features")
     flag(g, "--cache_only", action="store_true", help="build the cache and stop")
     g = p.add_argument_group("optimisation")
-    flag(g, "--max_steps", type=int, default=1000)
-    flag(g, "--batch_size", type=int, default=4, help="images per process and micro-batch")
-    flag(g, "--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    flag(g, "--lr", type=float, default=1e-4)
-    flag(g, "--weight_decay", type=float, default=0.0)
-    flag(g, "--warmup_steps", type=int, default=0)
-    flag(g, "--min_lr_ratio", type=float, default=0.0, help="cosine decay floor, as a fraction of --lr")
-    flag(g, "--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    flag(g, "--max_steps", default=1000)
+    flag(g, "--batch_size", default=4, help="images per process and micro-batch")
+    flag(g, "--grad_accum", default=1, help="micro-batches per optimizer step")
+    flag(g, "--lr", default=1e-4)
+    flag(g, "--weight_decay", default=0.0)
+    flag(g, "--warmup_steps", default=0)
+    flag(g, "--min_lr_ratio", default=0.0, help="cosine decay floor, as a fraction of --lr")
+    flag(g, "--max_grad_norm", default=1.0, help="0 disables clipping")
     flag(g, "--mixed_precision", choices=("no", "bf16"),
          help="bf16 autocast (default: what the accelerate config or launch flags say)")
     flag(g, "--gradient_checkpointing", action="store_true")
-    flag(g, "--cond_drop_rate", type=float, help="text dropout for guidance (default: the model's)")
-    flag(g, "--ema_decay", type=float, default=0.9999, help="0 disables the EMA")
-    flag(g, "--seed", type=int, default=0)
+    flag(g, "--cond_drop_rate", help="text dropout for guidance (default: the model's)")
+    flag(g, "--ema_decay", default=0.9999, help="0 disables the EMA")
+    flag(g, "--seed", default=0)
     g = p.add_argument_group("LoRA")
-    flag(g, "--lora_rank", type=int, default=0, help="0: full fine-tuning")
-    flag(g, "--lora_alpha", type=float, help="default: the rank")
+    flag(g, "--lora_rank", default=0, help="0: full fine-tuning")
+    flag(g, "--lora_alpha", help="default: the rank")
     flag(g, "--lora_diffusion_head", action="store_true", help="adapters in the diffusion head too")
     g = p.add_argument_group("checkpoints and feedback")
-    flag(g, "--checkpoint_every", type=int, default=500)
-    flag(g, "--keep_checkpoints", type=int, default=2)
+    flag(g, "--checkpoint_every", default=500)
+    flag(g, "--keep_checkpoints", default=2)
     flag(g, "--resume", help="'latest' or a checkpoint folder")
+    flag(g, "--overwrite", action="store_true",
+         help="start over in an --output_dir holding an earlier run: it is moved to OUTPUT_DIR.old-N, not deleted")
     flag(g, "--validation_prompt", dest="validation_prompts", action="append", default=[],
          help="a prompt for the validation grid (repeat the flag for several)")
-    flag(g, "--validation_every", type=int, default=0, help="steps between validation grids (0: at the end)")
-    flag(g, "--validation_guidance", type=float, default=4.5)
+    flag(g, "--validation_every", default=0, help="steps between validation grids (0: at the end)")
+    flag(g, "--validation_guidance", default=4.5)
     flag(g, "--tensorboard", action="store_true", help="also log to TensorBoard (needs `tensorboard`)")
     flag(g, "--export_weights", choices=("ema", "raw"), default="ema")
     return p
@@ -84,26 +122,31 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     return FinetuneConfig(**values)
 
 
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    """The checked config of parsed arguments: values (`SettingError`), then every path."""
+    cfg = config_from_args(args)
+    check_finetune_folders(cfg)
+    return cfg
+
+
 def finetune_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = finetune_parser().parse_args(argv)
-    _logging()
+    return run_program(finetune_parser(), argv, finetune_config, _finetune)
+
+
+def _finetune(cfg: FinetuneConfig) -> int:
     from hart.training.finetune import finetune  # the training stack loads only when used
 
-    try:
-        result = finetune(config_from_args(args))
-    except USER_ERRORS as e:
-        logging.getLogger(__name__).error("%s", e)
-        return 2
+    result = finetune(cfg)
     if result.stopped_early:
-        logging.getLogger(__name__).warning("stopped at step %d; resume with --resume latest", result.step)
+        logger.warning("stopped at step %d; resume with --resume latest", result.step)
     return 0
 
 
 def tokenizer_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train or fine-tune the HART hybrid tokenizer.")
+    p = OneLineParser(prog="train_tokenizer.py", description="Train or fine-tune the HART hybrid tokenizer.")
     g = p.add_argument_group("model and data")
     start = g.add_mutually_exclusive_group(required=True)
-    flag(start, "--pretrained", help="HybridTokenizer folder, HARTPipeline folder, or official tokenizer folder")
+    flag(start, "--pretrained", help="HybridTokenizer, HARTPipeline or training run folder, or official tokenizer folder")
     flag(start, "--model_config", help="JSON file of HybridTokenizer arguments (train from scratch)")
     flag(g, "--data_dir", required=True, help="a folder of images (captions are not needed)")
     flag(g, "--output_dir", required=True, help="checkpoints/, logs/ and the trained tokenizer/")
@@ -111,47 +154,53 @@ def tokenizer_parser() -> argparse.ArgumentParser:
          help="'decoder': keep encoder, codebook and quant_conv frozen (the paper's hybrid stage)")
     flag(g, "--crop", choices=("center", "random"), default="center")
     flag(g, "--flip", action="store_true")
-    flag(g, "--min_image_size", type=int, help="skip smaller images (default: the tokenizer's resolution)")
-    flag(g, "--num_workers", type=int, default=0)
+    flag(g, "--min_image_size", help="skip smaller images (default: the tokenizer's resolution)")
+    flag(g, "--num_workers", default=0)
     g = p.add_argument_group("optimisation")
-    flag(g, "--max_steps", type=int, default=1000)
-    flag(g, "--batch_size", type=int, default=8, help="images per process and micro-batch")
-    flag(g, "--grad_accum", type=int, default=1)
-    flag(g, "--lr", type=float, default=1e-4)
-    flag(g, "--weight_decay", type=float, default=0.0)
-    flag(g, "--warmup_steps", type=int, default=0)
-    flag(g, "--min_lr_ratio", type=float, default=0.0)
-    flag(g, "--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    flag(g, "--max_steps", default=1000)
+    flag(g, "--batch_size", default=8, help="images per process and micro-batch")
+    flag(g, "--grad_accum", default=1)
+    flag(g, "--lr", default=1e-4)
+    flag(g, "--weight_decay", default=0.0)
+    flag(g, "--warmup_steps", default=0)
+    flag(g, "--min_lr_ratio", default=0.0)
+    flag(g, "--max_grad_norm", default=1.0, help="0 disables clipping")
     flag(g, "--mixed_precision", choices=("no", "bf16"),
          help="bf16 autocast (default: what the accelerate config or launch flags say)")
-    flag(g, "--seed", type=int, default=0)
+    flag(g, "--seed", default=0)
     g = p.add_argument_group("loss")
-    flag(g, "--recon_weight", type=float, default=1.0)
-    flag(g, "--skip_continuous_prob", type=float, default=0.5,
+    flag(g, "--recon_weight", default=1.0)
+    flag(g, "--skip_continuous_prob", default=0.5,
          help="probability of training a batch on the discrete latent alone")
-    flag(g, "--restart_dead_codes_every", type=int, default=0,
+    flag(g, "--restart_dead_codes_every", default=0,
          help="every N steps, move codes unused in those steps onto live residuals (0: off)")
-    flag(g, "--restart_until_step", type=int, default=None, help="last step with restarts (default: 80%% of max_steps)")
-    flag(g, "--disc_weight", type=float, default=0.0, help="PatchGAN generator loss weight (0: no GAN)")
-    flag(g, "--disc_start_step", type=int, default=0, help="steps before the discriminator joins")
+    flag(g, "--restart_until_step", default=None, help="last step with restarts (default: 80%% of max_steps)")
+    flag(g, "--disc_weight", default=0.0, help="PatchGAN generator loss weight (0: no GAN)")
+    flag(g, "--disc_start_step", default=0, help="steps before the discriminator joins")
     g = p.add_argument_group("checkpoints and feedback")
-    flag(g, "--checkpoint_every", type=int, default=500)
-    flag(g, "--keep_checkpoints", type=int, default=2)
+    flag(g, "--checkpoint_every", default=500)
+    flag(g, "--keep_checkpoints", default=2)
     flag(g, "--resume", help="'latest' or a checkpoint folder")
+    flag(g, "--overwrite", action="store_true",
+         help="start over in an --output_dir holding an earlier run: it is moved to OUTPUT_DIR.old-N, not deleted")
     flag(g, "--tensorboard", action="store_true")
     return p
 
 
+def tokenizer_config(args: argparse.Namespace) -> TokenizerTrainConfig:
+    """The checked config of parsed arguments: values (`SettingError`), then every path."""
+    cfg = TokenizerTrainConfig(**vars(args))
+    check_tokenizer_folders(cfg)
+    return cfg
+
+
 def tokenizer_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = tokenizer_parser().parse_args(argv)
-    _logging()
+    return run_program(tokenizer_parser(), argv, tokenizer_config, _train_tokenizer)
+
+
+def _train_tokenizer(cfg: TokenizerTrainConfig) -> int:
     from hart.training.tokenizer_training import train_tokenizer  # the training stack loads only when used
 
-    try:
-        target = train_tokenizer(TokenizerTrainConfig(**vars(args)))
-    except USER_ERRORS as e:
-        logging.getLogger(__name__).error("%s", e)
-        return 2
-    if target is None:
-        logging.getLogger(__name__).warning("stopped early; resume with --resume latest")
+    if train_tokenizer(cfg) is None:
+        logger.warning("stopped early; resume with --resume latest")
     return 0

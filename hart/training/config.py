@@ -1,8 +1,16 @@
-"""Settings of the two training programs (every field is also a command-line flag of its script)."""
+"""Settings of the two training programs (every field is also a command-line flag of its script).
+
+Both check their values when created (`hart.training.checks`): a bad value raises `SettingError`
+naming the flag, the same message the command line prints.
+"""
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional, Tuple
+
+from hart.training.checks import FINETUNE_RULES, TOKENIZER_RULES, check_settings, require
+
+_RESUME_OR_OVERWRITE = "--overwrite starts a new run and --resume continues one: give only one of them"
 
 
 @dataclasses.dataclass
@@ -43,6 +51,15 @@ class FinetuneConfig:
     validation_guidance: float = 4.5
     tensorboard: bool = False
     export_weights: str = "ema"  # "ema" or "raw"
+    overwrite: bool = False  # move an earlier run in output_dir aside (to OUTPUT_DIR.old-N) instead of refusing
+
+    def __post_init__(self):
+        check_settings(self, FINETUNE_RULES)
+        require(bool(self.data_dir or self.cache_dir), "give --data_dir (the images), or a --cache_dir holding a cache")
+        require(self.cache_dir is not None or not self.cache_only, "--cache_only needs --cache_dir (where to build it)")
+        require(bool(self.lora_rank) or (self.lora_alpha is None and not self.lora_diffusion_head),
+                "--lora_alpha and --lora_diffusion_head configure LoRA: give --lora_rank too")
+        require(not (self.overwrite and self.resume), _RESUME_OR_OVERWRITE)
 
 
 @dataclasses.dataclass
@@ -76,3 +93,10 @@ class TokenizerTrainConfig:
     keep_checkpoints: int = 2
     resume: Optional[str] = None
     tensorboard: bool = False
+    overwrite: bool = False  # move an earlier run in output_dir aside (to OUTPUT_DIR.old-N) instead of refusing
+
+    def __post_init__(self):
+        check_settings(self, TOKENIZER_RULES)
+        require((self.pretrained is None) != (self.model_config is None),
+                "give exactly one of --pretrained (a tokenizer to fine-tune) and --model_config (to start from scratch)")
+        require(not (self.overwrite and self.resume), _RESUME_OR_OVERWRITE)

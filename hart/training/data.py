@@ -118,10 +118,12 @@ def _read_csv(path: Path) -> Dict[str, str]:
 
 def read_captions(root: Path, report: Optional[SkipReport] = None) -> Tuple[Optional[Dict[str, str]], str]:
     """(file name -> caption, source description); None when captions sit in `.txt` files."""
-    if (root / "metadata.jsonl").is_file():
-        return _read_jsonl(root / "metadata.jsonl", report), "metadata.jsonl"
-    if (root / "metadata.csv").is_file():
-        return _read_csv(root / "metadata.csv"), "metadata.csv"
+    for name, read in (("metadata.jsonl", lambda p: _read_jsonl(p, report)), ("metadata.csv", _read_csv)):
+        if (root / name).is_file():
+            try:
+                return read(root / name), name
+            except UnicodeDecodeError as e:
+                raise DataError(f"{root / name} is not UTF-8 text (byte {e.start}): save it as UTF-8") from e
     return None, ".txt files"
 
 
@@ -142,7 +144,10 @@ def scan_folder(root, min_size: int, require_captions: bool = True) -> Tuple[Lis
         if require_captions:
             if captions is None:
                 txt = path.with_suffix(".txt")
-                caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+                try:
+                    caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{txt} is not UTF-8 text (byte {e.start}): save it as UTF-8") from e
             else:
                 caption = (captions.get(name) or "").strip()
             if not caption:

@@ -16,9 +16,9 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
+from hart.loading import load_pipeline
 from hart.models.transformer import HARTTransformer
 from hart.training.lora import add_lora, lora_state_dict, merge_lora
-from hart.training.runtime import load_base_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +48,17 @@ def export_pipeline(accelerator, objective, ema, cfg, out_dir) -> Optional[Path]
             transformer.load_state_dict(state_dict)
         transformer.requires_grad_(True).eval()
 
-        base = load_base_pipeline(cfg.pretrained, cfg.text_encoder)
+        base = load_pipeline(cfg.pretrained, cfg.text_encoder)
         pipe = type(base)(tokenizer=base.tokenizer, text_encoder=base.text_encoder, transformer=transformer, vae=base.vae)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        pipe.save_pretrained(tmp)
-        if cfg.lora_rank:
-            save_file(adapters, str(tmp / "lora_weights.safetensors"))
+        try:
+            pipe.save_pretrained(tmp)
+            if cfg.lora_rank:
+                save_file(adapters, str(tmp / "lora_weights.safetensors"))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a torn export (a full disk) must not keep the space
+            raise
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -6,6 +6,9 @@ optional bf16 autocast, gradient checkpointing, EMA and LoRA. The global batch i
 `batch_size x processes x grad_accum` images per optimizer step. Checkpoints are atomic and resume
 exactly (model, EMA, optimizer, scheduler, data position, every random state); SIGTERM saves one
 before exiting. The result is exported as a `HARTPipeline` folder (EMA weights, LoRA merged).
+Every setting and path is checked before the model loads, and nothing is written until everything
+that can refuse the run has run; an `output_dir` holding another run is refused unless the run resumes
+it or `overwrite` moves it aside (`hart.training.checks`).
 """
 from __future__ import annotations
 
@@ -21,20 +24,22 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from hart.loading import load_pipeline
 from hart.text import SYSTEM_PROMPT, encode_prompts
 from hart.training.cache import CacheSpec, CachedExamples, build_cache
 from hart.training.checkpoint import (CheckpointError, CheckpointManager, describe_mismatch, load_train_state,
-                                      load_training_files, save_training_files)
+                                      load_training_files, out_of_space, save_training_files, space_error)
+from hart.training.checks import check_finetune_folders, move_earlier_run_aside
 from hart.training.config import FinetuneConfig
-from hart.training.data import ImageCaptionFolder, SkipReport
+from hart.training.data import DataError, ImageCaptionFolder, SkipReport
 from hart.training.ema import EMA, local_part
 from hart.training.encoding import encode_examples, loss_inputs
 from hart.training.export import export_pipeline
 from hart.training.lora import add_lora, unused_adapters
 from hart.training.objective import hart_loss
-from hart.training.runtime import (MetricsLog, StopRequest, any_process, full_parameters, load_base_pipeline,
+from hart.training.runtime import (MetricsLog, StopRequest, any_process, full_parameters,
                                    mean_over_processes, report_step, sum_over_processes, warmup_cosine)
-from hart.training.sampler import ResumableBatchSampler
+from hart.training.sampler import ResumableBatchSampler, check_enough_samples
 from hart.training.validation import sample_images, save_grid
 
 logger = logging.getLogger(__name__)
@@ -76,14 +81,11 @@ def finetune(cfg: FinetuneConfig, step_callback: Optional[Callable[[int, Dict[st
 
 class _Run:
     def __init__(self, cfg: FinetuneConfig):
-        if cfg.mixed_precision not in (None, "no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
-        if cfg.export_weights not in ("ema", "raw"):
-            raise ValueError(f"export_weights must be 'ema' or 'raw', got {cfg.export_weights!r}")
+        check_finetune_folders(cfg)  # the values were checked when `cfg` was made
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision)
         self.device = self.acc.device
-        self.pipe = load_base_pipeline(cfg.pretrained, cfg.text_encoder)
+        self.pipe = load_pipeline(cfg.pretrained, cfg.text_encoder)
         self.transformer, self.vae = self.pipe.transformer, self.pipe.vae.requires_grad_(False).eval()
         self.patch_nums = self.transformer.patch_nums
         self.resolution = self.patch_nums[-1] * self.vae.downsample_factor
@@ -103,8 +105,6 @@ class _Run:
     def _dataset(self):
         cfg = self.cfg
         if cfg.cache_dir is None:
-            if cfg.data_dir is None:
-                raise ValueError("give a data folder (data_dir) or a cache (cache_dir)")
             return ImageCaptionFolder(cfg.data_dir, self.resolution, cfg.crop, cfg.flip, cfg.seed, cfg.min_image_size)
         spec = CacheSpec.create(self.vae, self.text_encoder, self.pipe.tokenizer, self.system_prompt,
                                 self.transformer.config.context_tokens, self.patch_nums, self.resolution,
@@ -112,8 +112,9 @@ class _Run:
         cache = Path(cfg.cache_dir)
         if not cache.exists() or not any(cache.iterdir()):  # else it must be a cache (checked when read)
             if cfg.data_dir is None:
-                raise ValueError(f"no cache in {cfg.cache_dir} yet: give the data folder (data_dir) to build it")
+                raise DataError(f"no cache in {cfg.cache_dir} yet: give the data folder (--data_dir) to build it")
             source = ImageCaptionFolder(cfg.data_dir, self.resolution, "center", False, cfg.seed, cfg.min_image_size)
+            check_enough_samples(len(source), cfg.batch_size, self.acc.num_processes)  # before the work of caching
             build_cache(cfg.cache_dir, source, spec, self.vae, self.text_encoder, self.pipe.tokenizer,
                         self.system_prompt, self.acc, batch_size=cfg.batch_size)
         return CachedExamples(cfg.cache_dir, spec, cfg.seed)
@@ -230,13 +231,18 @@ class _Run:
         self._model()
         if cfg.resume:
             self.resume(manager)
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "run_info.json").write_text(json.dumps(self._run_info(), indent=1, default=str))
-        log = MetricsLog(log_path, METRICS, self.step if cfg.resume else None,
-                         self.out / "logs" / "tensorboard" if cfg.tensorboard else None) if acc.is_main_process else None
         sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, acc.num_processes, acc.process_index,
                                         cfg.seed, start=self.consumed)
+        # everything that can refuse the run has run (on every process): from here on it writes into output_dir
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if cfg.overwrite and (aside := move_earlier_run_aside(self.out)) is not None:
+                logger.warning("--overwrite: moved the earlier run in %s to %s", self.out, aside)
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "run_info.json").write_text(json.dumps(self._run_info(), indent=1, default=str))
+        acc.wait_for_everyone()
+        log = MetricsLog(log_path, METRICS, self.step if cfg.resume else None,
+                         self.out / "logs" / "tensorboard" if cfg.tensorboard else None) if acc.is_main_process else None
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
         batches, replaced, stopped = iter(loader), SkipReport(), False
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="fine-tuning", disable=not acc.is_main_process)
@@ -279,4 +285,10 @@ class _Run:
 
     def export(self) -> Optional[Path]:
         use_ema = self.ema is not None and self.cfg.export_weights == "ema"
-        return export_pipeline(self.acc, self.objective, self.ema if use_ema else None, self.cfg, self.out / "pipeline")
+        try:
+            return export_pipeline(self.acc, self.objective, self.ema if use_ema else None, self.cfg, self.out / "pipeline")
+        except Exception as e:
+            if not out_of_space(e):
+                raise
+            done = CheckpointManager(self.out / "checkpoints", self.cfg.keep_checkpoints, self.acc).complete()
+            raise space_error(self.out, "exporting the pipeline", done[-1] if done else None, e) from e

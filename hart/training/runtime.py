@@ -1,5 +1,5 @@
 """Pieces every training loop here needs: the LR schedule, SIGTERM handling, the metrics log,
-cross-process agreement and loading the model to start from."""
+and cross-process agreement."""
 from __future__ import annotations
 
 import csv
@@ -98,10 +98,8 @@ class MetricsLog:
         self._file.flush()
         self._tb = None
         if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise RuntimeError("TensorBoard logging needs the `tensorboard` package (pip install tensorboard)") from e
+            from torch.utils.tensorboard import SummaryWriter  # its presence is checked with the settings
+
             self._tb = SummaryWriter(str(tensorboard_dir))
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
@@ -151,17 +149,3 @@ def full_parameters(accelerator, model: torch.nn.Module):
     with FSDP.summon_full_params(model, writeback=False):
         yield
 
-
-def load_base_pipeline(path, text_encoder=None):
-    """A `HARTPipeline` from a `save_pretrained` folder, or from the official layout (`llm/` +
-    `tokenizer/`, with `text_encoder` naming the text model folder)."""
-    from hart.pipelines import HARTPipeline
-
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        return HARTPipeline.from_pretrained(path)
-    if (path / "llm").is_dir() or (path / "config.json").is_file():
-        if text_encoder is None:
-            raise ValueError(f"{path} is an official HART folder: give the text encoder folder too (--text_encoder)")
-        return HARTPipeline.from_official(path, text_encoder=text_encoder)
-    raise FileNotFoundError(f"{path} is neither a HARTPipeline folder (model_index.json) nor an official HART folder (llm/)")

@@ -15,20 +15,25 @@ import torch
 from hart.training.data import DataError
 
 
+def check_enough_samples(num_samples: int, batch_size: int, world_size: int = 1) -> None:
+    """Refuse a data set smaller than one global micro-batch (no step could ever be made)."""
+    if num_samples < batch_size * world_size:
+        raise DataError(
+            f"{num_samples} usable samples are fewer than one global micro-batch "
+            f"({batch_size} per process x {world_size} processes = {batch_size * world_size}): lower --batch_size "
+            "or add images"
+        )
+
+
 class ResumableBatchSampler(torch.utils.data.Sampler):
     """An endless stream of this rank's micro-batches of `(epoch, index)` keys."""
 
     def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
                  start: int = 0):
-        global_batch = batch_size * world_size
-        if num_samples < global_batch:
-            raise DataError(
-                f"{num_samples} usable samples are fewer than one global micro-batch "
-                f"({batch_size} per process x {world_size} processes = {global_batch})"
-            )
+        check_enough_samples(num_samples, batch_size, world_size)
         self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
         self.seed, self.start = seed, start
-        self.batches_per_epoch = num_samples // global_batch
+        self.batches_per_epoch = num_samples // (batch_size * world_size)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)

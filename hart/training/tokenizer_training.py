@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from hart.loading import load_official_tokenizer
+from hart.loading import load_image_tokenizer
 from hart.models.tokenizer import HybridTokenizer
 from hart.training.checkpoint import (CheckpointError, CheckpointManager, describe_mismatch, load_train_state,
-                                      load_training_files, save_training_files)
+                                      load_training_files, out_of_space, save_training_files, space_error)
+from hart.training.checks import check_tokenizer_folders, move_earlier_run_aside
 from hart.training.config import TokenizerTrainConfig
 from hart.training.data import ImageCaptionFolder, SkipReport
 from hart.training.runtime import (MetricsLog, StopRequest, any_process, mean_over_processes, report_step,
@@ -71,21 +72,13 @@ class PatchDiscriminator(nn.Module):
 
 
 def load_tokenizer(pretrained: Optional[str], model_config: Optional[str]) -> HybridTokenizer:
-    """The tokenizer to train: from a folder (this package's, a pipeline's `vae/`, or the official
-    layout), or newly initialised from a JSON file of `HybridTokenizer` arguments."""
+    """The tokenizer to train: from a folder in any layout (`hart.loading.load_image_tokenizer`), or
+    newly initialised from a JSON file of `HybridTokenizer` arguments (checked by `TokenizerTrainConfig`)."""
     if (pretrained is None) == (model_config is None):
         raise ValueError("give exactly one of `pretrained` (a tokenizer to fine-tune) and `model_config` (to start from scratch)")
     if model_config is not None:
-        return HybridTokenizer(**json.loads(Path(model_config).read_text()))
-    path = Path(pretrained)
-    if (path / "model_index.json").is_file():
-        return HybridTokenizer.from_pretrained(path, subfolder="vae")
-    if (path / "tokenizer").is_dir():
-        path = path / "tokenizer"
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    if config.get("_class_name") == "HybridTokenizer":
-        return HybridTokenizer.from_pretrained(path)
-    return load_official_tokenizer(path)
+        return HybridTokenizer(**json.loads(Path(model_config).read_text(encoding="utf-8")))
+    return load_image_tokenizer(pretrained)
 
 
 def code_statistics(hits_SV: torch.Tensor) -> Dict[str, float]:
@@ -105,8 +98,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig,
 
 class _TokenizerRun:
     def __init__(self, cfg: TokenizerTrainConfig):
-        if cfg.trainable not in ("all", "decoder"):
-            raise ValueError(f"trainable must be 'all' or 'decoder', got {cfg.trainable!r}")
+        check_tokenizer_folders(cfg)  # the values were checked when `cfg` was made
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         self.acc = acc = Accelerator(mixed_precision=cfg.mixed_precision)
         with torch.random.fork_rng(devices=[]):
@@ -233,6 +225,11 @@ class _TokenizerRun:
         sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, acc.num_processes, acc.process_index,
                                         cfg.seed, start=self.consumed)
         batches = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers))
+        # everything that can refuse the run has run (on every process): from here on it writes into output_dir
+        acc.wait_for_everyone()
+        if acc.is_main_process and cfg.overwrite and (aside := move_earlier_run_aside(self.out)) is not None:
+            logger.warning("--overwrite: moved the earlier run in %s to %s", self.out, aside)
+        acc.wait_for_everyone()
         log = MetricsLog(self.out / "logs" / "metrics.csv", METRICS, self.step if cfg.resume else None,
                          self.out / "logs" / "tensorboard" if cfg.tensorboard else None) if acc.is_main_process else None
         stopped = False
@@ -260,7 +257,14 @@ class _TokenizerRun:
         if self.acc.is_main_process:
             tmp = self.out / ".tmp-tokenizer"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.acc.unwrap_model(self.model).save_pretrained(tmp)
+            try:
+                self.acc.unwrap_model(self.model).save_pretrained(tmp)
+            except Exception as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not out_of_space(e):
+                    raise
+                done = CheckpointManager(self.out / "checkpoints", self.cfg.keep_checkpoints, self.acc).complete()
+                raise space_error(self.out, "saving the tokenizer", done[-1] if done else None, e) from e
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
             logger.info("saved the tokenizer to %s", target)

@@ -1,0 +1,240 @@
+"""Checks of the training programs' settings and folders, run before any model is loaded.
+
+Each setting has one checker (argparse `type=` functions built with `hart.cli_args.checked`); the
+command lines parse with them and `FinetuneConfig` / `TokenizerTrainConfig` run the same ones on
+values given from Python, so both refuse the same inputs with the same message. The folder checks
+make sure a run can write where it is told to, and never deletes or overwrites an earlier run:
+an `--output_dir` holding one is refused unless the run resumes it or `--overwrite` moves it aside.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Optional
+
+from hart.cli_args import POSITIVE_INT, checked
+from hart.limits import MAX_GUIDANCE_SCALE
+
+# Generators are seeded with seed * 1_000_003 + process index, which must stay a 64-bit seed.
+MAX_TRAIN_SEED = 2**32 - 1
+# What the training programs write into --output_dir; any of them there means an earlier run.
+RUN_ENTRIES = ("checkpoints", "logs", "validation", "pipeline", "pipeline.tmp", "run_info.json", "tokenizer",
+               ".tmp-tokenizer")
+
+
+class SettingError(ValueError):
+    """A training setting (a flag, or a config field given from Python) that cannot be used."""
+
+
+def one_of(*values: str):
+    return checked(str, lambda v: v in values, "one of " + ", ".join(values))
+
+
+NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, "a whole number >= 0")
+POSITIVE_NUMBER = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE_NUMBER = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+FRACTION = checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+DECAY = checked(float, lambda v: 0 <= v < 1, "a number from 0 up to, not including, 1 (0 disables it)")
+SEED = checked(int, lambda v: 0 <= v <= MAX_TRAIN_SEED, f"a whole number from 0 to {MAX_TRAIN_SEED}")
+GUIDANCE = checked(float, lambda v: 0 <= v <= MAX_GUIDANCE_SCALE, f"a number from 0 to {MAX_GUIDANCE_SCALE:g}")
+TEXT = checked(str, lambda v: v.strip() != "", "a non-empty text")
+
+
+def _usable_path(text: str) -> bool:
+    """Non-blank, no NUL byte, and short enough for the OS (longer names make `stat` raise, not say no)."""
+    parts = os.fsencode(text).split(b"/")
+    return text.strip() != "" and "\0" not in text and len(os.fsencode(text)) < 4096 and max(map(len, parts)) < 256
+
+
+PATH = checked(str, _usable_path, "a file or folder path (not blank, no NUL byte, at most 255 bytes a name)")
+
+_COMMON = dict(
+    pretrained=PATH, data_dir=PATH, output_dir=PATH, resume=PATH, crop=one_of("center", "random"),
+    min_image_size=POSITIVE_INT, num_workers=NON_NEGATIVE_INT,
+    max_steps=POSITIVE_INT, batch_size=POSITIVE_INT, grad_accum=POSITIVE_INT, lr=POSITIVE_NUMBER,
+    weight_decay=NON_NEGATIVE_NUMBER, warmup_steps=NON_NEGATIVE_INT, min_lr_ratio=FRACTION,
+    max_grad_norm=NON_NEGATIVE_NUMBER, mixed_precision=one_of("no", "bf16"), seed=SEED,
+    checkpoint_every=POSITIVE_INT, keep_checkpoints=POSITIVE_INT,
+)
+FINETUNE_RULES = dict(
+    _COMMON, text_encoder=PATH, cache_dir=PATH, cache_dtype=one_of("float32", "bfloat16", "float16"),
+    cond_drop_rate=FRACTION, ema_decay=DECAY, lora_rank=NON_NEGATIVE_INT, lora_alpha=POSITIVE_NUMBER,
+    validation_prompts=TEXT, validation_every=NON_NEGATIVE_INT, validation_guidance=GUIDANCE,
+    export_weights=one_of("ema", "raw"),
+)
+TOKENIZER_RULES = dict(
+    _COMMON, model_config=PATH, trainable=one_of("all", "decoder"), recon_weight=NON_NEGATIVE_NUMBER,
+    skip_continuous_prob=FRACTION, restart_dead_codes_every=NON_NEGATIVE_INT, restart_until_step=NON_NEGATIVE_INT,
+    disc_weight=NON_NEGATIVE_NUMBER, disc_start_step=NON_NEGATIVE_INT,
+)
+_FLAGS = {"validation_prompts": "--validation_prompt"}
+
+
+def flag_name(field: str) -> str:
+    return _FLAGS.get(field, f"--{field}")
+
+
+def check_settings(cfg, rules: Mapping[str, object]) -> None:
+    """Run every field of `cfg` that has a rule through its command-line checker."""
+    for field, check in rules.items():
+        value = getattr(cfg, field)
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if v is None:
+                continue
+            try:
+                if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                    raise argparse.ArgumentTypeError(f"expected a number or text, got {v!r}")
+                check(v if isinstance(v, str) else repr(v))
+            except argparse.ArgumentTypeError as e:
+                raise SettingError(f"{flag_name(field)}: {e}") from None
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SettingError(message)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is the single line `PROG: error: MESSAGE` (status 2), no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ---- folders ---------------------------------------------------------------------------------------
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def can_write(folder: Path) -> None:
+    """Raise OSError unless a file can be created in `folder` (permissions, read-only mounts)."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+def check_writable_folder(path: Path, flag: str) -> None:
+    """`path` is (or can become) a folder this process can write in; checked without creating it."""
+    if path.exists() and not path.is_dir():
+        raise SettingError(f"{flag}: {path} is a file; expected a folder")
+    ancestor = _existing_ancestor(path.absolute())
+    if not ancestor.is_dir():
+        raise SettingError(f"{flag}: {path} cannot be created: {ancestor} is a file")
+    try:
+        can_write(ancestor)
+    except OSError as e:
+        raise SettingError(f"{flag}: cannot write in {ancestor} ({e.strerror or e})") from None
+
+
+def earlier_run(out: Path) -> list:
+    """The entries of an earlier run in `out` (empty when there is none)."""
+    return [name for name in RUN_ENTRIES if (out / name).exists()] if out.is_dir() else []
+
+
+def check_output_dir(out: Path, resume: Optional[str], overwrite: bool, pretrained: Optional[str]) -> None:
+    """Refuse an --output_dir this run cannot write, or one holding an earlier run it would overwrite."""
+    check_writable_folder(out, "--output_dir")
+    if pretrained is not None and Path(pretrained).exists():
+        base, target = Path(pretrained).resolve(), out.resolve()
+        require(base != target and target not in base.parents,
+                f"--output_dir: {out} holds the --pretrained model {pretrained}: write the new run to another folder")
+    found = earlier_run(out)
+    if found and resume not in (None, "latest") and Path(resume).absolute().parent != (out / "checkpoints").absolute():
+        # resuming prunes the checkpoints of output_dir as it saves: they must be this run's
+        raise SettingError(f"--resume: {resume} is not a checkpoint of --output_dir {out}, which holds another run: "
+                           "resume into a new --output_dir, or from one of its own checkpoints")
+    if found and not resume and not overwrite:
+        resumable = any((out / "checkpoints").glob("checkpoint-*/complete.json"))
+        go_on = "continue it with --resume latest, or" if resumable else \
+            "it has no finished checkpoint for --resume latest to continue from, so"
+        raise SettingError(f"--output_dir: {out} holds an earlier run ({', '.join(found)}): {go_on} pass --overwrite "
+                           f"to start over (the earlier run is moved to {aside_name(out)}, not deleted)")
+
+
+def aside_name(out: Path) -> Path:
+    n = 1
+    while out.with_name(f"{out.name}.old-{n}").exists():
+        n += 1
+    return out.with_name(f"{out.name}.old-{n}")
+
+
+def move_earlier_run_aside(out: Path) -> Optional[Path]:
+    """Move the entries of an earlier run in `out` into the sibling folder `OUT.old-N`; other files stay."""
+    found = earlier_run(out)
+    if not found:
+        return None
+    aside = aside_name(out)
+    aside.mkdir()
+    for name in found:
+        (out / name).rename(aside / name)
+    return aside
+
+
+def _check_common(cfg) -> None:
+    from hart.training.checkpoint import CheckpointManager
+    from hart.training.data import DataError
+
+    if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+        raise DataError(f"--data_dir: data folder not found: {cfg.data_dir}")
+    if cfg.resume is not None:  # "latest" needs a finished checkpoint in output_dir; a folder must be one
+        CheckpointManager(Path(cfg.output_dir) / "checkpoints", 1, None).resolve(cfg.resume)
+    if cfg.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise SettingError("--tensorboard needs the `tensorboard` package (pip install tensorboard)") from None
+
+
+def check_finetune_folders(cfg) -> None:
+    """Every path of a `FinetuneConfig`, checked without loading anything or writing anywhere."""
+    from hart.loading import detect_layout, resolve_folder
+
+    detect_layout(cfg.pretrained)
+    if cfg.text_encoder is not None:
+        resolve_folder(cfg.text_encoder)
+    if cfg.cache_dir is not None:
+        cache = Path(cfg.cache_dir)
+        if not (cache.is_dir() and any(cache.iterdir())):  # else an existing cache, only read
+            check_writable_folder(cache, "--cache_dir")
+    if cfg.cache_only:  # writes the cache only: output_dir is not touched
+        return
+    check_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite, cfg.pretrained)
+    _check_common(cfg)
+
+
+def check_tokenizer_folders(cfg) -> None:
+    """Every path of a `TokenizerTrainConfig`, checked without loading anything or writing anywhere."""
+    from hart.loading import resolve_folder
+
+    if cfg.pretrained is not None:
+        resolve_folder(cfg.pretrained)
+    else:
+        check_model_config(Path(cfg.model_config))
+    check_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite, cfg.pretrained)
+    _check_common(cfg)
+
+
+def check_model_config(path: Path) -> None:
+    """A JSON file of `HybridTokenizer` arguments that builds a tokenizer."""
+    import torch
+
+    from hart.models.tokenizer import HybridTokenizer
+
+    require(path.is_file(), f"--model_config: no such file: {path}")
+    try:
+        kwargs = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SettingError(f"--model_config: {path} is not a JSON file ({e})") from None
+    require(isinstance(kwargs, dict), f"--model_config: {path} must hold a JSON object of HybridTokenizer arguments")
+    try:
+        with torch.device("meta"):  # sizes only: nothing is allocated
+            HybridTokenizer(**kwargs)
+    except Exception as e:  # a hand-written config can fail anywhere in the constructor
+        raise SettingError(f"--model_config: {path} does not describe a HybridTokenizer "
+                           f"({type(e).__name__}: {e})") from None
