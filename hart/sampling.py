@@ -34,7 +34,7 @@ class SamplingOptions:
     """
 
     guidance_scale: float = limits.GUIDANCE_SCALE
-    top_k: Union[None, int, Tuple[int, ...]] = None
+    top_k: Union[None, int, Sequence[int]] = None
     top_p: Optional[float] = None
     more_smooth: bool = limits.MORE_SMOOTH
     stale_last_scale_guidance: bool = limits.STALE_LAST_SCALE_GUIDANCE
@@ -44,8 +44,6 @@ class SamplingOptions:
         n = self.num_maskgit_iters
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"`num_maskgit_iters` must be a positive integer, got {n!r}.")
-        if isinstance(self.top_k, (list, tuple)):
-            object.__setattr__(self, "top_k", tuple(int(k) for k in self.top_k))
 
     def top_ks(self, num_scales: int) -> List[int]:
         if self.top_k is None:
