@@ -200,6 +200,7 @@ class HARTPipeline(DiffusionPipeline):
         self,
         prompt: Union[str, List[str]] = None,
         negative_prompt: Optional[Union[str, List[str]]] = None,
+        *,
         num_images_per_prompt: int = 1,
         guidance_scale: float = limits.GUIDANCE_SCALE,
         top_k: Optional[int] = None,

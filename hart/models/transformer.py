@@ -226,6 +226,7 @@ class HARTTransformer(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
+        *,
         patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
         context_tokens: int = 300,
         context_dim: int = 1536,
