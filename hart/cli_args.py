@@ -57,7 +57,8 @@ def add_device_arguments(p) -> None:
 
 def add_sampling_arguments(p, what: str = "the images") -> None:
     """Seed, guidance, negative prompt, top-k, top-p, soft codes; unset flags are None (`sampling_settings`)."""
-    p.add_argument("--seed", type=checked(int, lambda v: 0 <= v <= limits.MAX_SEED, f"an integer in [0, {limits.MAX_SEED}]"),
+    p.add_argument("--seed", type=checked(int, lambda v: 0 <= v <= limits.MAX_SEED,
+                                          f"an integer in [0, {limits.MAX_SEED}]"),
                    help=f"image i of the run uses seed+i (default {limits.SEED})")
     p.add_argument("--guidance-scale", type=checked(float, lambda v: 0 <= v <= limits.MAX_GUIDANCE_SCALE,
                                                      f"a number in [0, {limits.MAX_GUIDANCE_SCALE:g}]"),

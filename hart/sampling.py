@@ -192,7 +192,7 @@ def sample_scales(
     device = state.text_BTC.device
     codebook_VCv = quantizer.embedding.weight.float().to(device)
     f_hat = torch.zeros(B, codebook_VCv.shape[1], pn[-1], pn[-1], device=quantizer.embedding.weight.device)
-    tokens_2BlCv = None
+    tokens_BlCv = None
     for si, p in enumerate(pn):
         ratio = options.guidance_ratio(si, S)
         draw = dict(codebook_VCv=codebook_VCv, top_k=top_ks[si], top_p=options.top_p,
@@ -201,11 +201,11 @@ def sample_scales(
         t = options.guidance_scale * ratio
         if si == S - 1:
             f_hat, idx_Bl, logits_BlV = _last_scale(
-                transformer, state, tokens_2BlCv, f_hat, t=t, known=known, forced=forced,
+                transformer, state, tokens_BlCv, f_hat, t=t, known=known, forced=forced,
                 num_maskgit_iters=options.num_maskgit_iters, draw=draw,
             )
         else:
-            _, logits_2BlV = transformer.scale_step(state, si, tokens_2BlCv)
+            _, logits_2BlV = transformer.scale_step(state, si, tokens_BlCv)
             logits_BlV = forced.process_logits(si, _guide(logits_2BlV, t))
             idx_Bl, h_BlCv = _impose(known, *_draw_tokens(logits_BlV, **draw), codebook_VCv)
             h_BCvpp = h_BlCv.transpose(1, 2).reshape(B, -1, p, p).to(f_hat.device)
@@ -214,10 +214,8 @@ def sample_scales(
         if callback is not None and callback(stage) is False:
             return stage.f_hat_BChw
         f_hat = stage.f_hat_BChw
-        if si < S - 1:
-            # both CFG halves read the conditional stream's next-scale input (as released)
-            next_BlCv = area_down(f_hat, pn[si + 1]).flatten(2).transpose(1, 2)
-            tokens_2BlCv = next_BlCv.to(device).repeat(2, 1, 1)
+        if si < S - 1:  # one input row per image: both guidance rows read it (as released)
+            tokens_BlCv = area_down(f_hat, pn[si + 1]).flatten(2).transpose(1, 2).to(device)
     return f_hat
 
 
@@ -260,20 +258,19 @@ def _maskgit_steps(num_tokens: int, num_iters: int, batch: int, generator, devic
     return steps
 
 
-def _last_scale(transformer, state, tokens_2BLCv, f_hat, *, t, known, forced, num_maskgit_iters, draw):
+def _last_scale(transformer, state, tokens_BLCv, f_hat, *, t, known, forced, num_maskgit_iters, draw):
     """The last scale: tokens (optionally over MaskGIT steps) plus the residual diffusion.
 
     Returns the final f-hat, the scale's tokens and its guided logits (None after several steps)."""
     B, Cv, P, _ = f_hat.shape
     si, codebook_VCv = len(transformer.patch_nums) - 1, draw["codebook_VCv"]
     device = codebook_VCv.device
-    tokens_BLCv = torch.zeros(B, P * P, Cv, device=device)
+    added_BLCv = torch.zeros(B, P * P, Cv, device=device)
     idx_BL = torch.zeros(B, P * P, dtype=torch.long, device=device)
     logits_BLV = None
     for pred_Bn in _maskgit_steps(P * P, num_maskgit_iters, B, draw["generator"], device):
-        pred_2Bn = pred_Bn.repeat(2, 1)
-        x_2BnCv = tokens_2BLCv.gather(1, pred_2Bn.unsqueeze(-1).expand(-1, -1, Cv))
-        hidden_2BnC, logits_2BnV = transformer.scale_step(state, si, x_2BnCv, index_Bl=pred_2Bn)
+        x_BnCv = tokens_BLCv.gather(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv))
+        hidden_2BnC, logits_2BnV = transformer.scale_step(state, si, x_BnCv, index_Bl=pred_Bn)
         logits_BnV = forced.process_logits(si, _guide(logits_2BnV, t))
         step_known = None if known is None else tuple(k.to(device).gather(1, pred_Bn) for k in known)
         idx_Bn, h_BnCv = _impose(step_known, *_draw_tokens(logits_BnV, **draw), codebook_VCv)
@@ -285,8 +282,8 @@ def _last_scale(transformer, state, tokens_2BLCv, f_hat, *, t, known, forced, nu
             z_cond, z_uncond, guidance_scale=t, generator=draw["generator"], num_images=B
         ).view(B, n, Cv).float()
         residual_BnCv = forced.residual(residual_BnCv, pred_Bn)
-        tokens_BLCv.scatter_(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv), h_BnCv + residual_BnCv)
+        added_BLCv.scatter_(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv), h_BnCv + residual_BnCv)
         idx_BL.scatter_(1, pred_Bn, idx_Bn)
         logits_BLV = logits_BnV if num_maskgit_iters == 1 else None
-    f_hat = f_hat + tokens_BLCv.transpose(1, 2).reshape(B, Cv, P, P).to(f_hat.device)  # no phi at the last scale
+    f_hat = f_hat + added_BLCv.transpose(1, 2).reshape(B, Cv, P, P).to(f_hat.device)  # no phi at the last scale
     return forced.pin_latent(f_hat), idx_BL, logits_BLV

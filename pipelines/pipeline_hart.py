@@ -176,12 +176,17 @@ class HARTPipeline(DiffusionPipeline):
         tensors = {k: v for k, v in tensors.items() if k in wanted}
         if "preview" in wanted:
             tensors["preview"] = (self.preview(stage.f_hat_BChw, min(side, PREVIEW_MAX_SIDE)) + 1) / 2
-        returned = callback_on_step_end(self, stage.si, side, tensors) or {}
+        returned = callback_on_step_end(self, stage.si, side, tensors)
+        if returned is None:
+            returned = {}
+        if not isinstance(returned, dict):
+            raise TypeError(f"`callback_on_step_end` must return a dict (may be empty), got {type(returned).__name__}.")
         for name, value in returned.items():
             if name in REPLACEABLE_TENSORS:
                 if not isinstance(value, torch.Tensor) or value.shape != stage.f_hat_BChw.shape:
-                    raise ValueError(f"`callback_on_step_end` returned {name!r} of shape {getattr(value, 'shape', None)}; "
-                                     f"it must be a tensor of shape {tuple(stage.f_hat_BChw.shape)}.")
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(f"`callback_on_step_end` returned {name!r} of shape {got}; it must be a "
+                                     f"tensor of shape {tuple(stage.f_hat_BChw.shape)}.")
                 stage.f_hat_BChw = value.to(stage.f_hat_BChw)
             elif value is not tensors.get(name):
                 raise ValueError(f"`callback_on_step_end` returned a new {name!r}; only {REPLACEABLE_TENSORS} can be "

@@ -179,8 +179,7 @@ class AdaLNBlock(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
-        """`(B, 1, 6, C)`: gates, scales and shifts. They depend on the text only, so sampling
-        computes them once per call instead of once per scale."""
+        """`(B, 1, 6, C)` gates, scales and shifts: text only, so computed once per sampling call."""
         return self.ada_lin(cond_BD).view(cond_BD.shape[0], 1, 6, -1)
 
     def forward(self, x_BLC, ada_B16C, rope_cos_sin, mask_LL=None, *, cache: Optional[KVCache] = None, layer: int = 0):
@@ -258,9 +257,7 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         self.word_embed = nn.Linear(latent_channels, C)
         self.lvl_embed = nn.Embedding(len(patch_nums), C)
         hidden = swiglu_hidden(C, mlp_ratio)
-        self.blocks = nn.ModuleList(
-            AdaLNBlock(C, num_heads, hidden, norm_eps, attn_l2_norm) for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(AdaLNBlock(C, num_heads, hidden, norm_eps, attn_l2_norm) for _ in range(depth))
         self.head_nm = AdaLNHead(C, norm_eps)
         self.head = nn.Linear(C, vocab_size)
         self.decoder_norm = RMSNorm(C, norm_eps)
@@ -270,7 +267,6 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         self.rope = Rope(C // num_heads, rope_base)
         self.gradient_checkpointing = False
 
-    # ---- sizes -------------------------------------------------------------------------------
     @property
     def patch_nums(self) -> Tuple[int, ...]:
         return tuple(self.config.patch_nums)
@@ -383,15 +379,21 @@ class HARTTransformer(ModelMixin, ConfigMixin):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Run scale `si` against the KV cache (scales 0..si-1 must have run): `(hidden_BlC, logits_BlV)`.
 
-        Scale 0 reads the text (`tokens_BlCv` None) and only its last position, which predicts the 1x1
-        scale, is returned. Scale si >= 1 reads `tokens_BlCv`, the area-downsampled f-hat (latent
-        channels) at the positions `index_Bl` of its row-major p x p map (None: all of them, in order).
+        Scale 0 reads the text (`tokens_BlCv` None); only its last position (it predicts the 1x1 scale)
+        is returned. Scale si >= 1 reads `tokens_BlCv`, f-hat area-downsampled to p x p (latent channels),
+        at the positions `index_Bl` of its row-major map (None: all, in order). Every text row of an
+        image (conditional and unconditional under guidance) reads that image's one token row, as released.
         """
         if si == 0:
             hidden_BLC = self._run_blocks(state.text_BTC, state.modulations, state.text_rope, cache=state.cache)
             hidden_BlC = hidden_BLC[:, -1:]
         else:
+            rows, B = state.offset_B.shape[0], tokens_BlCv.shape[0]
+            if rows % B:
+                raise ValueError(f"{B} token rows for {rows} text rows: give one per image or one per text row")
             x_BlC = self.word_embed(tokens_BlCv.to(self.word_embed.weight.dtype)) + self.lvl_embed.weight[si]
+            x_BlC = x_BlC.repeat(rows // B, 1, 1)
+            index_Bl = None if index_Bl is None else index_Bl.repeat(rows // B, 1)
             positions = image_positions(self.patch_nums[si], self.patch_nums[-1], state.offset_B, index_Bl)
             hidden_BlC = self._run_blocks(x_BlC, state.modulations, self.rope.image(*positions), cache=state.cache)
         return hidden_BlC, self._logits(hidden_BlC, state.head_cond_BD)
