@@ -38,15 +38,10 @@ EXAMPLE_DOC = """
 
 
 # Model offload moves a model to the device when its `forward` runs; the tokenizer is used through
-# other methods, so they get the same hook (as diffusers' AutoencoderKL.encode/decode).
+# other methods, so they get the same hook (as diffusers' AutoencoderKL.decode).
 @apply_forward_hook
 def _decode(vae: HybridTokenizer, f_hat_BChw: torch.Tensor) -> torch.Tensor:
     return vae.decode_latent(f_hat_BChw.to(vae.dtype))
-
-
-@apply_forward_hook
-def _encode(vae: HybridTokenizer, img_B3HW: torch.Tensor) -> torch.Tensor:
-    return vae.encode_latent(img_B3HW.to(vae.device, vae.dtype))
 
 
 class HARTPipeline(DiffusionPipeline):

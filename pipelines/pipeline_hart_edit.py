@@ -13,10 +13,17 @@ from __future__ import annotations
 from typing import List, Optional, Union
 
 import torch
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from hart.editing import blend_mask, inpaint_tokens, prepare_image, prepare_mask, variation_tokens
-from hart.pipelines.pipeline_hart import HARTPipeline, _decode, _encode
+from hart.models.tokenizer import HybridTokenizer
+from hart.pipelines.pipeline_hart import HARTPipeline
 from hart.sampling import ForcedTokens
+
+
+@apply_forward_hook  # model offload: the tokenizer moves to the device for this call too
+def _encode(vae: HybridTokenizer, img_B3HW: torch.Tensor) -> torch.Tensor:
+    return vae.encode_latent(img_B3HW.to(vae.device, vae.dtype))
 
 
 class _EditPipeline(HARTPipeline):
@@ -75,7 +82,7 @@ class HARTInpaintPipeline(_EditPipeline):
     def postprocess_decoded(self, images_B3HW: torch.Tensor) -> torch.Tensor:
         if self._edit["blend_radius"] == 0:
             return images_B3HW
-        reconstruction = _decode(self.vae, self._edit["f_BChw"]).float()
+        reconstruction = self.decode_latent(self._edit["f_BChw"])
         soft = blend_mask(self._edit["hole"], self._edit["blend_radius"]).to(images_B3HW.device)
         return soft * images_B3HW + (1 - soft) * reconstruction.to(images_B3HW.device)
 
