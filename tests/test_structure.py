@@ -215,3 +215,17 @@ def test_callback_on_step_end_replacements_are_checked(pipe):
         _latent(pipe, lambda p, si, side, t: {"f_hat": torch.zeros(1, 1)})
     with pytest.raises(ValueError, match="only"):
         _latent(pipe, lambda p, si, side, t: {"idx": torch.zeros(1, side * side, dtype=torch.long)}, ("idx",))
+
+
+def test_help_imports_no_heavy_module():
+    """`hart --help` (and each command's) answers at once: torch, diffusers and transformers load
+    only when a command runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from hart.cli import main\n"
+            "for command in ([], ['generate'], ['inpaint'], ['vary'], ['convert'], ['benchmark'], ['app']):\n"
+            "    main(command + ['--help'])\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
