@@ -10,7 +10,8 @@ Both pipelines share `HARTPipeline`'s components; build one from another without
 """
 from __future__ import annotations
 
-from typing import List, Optional, Union
+import threading
+from typing import List, Union
 
 import torch
 from diffusers.utils.accelerate_utils import apply_forward_hook
@@ -26,13 +27,20 @@ def _encode(vae: HybridTokenizer, img_B3HW: torch.Tensor) -> torch.Tensor:
     return vae.encode_latent(img_B3HW.to(vae.device, vae.dtype))
 
 
+# The checked edit inputs of the call running in this thread, read by the hooks. Per thread: the
+# app serves concurrent requests with one pipeline object.
+_CALL = threading.local()
+
+
 class _EditPipeline(HARTPipeline):
     """Text-to-image whose `known_tokens` hook imposes tokens of an input image.
 
-    `__call__` checks the edit's own arguments, keeps them for the hook and runs the text-to-image
+    `__call__` checks the edit's own arguments, keeps them for the hooks and runs the text-to-image
     call with every other argument unchanged."""
 
-    _edit: Optional[dict] = None  # this call's checked edit inputs, read by the hooks
+    @property
+    def _edit(self) -> dict:
+        return _CALL.edit
 
     @property
     def resolution(self) -> int:
@@ -43,11 +51,11 @@ class _EditPipeline(HARTPipeline):
         return _encode(self.vae, img_13HW).float()
 
     def _run(self, prompt, edit: dict, kwargs: dict):
-        self._edit = edit
+        _CALL.edit = edit
         try:
             return super().__call__(prompt, **kwargs)
         finally:
-            self._edit = None
+            del _CALL.edit
 
 
 class HARTInpaintPipeline(_EditPipeline):

@@ -229,3 +229,21 @@ def test_help_imports_no_heavy_module():
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_model_cpu_offload_runs_the_edit_pipelines_through_public_hooks(pipe, picture):
+    import copy
+
+    for root in ("hart", "pipelines"):
+        for path in (REPO / root).rglob("*.py"):
+            assert "_hf_hook" not in path.read_text(), f"{path.relative_to(REPO)} reaches into accelerate's hook"
+    mask = torch.zeros(1, *picture.shape[1:])
+    mask[:, :, : picture.shape[2] // 2] = 1
+    run = lambda p: p("a red circle", image=picture, mask_image=mask, blend_radius=2, output_type="pt",
+                      generator=torch.Generator().manual_seed(9)).images
+    inpaint = HARTInpaintPipeline.from_pipe(pipe)
+    inpaint.set_progress_bar_config(disable=True)
+    offloaded = HARTInpaintPipeline.from_pipe(copy.deepcopy(pipe))
+    offloaded.set_progress_bar_config(disable=True)
+    offloaded.enable_model_cpu_offload(device="cpu")  # the same hooks a GPU run installs
+    assert torch.equal(run(offloaded), run(inpaint))
