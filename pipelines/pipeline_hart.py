@@ -138,7 +138,7 @@ class HARTPipeline(DiffusionPipeline):
 
     def known_tokens(self, batch_size: int) -> Optional[ForcedTokens]:
         """The one hook of the edit pipelines: what the scale loop imposes instead of sampling
-        (None for text-to-image). Called after the inputs are checked, before the prompt is encoded."""
+        (None for text-to-image). Called after the prompts are encoded, before the scale loop."""
         return None
 
     def postprocess_decoded(self, images_B3HW: torch.Tensor) -> torch.Tensor:
@@ -263,15 +263,15 @@ class HARTPipeline(DiffusionPipeline):
         self._interrupt = False
         device = self._execution_device
 
-        # 2. Prepare what is known in advance (the edit pipelines' input tokens)
-        forced = self.known_tokens(len(prompts) * num_images_per_prompt)
-
-        # 3. Encode the prompts (and the negative prompts: the unconditional branch)
+        # 2. Encode the prompts (and the negative prompts: the unconditional branch)
         text = dict(device=device, use_system_prompt=use_system_prompt, max_sequence_length=max_sequence_length)
         cond = self.encode_prompt(prompts, **text).repeat_interleave(num_images_per_prompt)
         uncond = None
         if negatives is not None:
             uncond = self.encode_prompt(negatives, **text).repeat_interleave(num_images_per_prompt)
+
+        # 3. Prepare what is known in advance (the edit pipelines' input tokens)
+        forced = self.known_tokens(cond.batch_size)
 
         # 4. Scale loop, coarse to fine; 5. at the last scale, the residual diffusion (hart.sampling)
         f_hat = self.scale_loop(
