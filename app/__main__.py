@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import List, Optional
 
-DTYPES = ("fp32", "bf16", "fp16")
+from hart.cli_args import add_device_arguments, add_model_arguments
 
 
 def _whole(low: int, high: float = float("inf")):
@@ -26,11 +26,8 @@ def _whole(low: int, high: float = float("inf")):
 def build_parser(prog: str = "hart app") -> argparse.ArgumentParser:
     """The options; `prog` is the command named in usage and error lines (`hart app` runs `main` directly)."""
     p = argparse.ArgumentParser(prog=prog, description="HART text-to-image web demo (Gradio).")
-    p.add_argument("--model", help="pipeline folder (model_index.json) or official release folder (llm/ + tokenizer/); "
-                                   "default: the bundled shapes-world model")
-    p.add_argument("--text-encoder", help="text model folder; required with an official release folder")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default bf16 on cuda, fp32 on cpu)")
+    add_model_arguments(p, required=False)
+    add_device_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_whole(1, 65535), default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public *.gradio.live link (goes online)")
@@ -43,46 +40,29 @@ def build_parser(prog: str = "hart app") -> argparse.ArgumentParser:
     return p
 
 
-def resolve_device(device: Optional[str], dtype: Optional[str]):
-    import torch
-
-    from hart.cli import UsageError
-
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UsageError(f"--device: {device!r} is not a torch device (try cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    dtype = dtype or ("bf16" if device.type == "cuda" else "fp32")
-    if dtype == "fp16" and device.type != "cuda":
-        raise UsageError(f"--dtype fp16 needs a CUDA device (device is {device.type}); use fp32 or bf16")
-    return device, dtype
-
-
 def main(argv: Optional[List[str]] = None, prog: str = "hart app") -> int:
     args = build_parser(prog).parse_args(argv)  # before the heavy imports: --help stays quick
-    from hart.cli import UsageError, load_pipeline, resolve_model
+    from hart.cli_args import UsageError, device_and_dtype, load_pipeline, resolve_model
     from hart.loading import CheckpointError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up checks, one line each
     try:
-        device, dtype = resolve_device(args.device, args.dtype)
+        _, device, dtype = device_and_dtype(args.device, args.dtype)
         safety_checker = None
         if args.safety_model:
             from hart.app.safety import ShieldGemmaChecker
 
             safety_checker = ShieldGemmaChecker(args.safety_model, device=str(device))
         pipe = load_pipeline(resolve_model(args.model), args.text_encoder, device, dtype)
-    except (UsageError, CheckpointError, FileNotFoundError) as e:
+        from hart.app.demo import build_demo
+
+        demo = build_demo(pipe, max_images=args.max_images, concurrency=args.concurrency,
+                          max_queue=args.max_queue, safety_checker=safety_checker)
+    except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:  # ValueError: a bad examples.json
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 
-    from hart.app.demo import build_demo
-
-    demo = build_demo(pipe, max_images=args.max_images, concurrency=args.concurrency, max_queue=args.max_queue,
-                      safety_checker=safety_checker)
     _, local_url, share_url = demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                                           prevent_thread_lock=True, quiet=True)
     print(f"HART demo on {local_url}" + (f" and {share_url}" if share_url else "") + " (Ctrl+C stops it)", flush=True)

@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from hart.cli_args import POSITIVE_INT, TORCH_DTYPES, UsageError, checked
+from hart.cli_args import (
+    METADATA_KEY, POSITIVE_INT, SAMPLING_DEFAULTS, TORCH_DTYPES, UsageError, add_device_arguments, add_model_arguments,
+    add_sampling_arguments, as_recorded, device_and_dtype, load_pipeline, package_version, resolve_model,
+    sampling_settings,
+)
 from hart.cli_edit import add_inpaint_command, add_outpaint_command, add_vary_command
 from hart.cli_tools import add_app_command, add_benchmark_command
-from hart.limits import MAX_GUIDANCE_SCALE, MAX_SEED
-
-METADATA_KEY = "hart"  # PNG text chunk holding the JSON of everything needed to regenerate the image
-SAMPLING_DEFAULTS = dict(seed=0, guidance_scale=4.5, top_k=None, top_p=None, more_smooth=True, negative_prompt=None)
 
 
 @dataclass
@@ -36,66 +36,6 @@ class Job:
     @property
     def file_name(self) -> str:
         return f"{self.prompt_index:05d}_{self.image_index:02d}.png"
-
-
-# ---- shared helpers -------------------------------------------------------------------------------
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("hart")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
-def _as_recorded(name: Optional[str]) -> Optional[str]:
-    """A local folder as an absolute path (so the PNG's metadata works from anywhere), a hub name as is."""
-    return str(Path(name).resolve()) if name is not None and Path(name).exists() else name
-
-
-def resolve_model(model: Optional[str]) -> str:
-    """The model to load: the one given, else the bundled shapes-world model."""
-    if model is not None:
-        return model
-    from hart.bundled import BUNDLED_MODEL
-
-    if not (Path(BUNDLED_MODEL) / "model_index.json").is_file():
-        raise UsageError(f"--model is required: the bundled model is missing from this install ({BUNDLED_MODEL})")
-    return BUNDLED_MODEL
-
-
-def load_pipeline(model: str, text_encoder: Optional[str] = None, device=None, dtype: str = "fp32",
-                  use_ema: bool = True):
-    """HARTPipeline from this package's layout (`model_index.json`) or the official one (`llm/` + `tokenizer/`)."""
-    import torch
-    from hart import HARTPipeline
-    from hart.loading import CheckpointError, resolve_folder
-
-    def folder(flag, name):
-        try:
-            return resolve_folder(name)
-        except CheckpointError as e:
-            raise UsageError(f"{flag}: {e}") from None
-
-    path = folder("--model", model)
-    if (path / "model_index.json").is_file():
-        if text_encoder is not None:
-            raise UsageError(f"--text-encoder: {path} has its own text encoder (model_index.json); drop --text-encoder")
-        pipe = HARTPipeline.from_pretrained(path)
-    elif (path / "llm").is_dir() and (path / "tokenizer").is_dir():
-        if text_encoder is None:
-            raise UsageError(f"--text-encoder is required: {path} is in the official layout (llm/ + tokenizer/), "
-                             "which has no text encoder; pass the Qwen2 text model folder")
-        pipe = HARTPipeline.from_official(path, text_encoder=folder("--text-encoder", text_encoder), use_ema=use_ema)
-    else:
-        raise UsageError(f"--model: {path} is neither a hart pipeline folder (model_index.json) "
-                         "nor an official HART release folder (llm/ and tokenizer/)")
-    pipe.set_progress_bar_config(disable=True)
-    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
-    if {pipe.transformer.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} != {torch_dtype}:
-        pipe.to(torch_dtype)  # only when needed: diffusers 0.42 warns on every cast
-    return pipe.to(device) if device is not None else pipe
 
 
 # ---- hart generate --------------------------------------------------------------------------------
@@ -130,13 +70,13 @@ def plan_from_args(args) -> dict:
         raise UsageError("PROMPT is empty")
     if args.negative_prompt is not None and not args.negative_prompt.strip():
         raise UsageError("--negative-prompt is empty; leave it out instead")
-    settings = {k: SAMPLING_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k) for k in SAMPLING_DEFAULTS}
+    settings = sampling_settings(args)
     seed = settings.pop("seed")
     n = args.num_images
     jobs = [Job(p, i, prompt, seed + p * n + i) for p, prompt in enumerate(prompts) for i in range(n)]
     batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
     return dict(batches=batches, keep=None, settings=settings,
-                model=_as_recorded(resolve_model(args.model)), text_encoder=_as_recorded(args.text_encoder),
+                model=as_recorded(resolve_model(args.model)), text_encoder=as_recorded(args.text_encoder),
                 dtype=args.dtype, grid_columns=n if n > 1 else math.ceil(math.sqrt(len(jobs))))
 
 
@@ -207,25 +147,6 @@ def steps_strip(previews, index: int, final):
     return tile(panels, len(panels))
 
 
-def process_state_and_device(device_arg: Optional[str]):
-    """accelerate's process state (one process without `accelerate launch`) and this process's device."""
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    # PartialState ignores ACCELERATE_USE_CPU (only Accelerator reads it): without cpu=True a CPU
-    # launch would run every process as a lone process 0, each generating everything
-    use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device_arg == "cpu" or not torch.cuda.is_available()
-    state = PartialState(cpu=use_cpu)
-    try:  # a bare "cuda" under `accelerate launch` means each process's own GPU
-        device = state.device if device_arg in (None, state.device.type) else torch.device(device_arg)
-    except RuntimeError:
-        raise UsageError(f"--device: {device_arg!r} is not a torch device (try cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    return state, device
-
-
 def write_manifest(out: Path, plan: dict, rows: List[dict], summary: dict) -> None:
     """manifest.jsonl (one row per image, in run order) and run.json, after checking the split."""
     expected = sorted((j.prompt_index, j.image_index) for b in plan["batches"] for j in b
@@ -245,15 +166,12 @@ def run_generate(args) -> int:
     from tqdm.auto import tqdm
 
     plan = plan_from_png(args) if args.from_png else plan_from_args(args)
-    state, device = process_state_and_device(args.device)
-    dtype = plan["dtype"] or ("bf16" if device.type == "cuda" else "fp32")
-    if dtype == "fp16" and device.type != "cuda":
-        raise UsageError(f"--dtype fp16 needs a CUDA device (device is {device.type}); use fp32 or bf16")
+    state, device, dtype = device_and_dtype(args.device, plan["dtype"])
     pipe = load_pipeline(plan["model"], plan["text_encoder"], device, dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = dict(plan["settings"], model=plan["model"], text_encoder=plan["text_encoder"], dtype=dtype,
-                  hart_version=_package_version())
+                  hart_version=package_version())
 
     written = []
     with state.split_between_processes(plan["batches"]) as my_batches:
@@ -294,32 +212,14 @@ def add_generate_command(subparsers) -> None:
     p.add_argument("--from-png", help="regenerate this image from its metadata (pixel-identical on the same "
                                               "device type, dtype and CPU thread count)")
     p.add_argument("-n", "--num-images", type=POSITIVE_INT, default=1, help="images per prompt (default 1)")
-    p.add_argument("--seed", type=checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
-                   help="image i of the run uses seed+i (default 0)")
-    p.add_argument("--guidance-scale", type=checked(float, lambda v: 0 <= v <= MAX_GUIDANCE_SCALE,
-                                                     f"a number in [0, {MAX_GUIDANCE_SCALE:g}]"),
-                   help="classifier-free guidance (default 4.5)")
-    p.add_argument("--negative-prompt", help="what the images should not show")
-    p.add_argument("--top-k", type=POSITIVE_INT, help="top-k sampling (default: the release's schedule)")
-    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-                   help="nucleus sampling threshold (default off)")
-    p.add_argument("--more-smooth", action=argparse.BooleanOptionalAction, help="soft codes (default on)")
+    add_sampling_arguments(p)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="images per forward pass (default 4)")
     p.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
     p.add_argument("--grid", action="store_true", help="also write grid.png with all images")
     p.add_argument("--save-steps", action="store_true", help="also write NAME_steps.png: the coarse-to-fine previews")
-    _add_model_arguments(p, required=False)
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=TORCH_DTYPES, help="weights dtype (default bf16 on cuda, fp32 on cpu)")
+    add_model_arguments(p, required=False)
+    add_device_arguments(p)
     p.set_defaults(run=run_generate)
-
-
-def _add_model_arguments(p, required: bool) -> None:
-    p.add_argument("--model", required=required,
-                   help="pipeline folder (model_index.json) or official release folder (llm/ + tokenizer/)"
-                        + ("" if required else "; default: the bundled shapes-world model"))
-    p.add_argument("--text-encoder", required=required,
-                   help="text model folder (Qwen2-VL-1.5B-Instruct for the release); needed with an official folder")
 
 
 # ---- hart convert ---------------------------------------------------------------------------------
@@ -351,7 +251,7 @@ def run_convert(args) -> int:
 
 def add_convert_command(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert an official release to this package's pipeline layout")
-    _add_model_arguments(p, required=True)
+    add_model_arguments(p, required=True)
     p.add_argument("--out", required=True, help="new folder for the converted pipeline")
     p.add_argument("--dtype", choices=TORCH_DTYPES, default="fp32", help="saved weights dtype (default fp32)")
     p.add_argument("--no-ema", action="store_true", help="use llm/ weights even where ema_model.bin exists")
@@ -374,8 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (argparse errors included, no SystemExit)."""
-    from hart.loading import CheckpointError
-
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -387,7 +285,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.passthrough = extra
     try:
         return args.run(args)
-    except (UsageError, CheckpointError) as e:
+    except Exception as e:
+        from hart.loading import CheckpointError  # here, not at the top: `hart --help` stays quick
+
+        if not isinstance(e, (UsageError, CheckpointError)):
+            raise
         print(f"hart {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,9 +1,22 @@
-"""Argument helpers shared by the `hart` sub-commands."""
+"""What every `hart` command (and `python -m hart.app`) shares: argument types, the model, device,
+dtype and sampling flags, and loading the pipeline they name.
+
+Import-light on purpose: torch, accelerate and diffusers are imported when a command runs, so that
+`hart --help` answers at once.
+"""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Optional
+
+from hart import limits
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+METADATA_KEY = "hart"  # PNG text chunk holding the JSON of everything needed to regenerate the image
+# Sampling flags and their values when not given (flags default to None so a replay can tell what was given).
+SAMPLING_DEFAULTS = dict(seed=limits.SEED, guidance_scale=limits.GUIDANCE_SCALE, top_k=None, top_p=None,
+                         more_smooth=limits.MORE_SMOOTH, negative_prompt=None)
 
 
 class UsageError(Exception):
@@ -24,3 +37,128 @@ def checked(kind, ok, what: str):
 
 
 POSITIVE_INT = checked(int, lambda v: v >= 1, "a positive integer")
+NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, "an integer >= 0")
+
+
+# ---- flags ------------------------------------------------------------------------------------------
+
+def add_model_arguments(p, required: bool = False) -> None:
+    p.add_argument("--model", required=required,
+                   help="pipeline folder (model_index.json) or official release folder (llm/ + tokenizer/)"
+                        + ("" if required else "; default: the bundled shapes-world model"))
+    p.add_argument("--text-encoder", required=required,
+                   help="text model folder (Qwen2-VL-1.5B-Instruct for the release); needed with an official folder")
+
+
+def add_device_arguments(p) -> None:
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=TORCH_DTYPES, help="weights dtype (default bf16 on cuda, fp32 on cpu)")
+
+
+def add_sampling_arguments(p, what: str = "the images") -> None:
+    """Seed, guidance, negative prompt, top-k, top-p, soft codes; unset flags are None (`sampling_settings`)."""
+    p.add_argument("--seed", type=checked(int, lambda v: 0 <= v <= limits.MAX_SEED,
+                                          f"an integer in [0, {limits.MAX_SEED}]"),
+                   help=f"image i of the run uses seed+i (default {limits.SEED})")
+    p.add_argument("--guidance-scale", type=checked(float, lambda v: 0 <= v <= limits.MAX_GUIDANCE_SCALE,
+                                                     f"a number in [0, {limits.MAX_GUIDANCE_SCALE:g}]"),
+                   help=f"classifier-free guidance (default {limits.GUIDANCE_SCALE:g})")
+    p.add_argument("--negative-prompt", help=f"what {what} should not show")
+    p.add_argument("--top-k", type=POSITIVE_INT, help="top-k sampling (default: the release's schedule)")
+    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                   help="nucleus sampling threshold (default off)")
+    p.add_argument("--more-smooth", action=argparse.BooleanOptionalAction,
+                   help=f"soft codes (default {'on' if limits.MORE_SMOOTH else 'off'})")
+
+
+def sampling_settings(args) -> dict:
+    """The sampling flags with the defaults filled in."""
+    return {k: default if getattr(args, k) is None else getattr(args, k) for k, default in SAMPLING_DEFAULTS.items()}
+
+
+# ---- device, dtype, model ---------------------------------------------------------------------------
+
+def device_and_dtype(device_arg: Optional[str], dtype_arg: Optional[str]):
+    """(accelerate's process state, this process's torch device, dtype name) for `--device`/`--dtype`.
+
+    One process without `accelerate launch`; under it, a bare "cuda" means each process's own GPU."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # PartialState ignores ACCELERATE_USE_CPU (only Accelerator reads it): without cpu=True a CPU
+    # launch would run every process as a lone process 0, each generating everything
+    use_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or device_arg == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=use_cpu)
+    try:
+        device = state.device if device_arg in (None, state.device.type) else torch.device(device_arg)
+    except RuntimeError:
+        raise UsageError(f"--device: {device_arg!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    dtype = dtype_arg or ("bf16" if device.type == "cuda" else "fp32")
+    if dtype == "fp16" and device.type != "cuda":
+        raise UsageError(f"--dtype fp16 needs a CUDA device (device is {device.type}); use fp32 or bf16")
+    return state, device, dtype
+
+
+def resolve_model(model: Optional[str]) -> str:
+    """The model to load: the one given, else the bundled shapes-world model."""
+    if model is not None:
+        return model
+    from hart.bundled import BUNDLED_MODEL
+
+    if not (Path(BUNDLED_MODEL) / "model_index.json").is_file():
+        raise UsageError(f"--model is required: the bundled model is missing from this install ({BUNDLED_MODEL})")
+    return BUNDLED_MODEL
+
+
+def as_recorded(name: Optional[str]) -> Optional[str]:
+    """A local folder as an absolute path (so the PNG's metadata works from anywhere), a hub name as is."""
+    return str(Path(name).resolve()) if name is not None and Path(name).exists() else name
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hart")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def load_pipeline(model: str, text_encoder: Optional[str] = None, device=None, dtype: str = "fp32",
+                  use_ema: bool = True):
+    """HARTPipeline from any layout `hart.loading` reads (this package's `model_index.json`, a training run
+    folder's `pipeline/`, the official `llm/` + `tokenizer/`), with the command's flags named in errors."""
+    import torch
+
+    from hart import loading
+
+    def flagged(flag, find, name):
+        try:
+            return find(name)
+        except loading.CheckpointError as e:
+            raise UsageError(f"{flag}: {e}") from None
+
+    layout, path = flagged("--model", loading.detect_layout, model)
+    if layout == "pipeline" and text_encoder is not None:
+        raise UsageError(f"--text-encoder: {path} has its own text encoder (model_index.json); drop --text-encoder")
+    if layout == "official" and text_encoder is None:
+        raise UsageError(f"--text-encoder is required: {path} is in the official layout (llm/ + tokenizer/), "
+                         "which has no text encoder; pass the Qwen2 text model folder")
+    if text_encoder is not None:
+        text_encoder = flagged("--text-encoder", loading.resolve_folder, text_encoder)
+    pipe = loading.load_pipeline(path, text_encoder, use_ema=use_ema)
+    pipe.set_progress_bar_config(disable=True)
+    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    if {pipe.transformer.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} != {torch_dtype}:
+        pipe.to(torch_dtype)  # only when needed: diffusers 0.42 warns on every cast
+    return pipe.to(device) if device is not None else pipe
+
+
+def load_command_pipeline(args):
+    """(pipeline, process state, device, dtype name, model) for a command's --model/--text-encoder/--device/--dtype."""
+    model = resolve_model(args.model)
+    state, device, dtype = device_and_dtype(args.device, args.dtype)
+    return load_pipeline(model, args.text_encoder, device, dtype), state, device, dtype, model

@@ -5,12 +5,13 @@ text chunk, like `hart generate`. Masks follow diffusers: white = repaint, black
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from hart.cli_args import POSITIVE_INT, TORCH_DTYPES, UsageError, checked
-from hart.limits import MAX_GUIDANCE_SCALE, MAX_SEED
+from hart.cli_args import (
+    METADATA_KEY, NON_NEGATIVE_INT, POSITIVE_INT, UsageError, add_device_arguments, add_model_arguments,
+    add_sampling_arguments, as_recorded, checked, load_command_pipeline, package_version, sampling_settings,
+)
 
 
 def _read_image(flag: str, path: str, mode: str):
@@ -45,26 +46,18 @@ def _run_edit(args, pipeline_class, make_inputs) -> int:
     import torch
     from PIL.PngImagePlugin import PngInfo
 
-    from hart.cli import (METADATA_KEY, _as_recorded, _package_version, load_pipeline, process_state_and_device,
-                          resolve_model)
-
-    model = resolve_model(args.model)
-    _, device = process_state_and_device(args.device)
-    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    if dtype == "fp16" and device.type != "cuda":
-        raise UsageError(f"--dtype fp16 needs a CUDA device (device is {device.type}); use fp32 or bf16")
-    pipe = pipeline_class.from_pipe(load_pipeline(model, args.text_encoder, device, dtype))
-    side = pipe.resolution
-    inputs, recorded = make_inputs(pipe, side)
-    settings = dict(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
-                    more_smooth=args.more_smooth, negative_prompt=args.negative_prompt)
+    t2i, _, _, dtype, model = load_command_pipeline(args)
+    pipe = pipeline_class.from_pipe(t2i)
+    inputs, recorded = make_inputs(pipe, pipe.resolution)
+    settings = sampling_settings(args)
+    first_seed = settings.pop("seed")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = dict(command=args.command, prompt=args.prompt.strip(), **settings, **recorded,
-                  model=_as_recorded(model), text_encoder=_as_recorded(args.text_encoder), dtype=dtype,
-                  hart_version=_package_version())
+                  model=as_recorded(model), text_encoder=as_recorded(args.text_encoder), dtype=dtype,
+                  hart_version=package_version())
     for i in range(args.num_images):
-        seed = args.seed + i
+        seed = first_seed + i
         try:
             image = pipe(args.prompt.strip(), **inputs, **settings,
                          generator=torch.Generator().manual_seed(seed)).images[0]
@@ -144,28 +137,15 @@ def run_vary(args) -> int:
 
 
 def _add_common(p, default_out: str) -> None:
-    from hart.cli import _add_model_arguments
-
     p.add_argument("prompt", help="what the new content should show")
     p.add_argument("-n", "--num-images", type=POSITIVE_INT, default=1, help="images (seeds seed..seed+n-1; default 1)")
-    p.add_argument("--seed", type=checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
-                   default=0, help="seed of the first image (default 0)")
-    p.add_argument("--guidance-scale", type=checked(float, lambda v: 0 <= v <= MAX_GUIDANCE_SCALE,
-                                                     f"a number in [0, {MAX_GUIDANCE_SCALE:g}]"),
-                   default=4.5, help="classifier-free guidance (default 4.5)")
-    p.add_argument("--negative-prompt", help="what the new content should not show")
-    p.add_argument("--top-k", type=POSITIVE_INT, help="top-k sampling (default: the release's schedule)")
-    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-                   help="nucleus sampling threshold (default off)")
-    p.add_argument("--more-smooth", action=argparse.BooleanOptionalAction, default=True,
-                   help="soft codes (default on)")
+    add_sampling_arguments(p, "the new content")
     p.add_argument("--out", default=default_out, help=f"output folder (default ./{default_out})")
-    _add_model_arguments(p, required=False)
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=TORCH_DTYPES, help="weights dtype (default bf16 on cuda, fp32 on cpu)")
+    add_model_arguments(p, required=False)
+    add_device_arguments(p)
 
 
-BLEND = dict(type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=0,
+BLEND = dict(type=NON_NEGATIVE_INT, default=0,
              help="soft seam of this many pixels at the mask border (default 0: the kept area is the "
                   "tokenizer's reconstruction of the input)")
 
@@ -207,6 +187,6 @@ def add_vary_command(subparsers) -> None:
                      "Keep the first --keep-scales scales of the image's tokens (its layout) and sample the finer "
                      "ones with the prompt. 0 = plain text-to-image.", "the image to vary (RGB, at the model's resolution)")
     p.add_argument("--resize", action="store_true", help="scale the image to the model's resolution")
-    p.add_argument("--keep-scales", type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=4,
+    p.add_argument("--keep-scales", type=NON_NEGATIVE_INT, default=4,
                    help="how many of the coarsest scales to keep (default 4)")
     p.set_defaults(run=run_vary)

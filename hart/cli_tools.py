@@ -4,23 +4,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hart.cli_args import POSITIVE_INT, TORCH_DTYPES, UsageError, checked
+from hart.cli_args import NON_NEGATIVE_INT, POSITIVE_INT, UsageError, add_device_arguments, device_and_dtype
 
 
 # ---- hart benchmark -------------------------------------------------------------------------------
 
 def run_benchmark(args) -> int:
-    import torch
     from hart import benchmark as bench
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _, device, dtype = device_and_dtype(args.device, args.dtype)
     try:
-        torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device: {device!r} is not a torch device (try cpu, cuda, cuda:1)") from None
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    try:
-        result = bench.run_benchmark(args.config, dtype, device, args.batch_size or [1], args.warmup, args.iters,
+        result = bench.run_benchmark(args.config, dtype, str(device), args.batch_size or [1], args.warmup, args.iters,
                                      args.random_text_features, args.compile)
     except bench.BenchmarkError as e:
         raise UsageError(str(e)) from None
@@ -40,11 +34,10 @@ def add_benchmark_command(subparsers) -> None:
                                           "OUT/benchmark.json and OUT/benchmark.png.")
     p.add_argument("--config", default="hart-0.7b-1024",
                    help="hart-0.7b-1024 (default), hart-0.7b-512, medium, tiny (random weights), or bundled")
-    p.add_argument("--dtype", choices=TORCH_DTYPES, help="weights dtype (default bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    add_device_arguments(p)
     p.add_argument("--batch-size", type=POSITIVE_INT, action="append",
                    help="images per call; repeat for several (default 1)")
-    p.add_argument("--warmup", type=checked(int, lambda v: v >= 0, "an integer >= 0"), default=1,
+    p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=1,
                    help="untimed calls first (default 1)")
     p.add_argument("--iters", type=POSITIVE_INT, default=3, help="timed calls; the median is reported (default 3)")
     p.add_argument("--random-text-features", action="store_true",

@@ -1,25 +1,70 @@
 """The coarse-to-fine scale loop: guidance, top-k/top-p, gumbel smoothing, forced tokens, diffusion.
 
-For each scale the transformer predicts token logits from the text and all coarser scales (KV
-cache); guidance mixes the conditional and unconditional rows; a token map is drawn; the quantizer
-adds its embedding to f-hat and area-downsamples f-hat into the next scale's input. At the last
-scale the residual diffusion head adds the continuous detail the codebook cannot express.
+For each scale the transformer predicts token logits from the text and all coarser scales
+(`HARTTransformer.scale_step`, KV cache); guidance mixes the conditional and unconditional rows; a
+token map is drawn; the quantizer adds its embedding to f-hat, whose area-downsampling is the next
+scale's input. At the last scale the residual diffusion head adds the continuous detail the codebook
+cannot express. docs/architecture.md walks through it and lists the release's behaviours kept here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from hart import rng
+from hart import limits, rng
+from hart.models.quantizer import area_down
 from hart.models.transformer import HARTTransformer
 from hart.text import TextConditioning
+
+Known = Optional[Tuple[torch.Tensor, torch.Tensor]]  # (codes, mask) imposed at one scale, or None
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Every setting of the scale loop, carried unchanged from the pipeline call to each scale.
+
+    guidance_scale: the guidance weight at the last scales; scale k uses `w * k / (S - 1)`.
+    top_k: None gives the release's schedule (600, then 300 from scale 7); an int or one per scale.
+    top_p: nucleus filtering; None (or 1) is off.
+    more_smooth: the release's gumbel-softmax soft codes instead of hard codes.
+    stale_last_scale_guidance: the release's last-scale weight `w (S-2)/(S-1)` (True) or the full `w`.
+    num_maskgit_iters: MaskGIT steps at the last scale; 1 predicts all its tokens at once.
+    """
+
+    guidance_scale: float = limits.GUIDANCE_SCALE
+    top_k: Union[None, int, Sequence[int]] = None
+    top_p: Optional[float] = None
+    more_smooth: bool = limits.MORE_SMOOTH
+    stale_last_scale_guidance: bool = limits.STALE_LAST_SCALE_GUIDANCE
+    num_maskgit_iters: int = limits.NUM_MASKGIT_ITERS
+
+    def __post_init__(self):
+        n = self.num_maskgit_iters
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"`num_maskgit_iters` must be a positive integer, got {n!r}.")
+
+    def top_ks(self, num_scales: int) -> List[int]:
+        if self.top_k is None:
+            return [reference_top_k(si) for si in range(num_scales)]
+        if isinstance(self.top_k, int):
+            return [self.top_k] * num_scales
+        if len(self.top_k) != num_scales:
+            raise ValueError(f"`top_k` has {len(self.top_k)} entries for {num_scales} scales.")
+        return list(self.top_k)
+
+    def guidance_ratio(self, si: int, num_scales: int) -> float:
+        """The fraction of the guidance weight used at scale `si` (the release's stale last scale included)."""
+        if num_scales == 1:
+            return 0.0 if self.stale_last_scale_guidance else 1.0
+        k = min(si, num_scales - 2) if self.stale_last_scale_guidance else si
+        return k / (num_scales - 1)
 
 
 @dataclass
 class ForcedTokens:
-    """Tokens to impose instead of sampling them (parity tests, inpainting, variations).
+    """What to impose instead of sampling it (inpainting, variations, the parity tests' replay).
 
     `idx[si]` is `(B, p_si^2)` or None (nothing forced at that scale); `mask[si]` (bool, same shape)
     marks the forced positions, None meaning all of them. A forced position takes the hard code
@@ -28,8 +73,9 @@ class ForcedTokens:
     heads back to the target whatever was sampled at coarser scales; `mask[si]` then says where.
     `residual_BLCv` replaces the diffusion output at the last scale. `latent_BChw` pins the final
     f-hat where `latent_mask_Bhw` is True (inpainting: the known region ends exactly at the input's
-    latent). Random draws still happen at forced positions, so the free positions see the same
-    random stream whatever is forced.
+    latent). `logits_processor(si, guided_logits_BlV) -> logits_BlV` runs before filtering and
+    sampling (ban or boost tokens; replay recorded logits). Random draws still happen at forced
+    positions, so the free positions see the same random stream whatever is forced.
     """
 
     idx: Sequence[Optional[torch.Tensor]] = ()
@@ -38,27 +84,45 @@ class ForcedTokens:
     residual_BLCv: Optional[torch.Tensor] = None
     latent_BChw: Optional[torch.Tensor] = None
     latent_mask_Bhw: Optional[torch.Tensor] = None
+    logits_processor: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
 
-    def at(self, si: int, p: int, f_hat_BChw: torch.Tensor, quantizer):
-        """(codes, mask) forced at scale `si` (side `p`), given the f-hat drawn so far; (None, None) if none."""
+    def at(self, si: int, p: int, f_hat_BChw: torch.Tensor, quantizer) -> Known:
+        """(codes, mask) forced at scale `si` (side `p`), given the f-hat drawn so far; None if none."""
         mask = self.mask[si] if si < len(self.mask) else None
         if self.target_BChw is not None:
             if mask is None:
-                return None, None
+                return None
             return quantizer.residual_codes(self.target_BChw.to(f_hat_BChw) - f_hat_BChw, p), mask
         idx = self.idx[si] if si < len(self.idx) else None
-        if idx is not None and mask is None:
-            mask = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
-        return idx, mask
+        if idx is None:
+            return None
+        return idx, torch.ones(idx.shape, dtype=torch.bool, device=idx.device) if mask is None else mask
+
+    def process_logits(self, si: int, logits_BlV: torch.Tensor) -> torch.Tensor:
+        return logits_BlV if self.logits_processor is None else self.logits_processor(si, logits_BlV)
+
+    def residual(self, residual_BnCv: torch.Tensor, pred_Bn: torch.Tensor) -> torch.Tensor:
+        """The diffusion output at the last-scale positions `pred_Bn`, or the imposed one."""
+        if self.residual_BLCv is None:
+            return residual_BnCv
+        index = pred_Bn.unsqueeze(-1).expand(-1, -1, residual_BnCv.shape[-1])
+        return self.residual_BLCv.to(residual_BnCv).gather(1, index)
+
+    def pin_latent(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+        if self.latent_BChw is None:
+            return f_hat_BChw
+        return torch.where(self.latent_mask_Bhw.unsqueeze(1).to(f_hat_BChw.device),
+                           self.latent_BChw.to(f_hat_BChw), f_hat_BChw)
 
 
 @dataclass
 class StageOutput:
-    """What the callback sees after each scale."""
+    """What the callback sees after each scale; the loop goes on from `f_hat_BChw` as the callback
+    leaves it (a callback may assign a replacement of the same shape)."""
 
     si: int
     idx_Bl: torch.Tensor
-    logits_BlV: torch.Tensor  # guided logits before top-k/top-p filtering
+    logits_BlV: Optional[torch.Tensor]  # guided logits before top-k/top-p (None after MaskGIT steps)
     f_hat_BChw: torch.Tensor  # accumulated latent so far (float32)
 
 
@@ -67,13 +131,13 @@ def reference_top_k(si: int) -> int:
     return 600 if si < 7 else 300
 
 
-def filter_logits(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def filter_logits(logits_BlV: torch.Tensor, top_k: int, top_p: Optional[float]) -> torch.Tensor:
     """Top-k (ties at the threshold survive), then top-p (the most likely token always survives)."""
     V = logits_BlV.shape[-1]
     if 0 < top_k < V:
         kth = logits_BlV.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
         logits_BlV = logits_BlV.masked_fill(logits_BlV < kth, -torch.inf)
-    if 0 < top_p < 1:
+    if top_p is not None and 0 < top_p < 1:
         sorted_logits, sorted_idx = logits_BlV.sort(dim=-1)
         drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
         drop[..., -1] = False
@@ -92,105 +156,88 @@ def sample_scales(
     quantizer,
     cond: TextConditioning,
     uncond: Optional[TextConditioning] = None,
-    guidance_scale: float = 4.5,
-    top_k: Union[None, int, Sequence[int]] = None,
-    top_p: float = 0.0,
-    more_smooth: bool = False,
+    options: Optional[SamplingOptions] = None,
+    *,
     generator: rng.Generator = None,
-    stale_last_scale_guidance: bool = True,
-    num_maskgit_iters: int = 1,
     forced: Optional[ForcedTokens] = None,
     callback: Optional[Callable[[StageOutput], Optional[bool]]] = None,
-    logits_processor: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+    **settings,
 ) -> torch.Tensor:
     """Generate the latent f-hat `(B, Cvae, P, P)` (float32) for a batch of text conditions.
 
-    guidance_scale: the guidance weight at the last scales; scale k uses `w * k / (S - 1)`.
-    top_k: None gives the release's schedule (600, then 300 from scale 7); an int or one per scale.
-    top_p: nucleus filtering, 0 (or 1) is off.
-    more_smooth: the release's gumbel-softmax soft codes (its scripts' default) instead of hard codes.
     uncond: text conditioning of the unconditional branch (a negative prompt); None uses the
         release's unconditional input (zero features, zero positions).
-    stale_last_scale_guidance: the release computes the last scale's guidance with the ratio of the
-        scale before it ((S-2)/(S-1) instead of 1, spec 8.1); True (default) reproduces the released
-        model's images, False uses the full weight.
-    num_maskgit_iters: the release's MaskGIT loop at the last scale; 1 predicts all tokens at once.
+    options: the `SamplingOptions`; `settings` (its fields as keywords) is the shorthand
+        `options=SamplingOptions(**settings)`.
+    forced: tokens, residuals or logits to impose (`ForcedTokens`).
     callback: called after each scale with a `StageOutput`; returning False stops early (the
         partial f-hat is returned).
-    logits_processor: `fn(scale_index, guided_logits_BlV) -> logits_BlV`, applied before filtering
-        and sampling (ban or boost tokens; the parity tests replay recorded logits with it).
+    The quantizer's arithmetic runs where the quantizer is (model offload keeps the tokenizer on the
+    CPU until decoding), the transformer's where the transformer is.
     """
+    if settings and options is not None:
+        raise TypeError("give `options` or its fields as keywords, not both")
+    options = SamplingOptions(**settings) if options is None else options
     pn = transformer.patch_nums
-    S, P, B = len(pn), pn[-1], cond.batch_size
+    S, B = len(pn), cond.batch_size
     rng.check_generator(generator, B)
     forced = forced or ForcedTokens()
     if uncond is None:
         uncond = TextConditioning.unconditional(B, *cond.features_BTC.shape[1:], device=cond.features_BTC.device)
     if uncond.batch_size != B:
         raise ValueError(f"unconditional batch {uncond.batch_size} != conditional batch {B}")
-    top_ks = [reference_top_k(si) for si in range(S)] if top_k is None else (
-        [int(top_k)] * S if isinstance(top_k, int) else list(top_k)
-    )
-    codebook_VCv = quantizer.embedding.weight.float()
+    top_ks = options.top_ks(S)
 
-    context = torch.cat([cond.features_BTC, uncond.features_BTC])
-    mask_2BT = torch.cat([cond.mask_BT, uncond.mask_BT])
-    pos_2BT = torch.cat([cond.position_ids_BT, uncond.position_ids_BT])
-    cond_2BTD = transformer.embed_context(context)
-    cond_blocks, cond_head = transformer.pool_condition(cond_2BTD, mask_2BT)
-    modulations = transformer.block_modulations(cond_blocks)
-    offset_2B = pos_2BT[:, -1]
-    device = cond_2BTD.device
-
-    cache = transformer.new_cache()
-    f_hat = torch.zeros(B, codebook_VCv.shape[1], P, P, device=device)
-    x_2BlC = cond_2BTD + transformer.lvl_embed.weight[0]
-    ratio = 0.0
-    for si in range(S):
-        last = si == S - 1
-        if not last or not stale_last_scale_guidance:
-            ratio = si / (S - 1) if S > 1 else 1.0
-        t = guidance_scale * ratio
-        forced_idx, forced_mask = forced.at(si, pn[si], f_hat, quantizer)
-        if last:
-            return _last_scale(
-                transformer, codebook_VCv, x_2BlC, modulations, cond_head, offset_2B, cache, f_hat, t, ratio,
-                top_ks[si], top_p, more_smooth, generator, num_maskgit_iters, forced, forced_idx, forced_mask,
-                callback, logits_processor,
+    state = transformer.prepare_inference(TextConditioning(*(torch.cat(pair) for pair in zip(cond, uncond))))
+    device = state.text_BTC.device
+    codebook_VCv = quantizer.embedding.weight.float().to(device)
+    f_hat = torch.zeros(B, codebook_VCv.shape[1], pn[-1], pn[-1], device=quantizer.embedding.weight.device)
+    tokens_BlCv = None
+    for si, p in enumerate(pn):
+        ratio = options.guidance_ratio(si, S)
+        draw = dict(codebook_VCv=codebook_VCv, top_k=top_ks[si], top_p=options.top_p,
+                    soft_ratio=ratio if options.more_smooth else None, generator=generator)
+        known = forced.at(si, p, f_hat, quantizer)
+        t = options.guidance_scale * ratio
+        if si == S - 1:
+            f_hat, idx_Bl, logits_BlV = _last_scale(
+                transformer, state, tokens_BlCv, f_hat, t=t, known=known, forced=forced,
+                num_maskgit_iters=options.num_maskgit_iters, draw=draw,
             )
-        rope = transformer.stage_rope(si, offset_2B, pos_2BT)
-        hidden = transformer.run_blocks(x_2BlC, modulations, rope, cache=cache)
-        if si == 0:
-            hidden = hidden[:, -1:]  # the last text position predicts the 1x1 scale
-        logits_BlV = _guide(transformer.logits(hidden, cond_head), t)
-        if logits_processor is not None:
-            logits_BlV = logits_processor(si, logits_BlV)
-        idx_Bl, h_BlCv = _draw_tokens(
-            logits_BlV, codebook_VCv, top_ks[si], top_p, more_smooth, ratio, generator, forced_idx, forced_mask
-        )
-        p = pn[si]
-        h_BCvpp = h_BlCv.transpose(1, 2).reshape(B, -1, p, p)
-        f_hat, next_BCvpp = quantizer.next_scale_input(si, pn, f_hat, h_BCvpp)
-        if callback is not None and callback(StageOutput(si, idx_Bl, logits_BlV, f_hat)) is False:
-            return f_hat
-        # both CFG halves read the conditional stream's next-scale input (as released)
-        x_2BlC = transformer.stage_input(si + 1, next_BCvpp.flatten(2).transpose(1, 2)).repeat(2, 1, 1)
+        else:
+            _, logits_2BlV = transformer.scale_step(state, si, tokens_BlCv)
+            logits_BlV = forced.process_logits(si, _guide(logits_2BlV, t))
+            idx_Bl, h_BlCv = _impose(known, *_draw_tokens(logits_BlV, **draw), codebook_VCv)
+            h_BCvpp = h_BlCv.transpose(1, 2).reshape(B, -1, p, p).to(f_hat.device)
+            f_hat, _ = quantizer.next_scale_input(si, pn, f_hat, h_BCvpp)
+        stage = StageOutput(si, idx_Bl, logits_BlV, f_hat)
+        if callback is not None and callback(stage) is False:
+            return stage.f_hat_BChw
+        f_hat = stage.f_hat_BChw
+        if si < S - 1:  # one input row per image: both guidance rows read it (as released)
+            tokens_BlCv = area_down(f_hat, pn[si + 1]).flatten(2).transpose(1, 2).to(device)
+    return f_hat
 
 
-def _draw_tokens(logits_BlV, codebook_VCv, top_k, top_p, more_smooth, ratio, generator, forced_idx, forced_mask):
-    """Sample a token map; return the indices and the embeddings to add (hard or gumbel-soft)."""
+def _draw_tokens(logits_BlV, *, codebook_VCv, top_k, top_p, soft_ratio, generator):
+    """Sample a token map; return the indices and the embeddings to add: hard codes, or with
+    `soft_ratio` (the scale's guidance ratio) the release's gumbel-softmax soft codes."""
     logits_BlV = filter_logits(logits_BlV, top_k, top_p)
     idx_Bl = rng.multinomial(logits_BlV.softmax(dim=-1), generator)
-    if more_smooth:
-        tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-        gumbel = rng.gumbel(logits_BlV.shape, generator, logits_BlV.device)
-        h_BlCv = ((logits_BlV * (1 + ratio) + gumbel) / tau).softmax(dim=-1) @ codebook_VCv
-    else:
-        h_BlCv = codebook_VCv[idx_Bl]
-    if forced_idx is not None:
-        idx_Bl = torch.where(forced_mask, forced_idx.to(idx_Bl.device), idx_Bl)
-        h_BlCv = torch.where(forced_mask.unsqueeze(-1), codebook_VCv[idx_Bl], h_BlCv)
-    return idx_Bl, h_BlCv
+    if soft_ratio is None:
+        return idx_Bl, codebook_VCv[idx_Bl]
+    tau = max(0.27 * (1 - 0.95 * soft_ratio), 0.005)
+    gumbel = rng.gumbel(logits_BlV.shape, generator, logits_BlV.device)
+    return idx_Bl, ((logits_BlV * (1 + soft_ratio) + gumbel) / tau).softmax(dim=-1) @ codebook_VCv
+
+
+def _impose(known: Known, idx_Bl, h_BlCv, codebook_VCv):
+    """The drawn tokens with the known ones (hard codes) in place."""
+    if known is None:
+        return idx_Bl, h_BlCv
+    forced_idx, forced_mask = (t.to(idx_Bl.device) for t in known)
+    idx_Bl = torch.where(forced_mask, forced_idx, idx_Bl)
+    return idx_Bl, torch.where(forced_mask.unsqueeze(-1), codebook_VCv[idx_Bl], h_BlCv)
 
 
 def _maskgit_steps(num_tokens: int, num_iters: int, batch: int, generator, device) -> List[torch.Tensor]:
@@ -211,44 +258,32 @@ def _maskgit_steps(num_tokens: int, num_iters: int, batch: int, generator, devic
     return steps
 
 
-def _last_scale(
-    transformer, codebook_VCv, x_2BLC, modulations, cond_head, offset_2B, cache, f_hat, t, ratio,
-    top_k, top_p, more_smooth, generator, num_maskgit_iters, forced, forced_idx, forced_mask, callback,
-    logits_processor,
-):
-    """The last scale: tokens (optionally over MaskGIT steps) plus the residual diffusion."""
+def _last_scale(transformer, state, tokens_BLCv, f_hat, *, t, known, forced, num_maskgit_iters, draw):
+    """The last scale: tokens (optionally over MaskGIT steps) plus the residual diffusion.
+
+    Returns the final f-hat, the scale's tokens and its guided logits (None after several steps)."""
     B, Cv, P, _ = f_hat.shape
-    si = len(transformer.patch_nums) - 1
-    tokens_BLCv = torch.zeros(B, P * P, Cv, device=f_hat.device)
-    idx_BL = torch.zeros(B, P * P, dtype=torch.long, device=f_hat.device)
+    si, codebook_VCv = len(transformer.patch_nums) - 1, draw["codebook_VCv"]
+    device = codebook_VCv.device
+    added_BLCv = torch.zeros(B, P * P, Cv, device=device)
+    idx_BL = torch.zeros(B, P * P, dtype=torch.long, device=device)
     logits_BLV = None
-    for pred_Bn in _maskgit_steps(P * P, num_maskgit_iters, B, generator, f_hat.device):
-        pred_2Bn = pred_Bn.repeat(2, 1)
-        x = x_2BLC.gather(1, pred_2Bn.unsqueeze(-1).expand(-1, -1, x_2BLC.shape[-1]))
-        rope = transformer.stage_rope(si, offset_2B, index_Bl=pred_2Bn)
-        hidden_2BnC = transformer.run_blocks(x, modulations, rope, cache=cache)
-        logits_BnV = _guide(transformer.logits(hidden_2BnC, cond_head), t)
-        if logits_processor is not None:
-            logits_BnV = logits_processor(si, logits_BnV)
-        step_forced = None if forced_idx is None else (forced_idx.gather(1, pred_Bn), forced_mask.gather(1, pred_Bn))
-        idx_Bn, h_BnCv = _draw_tokens(
-            logits_BnV, codebook_VCv, top_k, top_p, more_smooth, ratio, generator, *(step_forced or (None, None))
-        )
+    for pred_Bn in _maskgit_steps(P * P, num_maskgit_iters, B, draw["generator"], device):
+        x_BnCv = tokens_BLCv.gather(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv))
+        hidden_2BnC, logits_2BnV = transformer.scale_step(state, si, x_BnCv, index_Bl=pred_Bn)
+        logits_BnV = forced.process_logits(si, _guide(logits_2BnV, t))
+        step_known = None if known is None else tuple(k.to(device).gather(1, pred_Bn) for k in known)
+        idx_Bn, h_BnCv = _impose(step_known, *_draw_tokens(logits_BnV, **draw), codebook_VCv)
         # the diffusion is conditioned on the hard code, even when the soft code is what gets added
         z_2BnC = transformer.diffusion_condition(hidden_2BnC, codebook_VCv[idx_Bn].repeat(2, 1, 1))
         n = idx_Bn.shape[1]
         z_cond, z_uncond = z_2BnC.flatten(0, 1).chunk(2)
-        residual = transformer.diffusion_head.sample(
-            z_cond, z_uncond, guidance_scale=t, generator=generator, num_images=B
+        residual_BnCv = transformer.diffusion_head.sample(
+            z_cond, z_uncond, guidance_scale=t, generator=draw["generator"], num_images=B
         ).view(B, n, Cv).float()
-        if forced.residual_BLCv is not None:
-            residual = forced.residual_BLCv.to(residual).gather(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv))
-        tokens_BLCv.scatter_(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv), h_BnCv + residual)
+        residual_BnCv = forced.residual(residual_BnCv, pred_Bn)
+        added_BLCv.scatter_(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv), h_BnCv + residual_BnCv)
         idx_BL.scatter_(1, pred_Bn, idx_Bn)
         logits_BLV = logits_BnV if num_maskgit_iters == 1 else None
-    f_hat = f_hat + tokens_BLCv.transpose(1, 2).reshape(B, Cv, P, P)  # no phi at the last scale
-    if forced.latent_BChw is not None:
-        f_hat = torch.where(forced.latent_mask_Bhw.unsqueeze(1), forced.latent_BChw.to(f_hat), f_hat)
-    if callback is not None:
-        callback(StageOutput(si, idx_BL, logits_BLV, f_hat))
-    return f_hat
+    f_hat = f_hat + added_BLCv.transpose(1, 2).reshape(B, Cv, P, P).to(f_hat.device)  # no phi at the last scale
+    return forced.pin_latent(f_hat), idx_BL, logits_BLV

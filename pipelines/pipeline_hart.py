@@ -1,26 +1,24 @@
 """HARTPipeline: text-to-image with HART, shaped like every diffusers pipeline."""
 from __future__ import annotations
 
-import copy
 import math
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
-from hart import rng
-from hart.limits import MAX_GUIDANCE_SCALE
+from hart import limits, rng
 from hart.models.quantizer import area_down
 from hart.models.tokenizer import HybridTokenizer
 from hart.models.transformer import HARTTransformer
-from hart.sampling import StageOutput, sample_scales
+from hart.sampling import ForcedTokens, SamplingOptions, StageOutput, sample_scales
 from hart.text import SYSTEM_PROMPT, TextConditioning, check_prompts, encode_prompts
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSORS = ("f_hat", "idx", "logits", "preview")
-# Far above any useful weight (1-10); larger ones overflow the guided logits to inf in float32.
+REPLACEABLE_TENSORS = ("f_hat",)  # the loop's own state: a callback may return a replacement
 PREVIEW_MAX_SIDE = 16  # latent tokens: previews stay at most 256 px, whatever the model's resolution
 
 EXAMPLE_DOC = """
@@ -39,11 +37,11 @@ EXAMPLE_DOC = """
 """
 
 
-def _onload(module: torch.nn.Module) -> None:
-    """Run the model-offload hook now: HART calls its models' methods, not only `forward`."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is not None and hasattr(hook, "pre_forward"):
-        hook.pre_forward(module)
+# Model offload moves a model to the device when its `forward` runs; the tokenizer is used through
+# other methods, so they get the same hook (as diffusers' AutoencoderKL.decode).
+@apply_forward_hook
+def _decode(vae: HybridTokenizer, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+    return vae.decode_latent(f_hat_BChw.to(vae.dtype))
 
 
 class HARTPipeline(DiffusionPipeline):
@@ -82,8 +80,9 @@ class HARTPipeline(DiffusionPipeline):
         return cls(**load_official_components(path, text_encoder, tokenizer_path, use_ema, **text_kwargs))
 
     # ---- argument checks (all before any heavy work) -----------------------------------------
-    def check_inputs(self, prompt, negative_prompt, num_images_per_prompt, guidance_scale, top_k, top_p,
-                     output_type, generator, max_sequence_length, callback_on_step_end_tensor_inputs):
+    def check_inputs(self, prompt, negative_prompt, num_images_per_prompt, *, options: SamplingOptions, output_type,
+                     generator, max_sequence_length, callback_on_step_end_tensor_inputs):
+        """The prompts and negative prompts as lists; a clear error for any argument out of range."""
         prompts = check_prompts(prompt, "prompt")
         negatives = None
         if negative_prompt is not None:
@@ -97,9 +96,10 @@ class HARTPipeline(DiffusionPipeline):
                 )
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+        guidance_scale, top_k, top_p = options.guidance_scale, options.top_k, options.top_p
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
-            raise ValueError(f"`guidance_scale` must be a finite number >= 0 and at most {MAX_GUIDANCE_SCALE:g} "
+                or not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= limits.MAX_GUIDANCE_SCALE:
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0 and at most {limits.MAX_GUIDANCE_SCALE:g} "
                              f"(usual values 1-10), got {guidance_scale!r}.")
         vocab = self.transformer.config.vocab_size
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab):
@@ -119,12 +119,12 @@ class HARTPipeline(DiffusionPipeline):
         rng.check_generator(generator, len(prompts) * num_images_per_prompt)
         return prompts, negatives
 
+    # ---- the pieces of a call ----------------------------------------------------------------
     def encode_prompt(
         self, prompts: List[str], device=None, use_system_prompt: bool = True, max_sequence_length: Optional[int] = None
     ) -> TextConditioning:
         """Text conditioning for a list of prompts (features in float32)."""
         max_sequence_length = max_sequence_length or self.transformer.config.context_tokens
-        _onload(self.text_encoder)
         cond = encode_prompts(
             prompts, self.text_encoder, self.tokenizer, max_sequence_length,
             SYSTEM_PROMPT if use_system_prompt else None,
@@ -136,11 +136,60 @@ class HARTPipeline(DiffusionPipeline):
             )
         return TextConditioning(*(t.to(device) for t in cond)) if device is not None else cond
 
+    def known_tokens(self, batch_size: int) -> Optional[ForcedTokens]:
+        """The one hook of the edit pipelines: what the scale loop imposes instead of sampling
+        (None for text-to-image). Called after the prompts are encoded, before the scale loop."""
+        return None
+
+    def postprocess_decoded(self, images_B3HW: torch.Tensor) -> torch.Tensor:
+        """Decoded images in [-1, 1] before conversion; the inpaint pipeline blends its seam here."""
+        return images_B3HW
+
+    def scale_loop(
+        self, cond: TextConditioning, uncond: Optional[TextConditioning], options: SamplingOptions, *, generator,
+        forced: Optional[ForcedTokens] = None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=(),
+    ) -> torch.Tensor:
+        """The scale loop with the progress bar and `callback_on_step_end` -> the latent f-hat."""
+        pn = self.transformer.patch_nums
+        wanted = set(callback_on_step_end_tensor_inputs or ())
+
+        with self.progress_bar(total=len(pn)) as progress:
+
+            def on_scale(stage: StageOutput):
+                progress.update()
+                if callback_on_step_end is not None:
+                    self._run_callback(callback_on_step_end, stage, wanted)
+                return not self._interrupt
+
+            return sample_scales(self.transformer, self.vae.quantize, cond, uncond, options,
+                                 generator=generator, forced=forced, callback=on_scale)
+
+    def _run_callback(self, callback_on_step_end, stage: StageOutput, wanted) -> None:
+        """Call `callback_on_step_end` with the tensors asked for; a returned "f_hat" replaces the loop's."""
+        side = self.transformer.patch_nums[stage.si]
+        tensors = {"f_hat": stage.f_hat_BChw, "idx": stage.idx_Bl, "logits": stage.logits_BlV}
+        tensors = {k: v for k, v in tensors.items() if k in wanted}
+        if "preview" in wanted:
+            tensors["preview"] = (self.preview(stage.f_hat_BChw, min(side, PREVIEW_MAX_SIDE)) + 1) / 2
+        returned = callback_on_step_end(self, stage.si, side, tensors)
+        if returned is None:
+            returned = {}
+        if not isinstance(returned, dict):
+            raise TypeError(f"`callback_on_step_end` must return a dict (may be empty), got {type(returned).__name__}.")
+        for name, value in returned.items():
+            if name in REPLACEABLE_TENSORS:
+                if not isinstance(value, torch.Tensor) or value.shape != stage.f_hat_BChw.shape:
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(f"`callback_on_step_end` returned {name!r} of shape {got}; it must be a "
+                                     f"tensor of shape {tuple(stage.f_hat_BChw.shape)}.")
+                stage.f_hat_BChw = value.to(stage.f_hat_BChw)
+            elif value is not tensors.get(name):
+                raise ValueError(f"`callback_on_step_end` returned a new {name!r}; only {REPLACEABLE_TENSORS} can be "
+                                 "replaced (the other tensors are read-only views of the scale).")
+
     def decode_latent(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
-        """Latent -> images in [-1, 1], in the tokenizer's dtype."""
-        _onload(self.vae)
-        dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode_latent(f_hat_BChw.to(dtype)).float()
+        """Latent -> images in [-1, 1], float32."""
+        return _decode(self.vae, f_hat_BChw).float()
 
     def preview(self, f_hat_BChw: torch.Tensor, side: int) -> torch.Tensor:
         """A cheap coarse image of the current latent: decode it at `side` x `side` tokens."""
@@ -151,11 +200,12 @@ class HARTPipeline(DiffusionPipeline):
         self,
         prompt: Union[str, List[str]] = None,
         negative_prompt: Optional[Union[str, List[str]]] = None,
+        *,
         num_images_per_prompt: int = 1,
-        guidance_scale: float = 4.5,
+        guidance_scale: float = limits.GUIDANCE_SCALE,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
-        more_smooth: bool = True,
+        more_smooth: bool = limits.MORE_SMOOTH,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -163,8 +213,8 @@ class HARTPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("f_hat",),
         use_system_prompt: bool = True,
         max_sequence_length: Optional[int] = None,
-        stale_last_scale_guidance: bool = True,
-        num_maskgit_iters: int = 1,
+        stale_last_scale_guidance: bool = limits.STALE_LAST_SCALE_GUIDANCE,
+        num_maskgit_iters: int = limits.NUM_MASKGIT_ITERS,
     ):
         r"""Generate images from text.
 
@@ -188,7 +238,8 @@ class HARTPipeline(DiffusionPipeline):
                 and returns a dict (may be empty). `tensors` holds the names asked for in
                 `callback_on_step_end_tensor_inputs`: "f_hat" (latent so far), "idx" (the
                 scale's tokens), "logits" (guided logits), "preview" (a cheap image in [0, 1],
-                coarse to fine). Set `pipe._interrupt = True` inside it to stop early.
+                coarse to fine). A returned "f_hat" (same shape) replaces the loop's latent: the next
+                scales continue from it. Set `pipe._interrupt = True` inside it to stop early.
             use_system_prompt: prepend the release's prompt-enhancer system prompt to every prompt.
             max_sequence_length: text tokens per prompt; None (or the same number) is the model's
                 own (300 for the release). Longer prompts are truncated with a warning.
@@ -199,70 +250,45 @@ class HARTPipeline(DiffusionPipeline):
         Returns:
             `ImagePipelineOutput` with `.images`, or a tuple `(images,)`.
         """
-        prompts, negatives = self.check_inputs(
-            prompt, negative_prompt, num_images_per_prompt, guidance_scale, top_k, top_p, output_type,
-            generator, max_sequence_length, callback_on_step_end_tensor_inputs,
-        )
-        f_hat = self.generate_latent(
-            prompts, negatives, num_images_per_prompt, guidance_scale, top_k, top_p, more_smooth, generator,
-            callback_on_step_end, callback_on_step_end_tensor_inputs, use_system_prompt, max_sequence_length,
+        # 1. Check inputs, all before any heavy work
+        options = SamplingOptions(
+            guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
             stale_last_scale_guidance=stale_last_scale_guidance, num_maskgit_iters=num_maskgit_iters,
         )
-        return self.finish(f_hat, output_type, return_dict)
-
-    def generate_latent(
-        self, prompts, negatives, num_images_per_prompt, guidance_scale, top_k, top_p, more_smooth, generator,
-        callback_on_step_end, callback_on_step_end_tensor_inputs, use_system_prompt, max_sequence_length,
-        forced=None, **sampler_kwargs,
-    ) -> torch.Tensor:
-        """The shared body of the pipelines: encode the prompts and run the scale loop -> f-hat."""
+        prompts, negatives = self.check_inputs(
+            prompt, negative_prompt, num_images_per_prompt, options=options, output_type=output_type,
+            generator=generator, max_sequence_length=max_sequence_length,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
         self._interrupt = False
         device = self._execution_device
-        cond = self.encode_prompt(prompts, device, use_system_prompt, max_sequence_length)
+
+        # 2. Encode the prompts (and the negative prompts: the unconditional branch)
+        text = dict(device=device, use_system_prompt=use_system_prompt, max_sequence_length=max_sequence_length)
+        cond = self.encode_prompt(prompts, **text).repeat_interleave(num_images_per_prompt)
         uncond = None
         if negatives is not None:
-            uncond = self.encode_prompt(negatives, device, use_system_prompt, max_sequence_length)
-            uncond = uncond.repeat_interleave(num_images_per_prompt)
-        cond = cond.repeat_interleave(num_images_per_prompt)
+            uncond = self.encode_prompt(negatives, **text).repeat_interleave(num_images_per_prompt)
 
-        _onload(self.transformer)
-        # model offload keeps the tokenizer on the CPU until decoding; the quantizer is tiny
-        quantizer = self.vae.quantize
-        if quantizer.embedding.weight.device != device:
-            quantizer = copy.deepcopy(quantizer).to(device)
-        pn = self.transformer.patch_nums
-        wanted = set(callback_on_step_end_tensor_inputs or ())
+        # 3. Prepare what is known in advance (the edit pipelines' input tokens)
+        forced = self.known_tokens(cond.batch_size)
 
-        with self.progress_bar(total=len(pn)) as progress:
+        # 4. Scale loop, coarse to fine; 5. at the last scale, the residual diffusion (hart.sampling)
+        f_hat = self.scale_loop(
+            cond, uncond, options, generator=generator, forced=forced,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
-            def on_scale(stage: StageOutput):
-                progress.update()
-                if callback_on_step_end is not None:
-                    tensors = {"f_hat": stage.f_hat_BChw, "idx": stage.idx_Bl, "logits": stage.logits_BlV}
-                    tensors = {k: v for k, v in tensors.items() if k in wanted}
-                    if "preview" in wanted:
-                        side = min(pn[stage.si], PREVIEW_MAX_SIDE)
-                        tensors["preview"] = (self.preview(stage.f_hat_BChw, side) + 1) / 2
-                    callback_on_step_end(self, stage.si, pn[stage.si], tensors)
-                return not self._interrupt
+        # 6. Decode, 7. post-process
+        return self.finish(f_hat, output_type, return_dict)
 
-            return sample_scales(
-                self.transformer, quantizer, cond, uncond, guidance_scale=float(guidance_scale),
-                top_k=top_k, top_p=top_p or 0.0, more_smooth=more_smooth, generator=generator,
-                forced=forced, callback=on_scale, **sampler_kwargs,
-            )
-
-    def finish(self, f_hat: torch.Tensor, output_type: str, return_dict: bool, postprocess=None):
-        """Decode (unless `output_type="latent"`), convert and wrap the output.
-
-        `postprocess` maps the decoded images (B, 3, H, W in [-1, 1]) before conversion.
-        """
+    def finish(self, f_hat: torch.Tensor, output_type: str, return_dict: bool):
+        """Decode (unless `output_type="latent"`), post-process, convert and wrap the output."""
         if output_type == "latent":
             images = f_hat
         else:
-            decoded = self.decode_latent(f_hat)
-            if postprocess is not None:
-                decoded = postprocess(decoded)
+            decoded = self.postprocess_decoded(self.decode_latent(f_hat))
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

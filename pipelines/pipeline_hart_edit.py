@@ -10,57 +10,52 @@ Both pipelines share `HARTPipeline`'s components; build one from another without
 """
 from __future__ import annotations
 
-from typing import Dict, List, Union
+import threading
+from typing import List, Union
 
 import torch
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from hart.editing import blend_mask, inpaint_tokens, prepare_image, prepare_mask, variation_tokens
+from hart.models.tokenizer import HybridTokenizer
 from hart.pipelines.pipeline_hart import HARTPipeline
+from hart.sampling import ForcedTokens
 
-# arguments shared with HARTPipeline.__call__, passed through unchanged
-_T2I_DEFAULTS = dict(
-    negative_prompt=None, num_images_per_prompt=1, guidance_scale=4.5, top_k=None, top_p=None, more_smooth=True,
-    generator=None, output_type="pil", return_dict=True, callback_on_step_end=None,
-    callback_on_step_end_tensor_inputs=("f_hat",), use_system_prompt=True, max_sequence_length=None,
-)
+
+@apply_forward_hook  # model offload: the tokenizer moves to the device for this call too
+def _encode(vae: HybridTokenizer, img_B3HW: torch.Tensor) -> torch.Tensor:
+    return vae.encode_latent(img_B3HW.to(vae.device, vae.dtype))
+
+
+# The checked edit inputs of the call running in this thread, read by the hooks. Per thread: the
+# app serves concurrent requests with one pipeline object.
+_CALL = threading.local()
 
 
 class _EditPipeline(HARTPipeline):
+    """Text-to-image whose `known_tokens` hook imposes tokens of an input image.
+
+    `__call__` checks the edit's own arguments, keeps them for the hooks and runs the text-to-image
+    call with every other argument unchanged."""
+
+    @property
+    def _edit(self) -> dict:
+        return _CALL.edit
+
     @property
     def resolution(self) -> int:
         return self.vae.downsample_factor * self.transformer.patch_nums[-1]
 
-    def _arguments(self, prompt, kwargs) -> Dict:
-        """All text-to-image arguments, checked before any heavy work."""
-        unknown = set(kwargs) - set(_T2I_DEFAULTS)
-        if unknown:
-            raise TypeError(f"unexpected arguments {sorted(unknown)}")
-        args = {"prompt": prompt, **_T2I_DEFAULTS, **kwargs}
-        args["prompts"], args["negatives"] = self.check_inputs(
-            args["prompt"], args["negative_prompt"], args["num_images_per_prompt"], args["guidance_scale"],
-            args["top_k"], args["top_p"], args["output_type"], args["generator"], args["max_sequence_length"],
-            args["callback_on_step_end_tensor_inputs"],
-        )
-        return args
+    def _encode_input(self, img_13HW: torch.Tensor) -> torch.Tensor:
+        """The input's latent, as the tokenizer encodes it (float32)."""
+        return _encode(self.vae, img_13HW).float()
 
-    def _encode_input(self, img_13HW: torch.Tensor):
-        """The input as the tokenizer sees it: latent and per-scale codes."""
-        img = img_13HW.to(self._execution_device, next(self.vae.parameters()).dtype)
-        f_BChw = self.vae.encode_latent(img).float()
-        idx_list, _ = self.vae.quantize.encode(f_BChw, self.transformer.patch_nums)
-        return f_BChw, idx_list
-
-    def _generate(self, args: Dict, forced, postprocess=None):
-        f_hat = self.generate_latent(
-            args["prompts"], args["negatives"], args["num_images_per_prompt"], args["guidance_scale"], args["top_k"],
-            args["top_p"], args["more_smooth"], args["generator"], args["callback_on_step_end"],
-            args["callback_on_step_end_tensor_inputs"], args["use_system_prompt"], args["max_sequence_length"],
-            forced=forced,
-        )
-        return self.finish(f_hat, args["output_type"], args["return_dict"], postprocess)
-
-    def _batch(self, args: Dict) -> int:
-        return len(args["prompts"]) * args["num_images_per_prompt"]
+    def _run(self, prompt, edit: dict, kwargs: dict):
+        _CALL.edit = edit
+        try:
+            return super().__call__(prompt, **kwargs)
+        finally:
+            del _CALL.edit
 
 
 class HARTInpaintPipeline(_EditPipeline):
@@ -77,24 +72,27 @@ class HARTInpaintPipeline(_EditPipeline):
     @torch.no_grad()
     def __call__(self, prompt: Union[str, List[str]] = None, image=None, mask_image=None, blend_radius: int = 0,
                  **kwargs):
-        """Same arguments as `HARTPipeline.__call__`, plus `image` (RGB at the model's resolution),
+        """Every argument of `HARTPipeline.__call__`, plus `image` (RGB at the model's resolution),
         `mask_image` (same size; white = repaint) and `blend_radius` (pixels of soft seam; 0 = off)."""
-        args = self._arguments(prompt, kwargs)
         if image is None or mask_image is None:
             raise ValueError("inpainting needs both `image` and `mask_image`.")
         if isinstance(blend_radius, bool) or not isinstance(blend_radius, int) or blend_radius < 0:
             raise ValueError(f"`blend_radius` must be a non-negative integer, got {blend_radius!r}.")
         img = prepare_image(image, self.resolution)
         hole = prepare_mask(mask_image, img.shape[-2:])
-        f_BChw, _ = self._encode_input(img)
-        hole = hole.to(f_BChw.device)
-        forced = inpaint_tokens(f_BChw, hole, self.transformer.patch_nums, self._batch(args))
-        postprocess = None
-        if blend_radius > 0:
-            reconstruction = self.decode_latent(f_BChw)
-            soft = blend_mask(hole, blend_radius)
-            postprocess = lambda decoded: soft * decoded + (1 - soft) * reconstruction
-        return self._generate(args, forced, postprocess)
+        return self._run(prompt, dict(image=img, hole=hole, blend_radius=blend_radius), kwargs)
+
+    def known_tokens(self, batch_size: int) -> ForcedTokens:
+        f_BChw = self._encode_input(self._edit["image"])
+        self._edit.update(f_BChw=f_BChw, hole=self._edit["hole"].to(f_BChw.device))
+        return inpaint_tokens(f_BChw, self._edit["hole"], self.transformer.patch_nums, batch_size)
+
+    def postprocess_decoded(self, images_B3HW: torch.Tensor) -> torch.Tensor:
+        if self._edit["blend_radius"] == 0:
+            return images_B3HW
+        reconstruction = self.decode_latent(self._edit["f_BChw"])
+        soft = blend_mask(self._edit["hole"], self._edit["blend_radius"]).to(images_B3HW.device)
+        return soft * images_B3HW + (1 - soft) * reconstruction.to(images_B3HW.device)
 
 
 class HARTVariationPipeline(_EditPipeline):
@@ -106,13 +104,15 @@ class HARTVariationPipeline(_EditPipeline):
 
     @torch.no_grad()
     def __call__(self, prompt: Union[str, List[str]] = None, image=None, keep_scales: int = 4, **kwargs):
-        """Same arguments as `HARTPipeline.__call__`, plus `image` (RGB at the model's resolution) and
+        """Every argument of `HARTPipeline.__call__`, plus `image` (RGB at the model's resolution) and
         `keep_scales` (how many of the coarsest scales to keep from it)."""
-        args = self._arguments(prompt, kwargs)
         S = len(self.transformer.patch_nums)
         if isinstance(keep_scales, bool) or not isinstance(keep_scales, int) or not 0 <= keep_scales <= S - 1:
             raise ValueError(f"`keep_scales` must be an integer in [0, {S - 1}], got {keep_scales!r}.")
         if image is None:
             raise ValueError("variations need an input `image`.")
-        _, idx_list = self._encode_input(prepare_image(image, self.resolution))
-        return self._generate(args, variation_tokens(idx_list, keep_scales, self._batch(args)))
+        return self._run(prompt, dict(image=prepare_image(image, self.resolution), keep_scales=keep_scales), kwargs)
+
+    def known_tokens(self, batch_size: int) -> ForcedTokens:
+        idx_list, _ = self.vae.quantize.encode(self._encode_input(self._edit["image"]), self.transformer.patch_nums)
+        return variation_tokens(idx_list, self._edit["keep_scales"], batch_size)

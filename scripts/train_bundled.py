@@ -307,7 +307,7 @@ def generate(pipe, prompts, seeds, guidance_scale, discrete_only=False, batch_si
     `kept_idx`: per-scale token maps `(len(prompts), p*p)` imposed instead of sampled (one per
     prompt, the first scales only), as variations keep an input's layout.
     """
-    from hart.sampling import ForcedTokens
+    from hart.sampling import ForcedTokens, SamplingOptions
 
     jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
     images = []
@@ -321,9 +321,9 @@ def generate(pipe, prompts, seeds, guidance_scale, discrete_only=False, batch_si
             idx=[idx[rows] for idx in kept_idx or ()],
             residual_BLCv=torch.zeros(len(chunk), P * P, Cv) if discrete_only else None)
         with torch.no_grad():
-            f_hat = pipe.generate_latent(
-                [p for _, p, _ in chunk], None, 1, guidance_scale, None, None, True, gens, None, (), True, None,
-                forced=forced)
+            cond = pipe.encode_prompt([p for _, p, _ in chunk], pipe._execution_device)
+            f_hat = pipe.scale_loop(cond, None, SamplingOptions(guidance_scale=guidance_scale), generator=gens,
+                                    forced=forced)
             images += pipe.finish(f_hat, "pil", True).images
     return images
 

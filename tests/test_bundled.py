@@ -90,13 +90,17 @@ def test_generate_imposes_each_prompts_own_kept_scales(fixture_pipe):
     pn = pipe.transformer.patch_nums
     kept = [torch.arange(3 * p * p).view(3, p * p) % 7 for p in pn[:2]]  # 3 prompts, first 2 scales
     seen = []
-    original = pipe.generate_latent
+    encode, loop = pipe.encode_prompt, pipe.scale_loop
 
-    def spy(prompts, *args, forced=None, **kwargs):
-        seen.append((list(prompts), [idx.clone() for idx in forced.idx]))
-        return original(prompts, *args, forced=forced, **kwargs)
+    def spy_encode(prompts, *args, **kwargs):
+        seen.append([list(prompts), None])
+        return encode(prompts, *args, **kwargs)
 
-    pipe.generate_latent = spy
+    def spy_loop(*args, forced=None, **kwargs):
+        seen[-1][1] = [idx.clone() for idx in forced.idx]
+        return loop(*args, forced=forced, **kwargs)
+
+    pipe.encode_prompt, pipe.scale_loop = spy_encode, spy_loop
     images = mod.generate(pipe, ["a", "b", "c"], [0, 1], 2.0, batch_size=4, kept_idx=kept)
     assert len(images) == 6 and [p for batch, _ in seen for p in batch] == ["a", "a", "b", "b", "c", "c"]
     rows = torch.tensor([0, 0, 1, 1, 2, 2])

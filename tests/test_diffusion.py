@@ -1,4 +1,4 @@
-"""Residual diffusion head against the reference recordings (spec §4), plus generator semantics."""
+"""Residual diffusion head against the reference recordings, plus generator semantics."""
 import json
 import math
 import re

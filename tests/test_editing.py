@@ -1,11 +1,13 @@
 """Zero-shot editing: inpainting, outpainting and variations (fixture checkpoint, CPU)."""
+from unittest import mock
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
 from hart.editing import outpaint_canvas
-from hart.pipelines import HARTInpaintPipeline, HARTVariationPipeline
+from hart.pipelines import HARTInpaintPipeline, HARTPipeline, HARTVariationPipeline
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +82,11 @@ def test_known_tokens_are_re_encoded_against_what_was_drawn(pipes, picture):
     def drawn(first_scale_known):
         seen = {}
         known = [torch.full((1, p * p), si > 0 or first_scale_known) for si, p in enumerate(pn)]
-        inpaint._generate(inpaint._arguments("a red circle", dict(
-            generator=torch.Generator().manual_seed(1), output_type="latent", top_k=1,
-            callback_on_step_end=lambda p, si, side, t: seen.__setitem__(si, t["idx"]) or {},
-            callback_on_step_end_tensor_inputs=["idx"])), ForcedTokens(mask=known, target_BChw=f_BChw))
+        with mock.patch.object(inpaint, "known_tokens", lambda batch: ForcedTokens(mask=known, target_BChw=f_BChw)):
+            HARTPipeline.__call__(
+                inpaint, "a red circle", generator=torch.Generator().manual_seed(1), output_type="latent", top_k=1,
+                callback_on_step_end=lambda p, si, side, t: seen.__setitem__(si, t["idx"]) or {},
+                callback_on_step_end_tensor_inputs=["idx"])
         return seen
 
     everything_known = drawn(True)

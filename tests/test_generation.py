@@ -54,9 +54,6 @@ def test_generation_matches_reference(recorded, models, inputs, case):
     recorded_idx = [rec[f"idx_stage{si}"] for si in range(S)]
     # the reference draws tokens from a CPU generator seeded with g_seed, as ours does; its
     # diffusion noise came from global state, so the diffusion output is imposed
-    forced = ForcedTokens(residual_BLCv=rec["diff_out_0"][: B * P2].view(B, P2, Cv))
-    if not call["more_smooth"]:
-        forced.idx = recorded_idx  # hard codes: impose the recorded tokens
     ours = {}
 
     def replay(si, logits):
@@ -65,6 +62,9 @@ def test_generation_matches_reference(recorded, models, inputs, case):
         # compared on its own, and f-hat and images test the soft-code arithmetic.
         ours[si] = logits
         return rec[f"logits_stage{si}"] if call["more_smooth"] else logits
+    forced = ForcedTokens(residual_BLCv=rec["diff_out_0"][: B * P2].view(B, P2, Cv), logits_processor=replay)
+    if not call["more_smooth"]:
+        forced.idx = recorded_idx  # hard codes: impose the recorded tokens
     seen_z = []
     head = transformer.diffusion_head
     original = head.sample
@@ -73,7 +73,7 @@ def test_generation_matches_reference(recorded, models, inputs, case):
         with torch.no_grad():
             f_hat, images, stages = _run(
                 models, _conditioning(inputs, B), call, top_k=top_k, top_p=call["top_p"],
-                generator=torch.Generator().manual_seed(call["g_seed"]), forced=forced, logits_processor=replay,
+                generator=torch.Generator().manual_seed(call["g_seed"]), forced=forced,
             )
     finally:
         head.sample = original
@@ -164,7 +164,7 @@ def test_compiled_blocks_match_eager_without_compiling_per_scale(models, inputs,
     monkeypatch.setattr(config, "recompile_limit" if new_names else "cache_size_limit", 3)
     monkeypatch.setattr(config, "fail_on_recompile_limit_hit" if new_names else "fail_on_cache_limit_hit", True)
     cond = _conditioning(inputs, 2)
-    run = lambda model: sample_scales(model, vae.quantize, cond, guidance_scale=4.5, top_k=1,
+    run = lambda model: sample_scales(model, vae.quantize, cond, guidance_scale=4.5, top_k=1, more_smooth=False,
                                       generator=torch.Generator().manual_seed(3))
     torch._dynamo.reset()
     try:

@@ -8,6 +8,7 @@ against a KV cache, which gives the same structure without any mask.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -15,9 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from hart.models.attention import attention
 from hart.models.diffusion import DiffusionHead
+from hart.text import TextConditioning
 
 
 class RMSNorm(nn.Module):
@@ -49,7 +52,7 @@ class Rope:
 
     The 2-D angles are `[a*g, a*g, b*g, b*g]` in four blocks and are applied with the same
     rotate-half as 1-D, so dim d pairs with d + hd/2, which carries the other axis' angle. That is
-    not a true rotation, but the released weights were trained with it (spec 2.5).
+    not a true rotation, but the released weights were trained with it (docs/architecture.md).
     """
 
     def __init__(self, head_dim: int, base: float):
@@ -76,7 +79,7 @@ def image_positions(
     """2-D RoPE coordinates of the tokens of one `side` x `side` scale (row-major).
 
     Coordinates live on the final grid: `(r / side) * final_side`, divided before multiplying, in
-    fp32, plus the row's last text position on both axes (spec 2.5). `index_Bl` selects tokens.
+    fp32, plus the row's last text position on both axes, as released. `index_Bl` selects tokens.
     """
     k = torch.arange(side * side, device=offset_B.device)
     r = torch.div(k, side, rounding_mode="floor").float()
@@ -137,7 +140,7 @@ class SelfAttention(nn.Module):
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)  # VAR's convention, not 1/sqrt(hd)
 
-    def forward(self, x_BLC, rope_cos_sin, mask_LL=None, cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x_BLC, rope_cos_sin, mask_LL=None, *, cache: Optional[KVCache] = None, layer: int = 0):
         B, L, C = x_BLC.shape
         # K has no bias. The projection is called as a module so that adapters (LoRA) wrapping it apply.
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
@@ -176,14 +179,13 @@ class AdaLNBlock(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
-        """`(B, 1, 6, C)`: gates, scales and shifts. They depend on the text only, so sampling
-        computes them once per call instead of once per scale."""
+        """`(B, 1, 6, C)` gates, scales and shifts: text only, so computed once per sampling call."""
         return self.ada_lin(cond_BD).view(cond_BD.shape[0], 1, 6, -1)
 
-    def forward(self, x_BLC, ada_B16C, rope_cos_sin, mask_LL=None, cache=None, layer=0):
+    def forward(self, x_BLC, ada_B16C, rope_cos_sin, mask_LL=None, *, cache: Optional[KVCache] = None, layer: int = 0):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.to(x_BLC.dtype).unbind(2)
         h = self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1
-        x_BLC = x_BLC + gamma1 * self.attn(h, rope_cos_sin, mask_LL, cache, layer)
+        x_BLC = x_BLC + gamma1 * self.attn(h, rope_cos_sin, mask_LL, cache=cache, layer=layer)
         h = self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2
         return x_BLC + gamma2 * self.ffn(h)
 
@@ -203,6 +205,18 @@ def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
     return int(dim * mlp_ratio * 2 / 3 + 255) // 256 * 256
 
 
+@dataclass
+class InferenceState:
+    """What every scale of one sampling call reuses (`HARTTransformer.prepare_inference`)."""
+
+    text_BTC: torch.Tensor  # the text tokens with scale 0's level embedding: scale 0's input
+    text_rope: Tuple[torch.Tensor, torch.Tensor]
+    modulations: List[torch.Tensor]  # each block's AdaLN (gates, scales, shifts), (B, 1, 6, C)
+    head_cond_BD: torch.Tensor
+    offset_B: torch.Tensor  # each row's last text position: where the image positions start
+    cache: KVCache
+
+
 class HARTTransformer(ModelMixin, ConfigMixin):
     """Predicts each scale's tokens from the text and all coarser scales; owns the diffusion head."""
 
@@ -211,6 +225,7 @@ class HARTTransformer(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
+        *,
         patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
         context_tokens: int = 300,
         context_dim: int = 1536,
@@ -242,9 +257,7 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         self.word_embed = nn.Linear(latent_channels, C)
         self.lvl_embed = nn.Embedding(len(patch_nums), C)
         hidden = swiglu_hidden(C, mlp_ratio)
-        self.blocks = nn.ModuleList(
-            AdaLNBlock(C, num_heads, hidden, norm_eps, attn_l2_norm) for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(AdaLNBlock(C, num_heads, hidden, norm_eps, attn_l2_norm) for _ in range(depth))
         self.head_nm = AdaLNHead(C, norm_eps)
         self.head = nn.Linear(C, vocab_size)
         self.decoder_norm = RMSNorm(C, norm_eps)
@@ -254,22 +267,12 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         self.rope = Rope(C // num_heads, rope_base)
         self.gradient_checkpointing = False
 
-    # ---- sizes -------------------------------------------------------------------------------
     @property
     def patch_nums(self) -> Tuple[int, ...]:
         return tuple(self.config.patch_nums)
 
-    @property
-    def scale_starts(self) -> List[int]:
-        """Start of each scale k >= 1 in the image part of the sequence (scale 1 starts at 0)."""
-        starts, n = [], 0
-        for p in self.patch_nums[1:]:
-            starts.append(n)
-            n += p * p
-        return starts
-
-    # ---- conditioning ------------------------------------------------------------------------
-    def embed_context(self, context_BTC: torch.Tensor) -> torch.Tensor:
+    # ---- conditioning and blocks, shared by training and inference ---------------------------
+    def _embed_context(self, context_BTC: torch.Tensor) -> torch.Tensor:
         """Text features -> `cond_BTD`: the text input tokens and the AdaLN conditioning source."""
         if context_BTC.shape[1:] != (self.config.context_tokens, self.config.context_dim):
             raise ValueError(
@@ -279,7 +282,7 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         dtype = self.context_embed.weight.dtype
         return self.context_embed(self.context_norm(context_BTC.to(dtype)))
 
-    def pool_condition(self, cond_BTD: torch.Tensor, mask_BT: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _pool_condition(self, cond_BTD: torch.Tensor, mask_BT: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(block conditioning, head conditioning). Max pooling includes padding, as released."""
         cond_max = cond_BTD.max(dim=1).values
         if self.config.cond_pooling == "max":
@@ -287,29 +290,24 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         m = mask_BT.to(cond_BTD.dtype).unsqueeze(-1)
         return (cond_BTD * m).sum(1) / m.sum(1).clamp(min=1), cond_max
 
-    def block_modulations(self, cond_BD: torch.Tensor) -> List[torch.Tensor]:
-        """Every block's AdaLN modulation of `cond_BD`, in block order: what `run_blocks` takes."""
-        return [block.modulation(cond_BD) for block in self.blocks]
-
-    # ---- running the blocks ------------------------------------------------------------------
-    def run_blocks(self, x_BLC, modulations, rope_cos_sin, mask_LL=None, cache: Optional[KVCache] = None):
+    def _run_blocks(self, x_BLC, modulations, rope_cos_sin, mask_LL=None, *, cache: Optional[KVCache] = None):
         for i, (block, ada_B16C) in enumerate(zip(self.blocks, modulations)):
             if self.gradient_checkpointing and self.training:
                 x_BLC = torch.utils.checkpoint.checkpoint(
-                    block, x_BLC, ada_B16C, rope_cos_sin, mask_LL, None, i, use_reentrant=False
+                    block, x_BLC, ada_B16C, rope_cos_sin, mask_LL, use_reentrant=False
                 )
             else:
-                x_BLC = block(x_BLC, ada_B16C, rope_cos_sin, mask_LL, cache, i)
+                x_BLC = block(x_BLC, ada_B16C, rope_cos_sin, mask_LL, cache=cache, layer=i)
         return x_BLC
 
-    def logits(self, hidden_BLC: torch.Tensor, head_cond_BD: torch.Tensor) -> torch.Tensor:
+    def _logits(self, hidden_BLC: torch.Tensor, head_cond_BD: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_nm(hidden_BLC, head_cond_BD)).float()
 
     def diffusion_condition(self, hidden_BlC: torch.Tensor, code_embed_BlCv: torch.Tensor) -> torch.Tensor:
         """Condition of the residual diffusion: the last hidden state plus the sampled code's embedding."""
         return self.decoder_norm(hidden_BlC + self.word_embed(code_embed_BlCv.to(hidden_BlC.dtype)))
 
-    # ---- training forward (spec 5) -----------------------------------------------------------
+    # ---- training forward ------------------------------------------------------------------
     def forward(
         self,
         context_BTC: torch.Tensor,
@@ -330,8 +328,8 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         n_prev = x_BLCv_wo_first_l.shape[1] - P * P
         if x_BLCv_wo_first_l.shape[1] != sum(p * p for p in pn) - 1:
             raise ValueError(f"x_BLCv_wo_first_l has {x_BLCv_wo_first_l.shape[1]} tokens, expected {sum(p * p for p in pn) - 1}")
-        cond_BTD = self.embed_context(context_BTC)
-        cond_blocks, cond_head = self.pool_condition(cond_BTD, context_mask_BT)
+        cond_BTD = self._embed_context(context_BTC)
+        cond_blocks, cond_head = self._pool_condition(cond_BTD, context_mask_BT)
         tokens = self.word_embed(x_BLCv_wo_first_l.to(cond_BTD.dtype))
         last = tokens[:, n_prev:]
         if keep_idx_BK is not None:
@@ -352,21 +350,50 @@ class HARTTransformer(ModelMixin, ConfigMixin):
 
         all_levels = torch.cat([levels.new_zeros(T), levels])
         mask_LL = all_levels.unsqueeze(1) >= all_levels.unsqueeze(0)  # block-causal by scale
-        hidden = self.run_blocks(x, self.block_modulations(cond_blocks), rope_cos_sin, mask_LL)
-        logits = self.logits(hidden[:, T - 1 :], cond_head)
+        hidden = self._run_blocks(x, [b.modulation(cond_blocks) for b in self.blocks], rope_cos_sin, mask_LL)
+        logits = self._logits(hidden[:, T - 1 :], cond_head)
         return logits, hidden[:, -K:]
 
-    # ---- inference: one scale against the KV cache -------------------------------------------
-    def new_cache(self) -> KVCache:
-        """An empty KV cache sized for one sampling call (all scales, text included)."""
-        return KVCache(len(self.blocks), self.config.context_tokens + sum(p * p for p in self.patch_nums[1:]))
+    # ---- inference: the text once, then one scale at a time against the KV cache ---------------
+    # Model offload (diffusers' enable_model_cpu_offload) moves a model to the device when its
+    # `forward` runs; `apply_forward_hook` gives these entry points the same hook.
+    @apply_forward_hook
+    def prepare_inference(self, text: TextConditioning) -> InferenceState:
+        """Everything the scales of one sampling call share: the text tokens (scale 0's input), the
+        AdaLN modulations (they depend on the text only) and an empty KV cache."""
+        cond_BTD = self._embed_context(text.features_BTC)
+        cond_blocks, head_cond_BD = self._pool_condition(cond_BTD, text.mask_BT)
+        return InferenceState(
+            text_BTC=cond_BTD + self.lvl_embed.weight[0],
+            text_rope=self.rope.text(text.position_ids_BT),
+            modulations=[block.modulation(cond_blocks) for block in self.blocks],
+            head_cond_BD=head_cond_BD,
+            offset_B=text.position_ids_BT[:, -1],
+            cache=KVCache(len(self.blocks), self.config.context_tokens + sum(p * p for p in self.patch_nums[1:])),
+        )
 
-    def stage_rope(self, si: int, offset_B: torch.Tensor, context_position_ids_BT=None, index_Bl=None):
+    @apply_forward_hook
+    def scale_step(
+        self, state: InferenceState, si: int, tokens_BlCv: Optional[torch.Tensor] = None, *,
+        index_Bl: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Run scale `si` against the KV cache (scales 0..si-1 must have run): `(hidden_BlC, logits_BlV)`.
+
+        Scale 0 reads the text (`tokens_BlCv` None); only its last position (it predicts the 1x1 scale)
+        is returned. Scale si >= 1 reads `tokens_BlCv`, f-hat area-downsampled to p x p (latent channels),
+        at the positions `index_Bl` of its row-major map (None: all, in order). Every text row of an
+        image (conditional and unconditional under guidance) reads that image's one token row, as released.
+        """
         if si == 0:
-            return self.rope.text(context_position_ids_BT)
-        return self.rope.image(*image_positions(self.patch_nums[si], self.patch_nums[-1], offset_B, index_Bl))
-
-    def stage_input(self, si: int, next_BCvl: torch.Tensor) -> torch.Tensor:
-        """Embed the inputs of scale si >= 1 (area-downsampled f-hat as tokens, (B, l, Cvae))."""
-        x = self.word_embed(next_BCvl.to(self.word_embed.weight.dtype))
-        return x + self.lvl_embed.weight[si]
+            hidden_BLC = self._run_blocks(state.text_BTC, state.modulations, state.text_rope, cache=state.cache)
+            hidden_BlC = hidden_BLC[:, -1:]
+        else:
+            rows, B = state.offset_B.shape[0], tokens_BlCv.shape[0]
+            if rows % B:
+                raise ValueError(f"{B} token rows for {rows} text rows: give one per image or one per text row")
+            x_BlC = self.word_embed(tokens_BlCv.to(self.word_embed.weight.dtype)) + self.lvl_embed.weight[si]
+            x_BlC = x_BlC.repeat(rows // B, 1, 1)
+            index_Bl = None if index_Bl is None else index_Bl.repeat(rows // B, 1)
+            positions = image_positions(self.patch_nums[si], self.patch_nums[-1], state.offset_B, index_Bl)
+            hidden_BlC = self._run_blocks(x_BlC, state.modulations, self.rope.image(*positions), cache=state.cache)
+        return hidden_BlC, self._logits(hidden_BlC, state.head_cond_BD)
