@@ -134,6 +134,7 @@ def load_pipeline(model: str, text_encoder: Optional[str] = None, device=None, d
     import torch
 
     from hart import loading
+    from hart.pipelines import HARTPipeline
 
     def flagged(flag, find, name):
         try:
@@ -149,7 +150,7 @@ def load_pipeline(model: str, text_encoder: Optional[str] = None, device=None, d
                          "which has no text encoder; pass the Qwen2 text model folder")
     if text_encoder is not None:
         text_encoder = flagged("--text-encoder", loading.resolve_folder, text_encoder)
-    pipe = loading.load_pipeline(path, text_encoder, use_ema=use_ema)
+    pipe = HARTPipeline.from_folder(path, text_encoder, use_ema=use_ema)
     pipe.set_progress_bar_config(disable=True)
     torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
     if {pipe.transformer.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} != {torch_dtype}:

@@ -1,6 +1,6 @@
 """Loading models in every layout, with errors that say what is wrong (all `CheckpointError`).
 
-`load_pipeline` and `load_image_tokenizer` take any layout (`detect_layout`): this package's
+`HARTPipeline.from_folder` and `load_image_tokenizer` take any layout (`detect_layout`): this package's
 (`model_index.json`), a training run folder (its exported `pipeline/`) or the official release. For
 the official one, the `*_tokenizer*` functions map the tokenizer folder (`config.json` +
 `model.safetensors` / `pytorch_model.bin`) onto `HybridTokenizer`, the `*_transformer*` functions the
@@ -58,7 +58,7 @@ def read_weights(path: PathLike) -> Dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
@@ -260,7 +260,7 @@ def load_text_encoder(name_or_path: PathLike, torch_dtype: torch.dtype = torch.f
         tokenizer = (transformers.PreTrainedTokenizerFast if fast else AutoTokenizer).from_pretrained(folder)
         model = AutoModel.from_pretrained(folder, dtype=torch_dtype)
     except (OSError, ValueError) as e:  # missing, truncated or mismatched files, in transformers' words
-        raise CheckpointError(f"cannot load the text encoder in {folder}: {_first_line(e)}") from e
+        raise CheckpointError(f"cannot load the text encoder in {folder}: {first_line(e)}") from e
     return tokenizer, model.eval()
 
 
@@ -354,31 +354,12 @@ def check_model_folder(cls, folder: Path) -> None:
                               f"{folder / 'config.json'} describes: {problems}")
 
 
-def _check_pipeline_folder(folder: Path) -> None:
+def check_pipeline_folder(folder: Path) -> None:
+    """Refuse, before diffusers reads anything, a pipeline folder whose models or weights do not fit."""
     for name, cls in (("transformer", HARTTransformer), ("vae", HybridTokenizer)):
         check_model_folder(cls, folder / name)
     for weights in sorted((folder / "text_encoder").glob("*.safetensors")):
         safetensors_shapes(weights)
-
-
-def load_pipeline(name_or_path: PathLike, text_encoder: Optional[PathLike] = None, use_ema: bool = True):
-    """A `HARTPipeline` from any layout (see `detect_layout`); `text_encoder` is needed for, and only
-    allowed with, the official layout. Every loading failure is a `CheckpointError` naming the file."""
-    from hart.pipelines import HARTPipeline
-
-    layout, folder = detect_layout(name_or_path)
-    if layout == "official":
-        if text_encoder is None:
-            raise CheckpointError(f"{folder} is in the official layout (llm/ + tokenizer/), which has no text "
-                                  "encoder: give the text encoder folder too")
-        return HARTPipeline.from_official(folder, text_encoder=resolve_folder(text_encoder), use_ema=use_ema)
-    if text_encoder is not None:
-        raise CheckpointError(f"{folder} has its own text encoder (model_index.json): give no other text encoder")
-    _check_pipeline_folder(folder)
-    try:
-        return HARTPipeline.from_pretrained(folder)
-    except (OSError, ValueError) as e:  # what is left: the text encoder or its tokenizer
-        raise CheckpointError(f"cannot load the pipeline in {folder}: {_first_line(e)}") from e
 
 
 def load_image_tokenizer(name_or_path: PathLike) -> HybridTokenizer:
@@ -395,4 +376,4 @@ def load_image_tokenizer(name_or_path: PathLike) -> HybridTokenizer:
     try:
         return HybridTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the tokenizer in {path}: {_first_line(e)}") from e
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {first_line(e)}") from e

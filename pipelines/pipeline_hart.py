@@ -79,6 +79,28 @@ class HARTPipeline(DiffusionPipeline):
 
         return cls(**load_official_components(path, text_encoder, tokenizer_path, use_ema, **text_kwargs))
 
+    @classmethod
+    def from_folder(cls, path, text_encoder=None, use_ema: bool = True) -> "HARTPipeline":
+        """The pipeline in any layout (`hart.loading.detect_layout`): this package's (`model_index.json`), a
+        training run folder (its exported `pipeline/`) or the official release, for which `text_encoder` is
+        needed (and only allowed there). Every loading failure is a `CheckpointError` naming the file."""
+        from hart import loading
+
+        layout, folder = loading.detect_layout(path)
+        if layout == "official":
+            if text_encoder is None:
+                raise loading.CheckpointError(f"{folder} is in the official layout (llm/ + tokenizer/), which has "
+                                              "no text encoder: give the text encoder folder too")
+            return cls.from_official(folder, text_encoder=loading.resolve_folder(text_encoder), use_ema=use_ema)
+        if text_encoder is not None:
+            raise loading.CheckpointError(f"{folder} has its own text encoder (model_index.json): give no other "
+                                          "text encoder")
+        loading.check_pipeline_folder(folder)
+        try:
+            return cls.from_pretrained(folder)
+        except (OSError, ValueError) as e:  # what is left: the text encoder or its tokenizer
+            raise loading.CheckpointError(f"cannot load the pipeline in {folder}: {loading.first_line(e)}") from e
+
     # ---- argument checks (all before any heavy work) -----------------------------------------
     def check_inputs(self, prompt, negative_prompt, num_images_per_prompt, *, options: SamplingOptions, output_type,
                      generator, max_sequence_length, callback_on_step_end_tensor_inputs):

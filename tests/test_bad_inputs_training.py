@@ -23,7 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hart.loading import CheckpointError, detect_layout, load_image_tokenizer, load_pipeline
+from hart.loading import CheckpointError, detect_layout, load_image_tokenizer
+from hart.pipelines import HARTPipeline
 from hart.training import checks
 from hart.training.checks import SettingError
 from hart.training.cli import (CHECKERS, finetune_config, finetune_main, finetune_parser, run_program, tokenizer_config,
@@ -355,7 +356,7 @@ def test_every_layout_is_detected(world, ws):
     assert detect_layout(world["pipeline"]) == ("pipeline", world["pipeline"])
     assert detect_layout(world["run"]) == ("pipeline", world["run"] / "pipeline")  # a training run folder
     assert detect_layout(world["official"]) == ("official", world["official"])
-    pipe = load_pipeline(world["run"])
+    pipe = HARTPipeline.from_folder(world["run"])
     assert pipe.transformer.config.embed_dim == 64
     assert load_image_tokenizer(world["run"]).config.vocab_size == pipe.vae.config.vocab_size
 
@@ -399,7 +400,7 @@ def test_broken_package_layout_is_one_checkpoint_error(ws, case):
     breaks(pipe)
     before = snapshot(ws.tmp)
     with pytest.raises(CheckpointError) as e:
-        load_pipeline(pipe)
+        HARTPipeline.from_folder(pipe)
     assert_one_line_error(e, *parts)
     assert snapshot(ws.tmp) == before
 
@@ -416,10 +417,10 @@ def test_broken_run_folder_through_finetune_and_tokenizer_training(run, ws):
 
 def test_text_encoder_argument_rules(world):
     with pytest.raises(CheckpointError) as e:
-        load_pipeline(world["official"])
+        HARTPipeline.from_folder(world["official"])
     assert_one_line_error(e, "official layout", "text encoder")
     with pytest.raises(CheckpointError) as e:
-        load_pipeline(world["pipeline"], text_encoder=world["text_encoder"])
+        HARTPipeline.from_folder(world["pipeline"], text_encoder=world["text_encoder"])
     assert_one_line_error(e, "has its own text encoder")
 
 

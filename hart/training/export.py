@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from hart.loading import load_pipeline
 from hart.models.transformer import HARTTransformer
+from hart.pipelines import HARTPipeline
 from hart.training.lora import add_lora, lora_state_dict, merge_lora
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def export_pipeline(accelerator, objective, ema, cfg, out_dir) -> Optional[Path]
             transformer.load_state_dict(state_dict)
         transformer.requires_grad_(True).eval()
 
-        base = load_pipeline(cfg.pretrained, cfg.text_encoder)
+        base = HARTPipeline.from_folder(cfg.pretrained, cfg.text_encoder)
         pipe = type(base)(tokenizer=base.tokenizer, text_encoder=base.text_encoder, transformer=transformer, vae=base.vae)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from hart.loading import load_pipeline
+from hart.pipelines import HARTPipeline
 from hart.text import SYSTEM_PROMPT, encode_prompts
 from hart.training.cache import CacheSpec, CachedExamples, build_cache
 from hart.training.checkpoint import (CheckpointError, CheckpointManager, describe_mismatch, load_train_state,
@@ -85,7 +85,7 @@ class _Run:
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision)
         self.device = self.acc.device
-        self.pipe = load_pipeline(cfg.pretrained, cfg.text_encoder)
+        self.pipe = HARTPipeline.from_folder(cfg.pretrained, cfg.text_encoder)
         self.transformer, self.vae = self.pipe.transformer, self.pipe.vae.requires_grad_(False).eval()
         self.patch_nums = self.transformer.patch_nums
         self.resolution = self.patch_nums[-1] * self.vae.downsample_factor
