@@ -1,6 +1,6 @@
 """The bundled shapes-world model (`hart/bundled/shapes-128`) and the pieces of its recipe
 (scripts/train_bundled.py): it loads and generates offline, follows a simple prompt, and edits zero-shot.
-ShapesEval of the whole prompt set is a benchmark script, not a test (docs/bundled_recipe.md).
+ShapesEval of the whole prompt set is a benchmark script, not a test (docs/bundled_model.md).
 """
 import json
 
