@@ -11,6 +11,7 @@ import sys
 from typing import List, Optional
 
 from hart.cli_args import add_device_arguments, add_model_arguments
+from hart.limits import MAX_IMAGES_PER_REQUEST
 
 
 def _whole(low: int, high: float = float("inf")):
@@ -35,7 +36,8 @@ def build_parser(prog: str = "hart app") -> argparse.ArgumentParser:
                    help="generations running at once (default 1: one at a time on the device)")
     p.add_argument("--max-queue", type=_whole(1), default=20,
                    help="requests allowed to wait; more are refused with 'queue is full' (default 20)")
-    p.add_argument("--max-images", type=_whole(1), default=4, help="most images per request (default 4)")
+    p.add_argument("--max-images", type=_whole(1), default=MAX_IMAGES_PER_REQUEST,
+                   help=f"most images per request (default {MAX_IMAGES_PER_REQUEST})")
     p.add_argument("--safety-model", help="local ShieldGemma folder: refuse prompts it flags (default: off)")
     return p
 

@@ -27,11 +27,13 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from hart.limits import (GUIDANCE_SCALE, MAX_GUIDANCE_SCALE, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS,  # noqa: E402
+                         MAX_SEED)
+from hart.text import count_tokens  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**31 - 1
-MAX_PROMPT_CHARS = 2000
-MAX_GUIDANCE = 20.0
+GUIDANCE_SLIDER_MAX = 20.0  # the slider's range; the API accepts up to hart.limits.MAX_GUIDANCE_SCALE
 PREVIEW_TILE = 256  # display side of each image in the live preview (upscaled, nearest neighbour)
 EXAMPLES_FILE = "examples.json"  # optional in a pipeline folder: a JSON list of prompts the model draws well
 PHOTO_EXAMPLES = (  # for a model folder without its own examples (the released text-to-image model)
@@ -68,7 +70,7 @@ def token_notes(tokenizer, max_tokens: int, **texts: str) -> str:
     """A note (e.g. "Prompt cut: 32 of 45 tokens kept.") for each text longer than the model reads."""
     notes = []
     for name, text in texts.items():
-        n = len(tokenizer(text)["input_ids"]) if text else 0  # counted as `hart.text.encode_prompts` counts
+        n = count_tokens(tokenizer, [text])[0] if text else 0
         if n > max_tokens:
             notes.append(f"{name.replace('_', ' ').capitalize()} cut: {max_tokens} of {n} tokens kept.")
     return " ".join(notes)
@@ -132,7 +134,7 @@ def validate(prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_
         prompt=prompt.strip(),
         negative_prompt=negative_prompt.strip() if negative_prompt and negative_prompt.strip() else None,
         seed=random.randint(0, MAX_SEED) if randomize_seed else _whole(seed, "Seed", 0, MAX_SEED),
-        guidance_scale=_number(guidance_scale, "Guidance scale", 0.0, MAX_GUIDANCE),
+        guidance_scale=_number(guidance_scale, "Guidance scale", 0.0, MAX_GUIDANCE_SCALE),
         top_k=top_k or None,
         top_p=None if top_p == 1.0 else top_p,
         more_smooth=bool(more_smooth),
@@ -289,7 +291,7 @@ def make_inpaint(pipe, last_run: LastRun, safety_checker: Optional[Callable[[str
     return inpaint
 
 
-def build_demo(pipe, *, max_images: int = 4, concurrency: int = 1, max_queue: int = 20,
+def build_demo(pipe, *, max_images: int = MAX_IMAGES_PER_REQUEST, concurrency: int = 1, max_queue: int = 20,
                safety_checker: Optional[Callable[[str], bool]] = None) -> gr.Blocks:
     """A queued Blocks app around a loaded `HARTPipeline`.
 
@@ -327,7 +329,7 @@ def build_demo(pipe, *, max_images: int = 4, concurrency: int = 1, max_queue: in
                             randomize_seed = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize-seed")
                         num_images = gr.Slider(1, max_images, value=1, step=1, label="Number of images")
                         with gr.Accordion("Sampling options", open=False):
-                            guidance_scale = gr.Slider(0.0, MAX_GUIDANCE, value=4.5, step=0.1, label="Guidance scale")
+                            guidance_scale = gr.Slider(0.0, GUIDANCE_SLIDER_MAX, value=GUIDANCE_SCALE, step=0.1, label="Guidance scale")
                             top_k = gr.Slider(0, config.vocab_size, value=0, step=1, label="Top-k",
                                               info="0 uses the model's own schedule")
                             top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p", info="1 is off")
@@ -365,7 +367,7 @@ def build_demo(pipe, *, max_images: int = 4, concurrency: int = 1, max_queue: in
                                                      maximum=MAX_SEED)
                             inpaint_randomize = gr.Checkbox(label="Randomize seed", value=True)
                         with gr.Accordion("Options", open=False):
-                            inpaint_guidance = gr.Slider(0.0, MAX_GUIDANCE, value=4.5, step=0.1,
+                            inpaint_guidance = gr.Slider(0.0, GUIDANCE_SLIDER_MAX, value=GUIDANCE_SCALE, step=0.1,
                                                          label="Guidance scale")
                             blend_radius = gr.Slider(0, side // 4, value=0, step=1, label="Blend radius (px)",
                                                      info="soft seam at the mask border; 0 keeps the rest exactly")

@@ -70,6 +70,12 @@ def check_prompts(prompt: Union[str, Sequence[str]], name: str = "prompt") -> Li
     return list(prompt)
 
 
+def count_tokens(tokenizer, prompts: List[str]) -> List[int]:
+    """Tokens of each prompt as `encode_prompts` reads it, before truncation. `verbose=False`: the
+    tokenizer's "longer than the maximum length" notice is ours to give, once, as a truncation."""
+    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]]
+
+
 @torch.no_grad()
 def encode_prompts(
     prompts: Sequence[str],
@@ -88,7 +94,7 @@ def encode_prompts(
     if tokenizer.pad_token_id is None:
         raise ValueError("The text tokenizer has no pad token; HART pads prompts to a fixed length.")
     device = text_encoder.device
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    lengths = count_tokens(tokenizer, prompts)
     if max(lengths) > max_length:
         logger.warning(
             "A prompt has %d tokens; it is truncated to max_sequence_length=%d.", max(lengths), max_length

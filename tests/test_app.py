@@ -27,6 +27,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from gradio_client.utils import QueueError, Status  # noqa: E402
 
 from hart.app.demo import PHOTO_EXAMPLES, LastRun, build_demo, example_prompts  # noqa: E402
+from hart.limits import MAX_GUIDANCE_SCALE, MAX_SEED  # noqa: E402
 
 # gradio 6.31's queue statistics use pandas options that pandas 3 deprecates
 pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
@@ -160,7 +161,7 @@ def test_streams_one_preview_per_scale_then_the_images(client, fixture_pipe):
 def test_used_seed_reproduces_the_images(client, fixture_pipe):
     first = run(client, randomize=True, num_images=2)[-1]
     seed = first[2]
-    assert isinstance(seed, int) and 0 <= seed < 2**31
+    assert isinstance(seed, int) and 0 <= seed <= MAX_SEED
     again = run(client, seed=seed, randomize=False, num_images=2)[-1]
     assert again[2] == seed
     for a, b in zip(images(first[1]), images(again[1])):
@@ -184,7 +185,7 @@ def test_sampling_options_reach_the_pipeline(client):
     (dict(prompt=""), "Please enter a prompt"),
     (dict(prompt="   \n"), "Please enter a prompt"),
     (dict(prompt="x" * 2001), "keep it under 2000"),
-    (dict(guidance=25), "Guidance scale must be a number from 0 to 20"),
+    (dict(guidance=MAX_GUIDANCE_SCALE + 1), f"Guidance scale must be a number from 0 to {MAX_GUIDANCE_SCALE:g}"),
     (dict(guidance=-1), "Guidance scale"),
     (dict(top_k=-1), "Top-k must be a whole number from 0 to {vocab}"),
     (dict(top_k=2.5), "Top-k"),
@@ -192,7 +193,7 @@ def test_sampling_options_reach_the_pipeline(client):
     (dict(top_p=1.5), "Top-p"),
     (dict(num_images=0), "Number of images must be a whole number from 1 to 4"),
     (dict(num_images=5), "Number of images"),
-    (dict(seed=-1), "Seed must be a whole number from 0 to 2147483647"),
+    (dict(seed=-1), f"Seed must be a whole number from 0 to {MAX_SEED}"),
     (dict(seed=None), "Seed"),
 ])
 def test_invalid_input_gets_a_friendly_message(client, fixture_pipe, changes, message):

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from hart.limits import MAX_GUIDANCE_SCALE, MAX_SEED
 from hart.loading import CheckpointError, load_official_tokenizer
 from tests.test_training_data import make_folder
 
@@ -522,13 +523,13 @@ def _app_validate(**changes):
 def app_seed_negative(env):
     import gradio as gr
 
-    refused(gr.Error, _app_validate(seed=-1), "Seed", "whole number from 0 to 2147483647")
+    refused(gr.Error, _app_validate(seed=-1), "Seed", f"whole number from 0 to {MAX_SEED}")
 
 
 def app_seed_too_large(env):
     import gradio as gr
 
-    refused(gr.Error, _app_validate(seed=2**63), "Seed", "whole number from 0 to 2147483647")
+    refused(gr.Error, _app_validate(seed=MAX_SEED + 1), "Seed", f"whole number from 0 to {MAX_SEED}")
 
 
 def app_prompt_wrong_type(env):
@@ -546,7 +547,7 @@ def app_negative_prompt_wrong_type(env):
 def app_guidance_nan(env):
     import gradio as gr
 
-    refused(gr.Error, _app_validate(guidance_scale=float("nan")), "Guidance scale", "from 0 to 20")
+    refused(gr.Error, _app_validate(guidance_scale=float("nan")), "Guidance scale", f"from 0 to {MAX_GUIDANCE_SCALE:g}")
 
 
 def app_top_k_out_of_range(env):

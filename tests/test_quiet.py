@@ -26,3 +26,9 @@ def test_inpaint_on_the_bundled_model_prints_no_warning(tmp_path):
     noise = [line for line in lines if "warn" in line.lower() or "float32" in line]
     assert not noise, noise
     assert (tmp_path / "edits" / "00000_00.png").is_file()
+
+
+def test_a_long_prompt_gives_one_truncation_warning_and_no_tokenizer_notice(tmp_path):
+    lines = _run(["generate", "a red circle on a blue background " * 40, "--out", "out"], tmp_path)
+    assert not any("indexing errors" in line for line in lines), lines
+    assert sum("truncated" in line for line in lines) == 1, lines
