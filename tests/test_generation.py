@@ -173,5 +173,9 @@ def test_compiled_blocks_match_eager_without_compiling_per_scale(models, inputs,
             again = run(compiled)  # a second call reuses the graphs
     finally:
         torch._dynamo.reset()
-    assert_close(fast, eager, 1e-4, "f_hat")
-    assert_close(again, eager, 1e-4, "f_hat, second call")
+    # Compiled kernels round float32 differently (~1e-6 relative); the guided diffusion at the last
+    # scale amplifies that by up to 1 + 2t at each of its sampling steps.
+    S, steps = len(transformer.patch_nums), len(transformer.diffusion_head.sample_schedule.timesteps)
+    tol = 1e-5 * (1 + 2 * 4.5 * (S - 2) / (S - 1)) * steps
+    assert_close(fast, eager, tol, "f_hat")
+    assert_close(again, eager, tol, "f_hat, second call")
