@@ -26,17 +26,20 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from safetensors.torch import save_file
+import transformers
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hart import rng  # noqa: E402
 from hart.loading import load_official_tokenizer, load_official_transformer, load_text_encoder  # noqa: E402
+from hart.models.diffusion import guide  # noqa: E402
 from hart.models.tokenizer import HybridTokenizer  # noqa: E402
 from hart.models.transformer import HARTTransformer  # noqa: E402
-from hart.sampling import reference_top_k, sample_scales  # noqa: E402
+from hart.sampling import filter_logits, reference_top_k, sample_scales  # noqa: E402
 from hart.text import SYSTEM_PROMPT, encode_prompts  # noqa: E402
-from hart.sampling import filter_logits  # noqa: E402
 from hart.training.objective import draw_kept_tokens, drop_conditions  # noqa: E402
 from hart.training.tokenizer_training import PatchDiscriminator  # noqa: E402
 
@@ -77,22 +80,23 @@ def randomize_(module: torch.nn.Module, generator: torch.Generator, codebook_std
                 p.copy_(0.05 * torch.randn(p.shape, generator=generator))
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def tensor_listing(sd) -> str:
-    return "".join(f"{k}\t{tuple(v.shape)}\t{str(v.dtype).replace('torch.', '')}\n" for k, v in sorted(sd.items()))
+    return "".join(f"{k}\t{tuple(v.shape)}\t{dtype_name(v.dtype)}\n" for k, v in sorted(sd.items()))
 
 
 def write_text_encoder(folder: Path, args, g: torch.Generator) -> dict:
     """A tiny random Qwen2 and a word-level tokenizer over the words this set uses."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
-
     pre = pre_tokenizers.Whitespace()
     words = sorted({w for text in PROMPTS + [SYSTEM_PROMPT] for w, _ in pre.pre_tokenize_str(text.lower())})
     vocab = {PAD: 0, UNK: 1, **{w: i + 2 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, padding_side=args.padding_side)
-    fast.save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK,
+                                         padding_side=args.padding_side).save_pretrained(folder)
     # name the class as the reference set does (transformers 5 writes its own backend's name, which
     # older versions cannot read), with the padding side this set is about
     special = {str(i): dict(content=t, lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
@@ -101,25 +105,21 @@ def write_text_encoder(folder: Path, args, g: torch.Generator) -> dict:
         added_tokens_decoder=special, clean_up_tokenization_spaces=False, model_max_length=4096, pad_token=PAD,
         padding_side=args.padding_side, tokenizer_class="PreTrainedTokenizerFast", unk_token=UNK), indent=2))
     (folder / "special_tokens_map.json").write_text(json.dumps(dict(pad_token=PAD, unk_token=UNK), indent=2))
-    qwen2 = dict(vocab_size=64 * math.ceil(len(vocab) / 64), hidden_size=args.text_dim, intermediate_size=2 * args.text_dim,
-                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    qwen2 = dict(vocab_size=64 * math.ceil(len(vocab) / 64), hidden_size=args.text_dim,
+                 intermediate_size=2 * args.text_dim, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=1024,
                  rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu", attention_dropout=0.0,
                  use_sliding_window=False)
-    model = Qwen2Model(Qwen2Config(**qwen2, pad_token_id=0, eos_token_id=0))
+    model = transformers.Qwen2Model(transformers.Qwen2Config(**qwen2, pad_token_id=0, eos_token_id=0))
     randomize_(model, g)
     model.save_pretrained(folder, safe_serialization=True)
     return qwen2
 
 
-def official_tokenizer_keys(sd, num_phi: int):
-    """This package's tokenizer keys -> the reference's (`vae.` prefix, `quant_resi` naming of phi)."""
-    out = {}
-    for k, v in sd.items():
-        m = re.match(r"quantize\.phi\.(\d+)\.(.*)", k)
-        if m:
-            k = {1: f"quantize.quant_resi.qresi.{m[2]}"}.get(num_phi, f"quantize.quant_resi.qresi_ls.{m[1]}.{m[2]}")
-        out["vae." + k] = v.contiguous()
-    return out
+def official_tokenizer_keys(sd):
+    """This package's tokenizer keys -> the reference's: `vae.` prefix, partially shared phi as `qresi_ls`."""
+    return {"vae." + re.sub(r"^quantize\.phi\.", "quantize.quant_resi.qresi_ls.", k): v.contiguous()
+            for k, v in sd.items()}
 
 
 def write_tokenizer(folder: Path, args, pn, g) -> dict:
@@ -133,7 +133,8 @@ def write_tokenizer(folder: Path, args, pn, g) -> dict:
                           channel_multipliers=ch_mult, num_phi=4, patch_nums=pn)
     randomize_(vae, g)
     disc = PatchDiscriminator(ndf=8, num_layers=3)
-    sd = official_tokenizer_keys(vae.state_dict(), 4)
+    randomize_(disc, g)
+    sd = official_tokenizer_keys(vae.state_dict())
     sd["vae.quantize.ema_vocab_hit_SV"] = torch.zeros(len(pn), args.vocab_size)
     sd.update({"disc." + k: v.contiguous() for k, v in disc.state_dict().items()})
     folder.mkdir(parents=True)
@@ -177,13 +178,10 @@ class Recorder:
         self.root = root
 
     def save(self, name: str, tensors: dict, meta: dict) -> None:
-        path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(path) + ".safetensors")
-        meta = {**meta, "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                                    for k, v in tensors.items()}}
-        self.json(f"{name}.json", meta)
+        self.json(f"{name}.json", {**meta, "tensors": {k: {"shape": list(v.shape), "dtype": dtype_name(v.dtype)}
+                                                       for k, v in tensors.items()}})
+        save_file(tensors, str(self.root / f"{name}.safetensors"))
 
     def json(self, name: str, obj) -> None:
         (self.root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -277,16 +275,16 @@ def record_transformer_forward(rec: Recorder, transformer, vae, cond, tok, pn):
         z = transformer.diffusion_condition(hidden_BKC, code)
         target = inputs["last_layer_gt"].gather(1, keep_BK[..., None].expand(-1, -1, code.shape[-1])) - code
         mul = transformer.config.diffusion_batch_mul
-        x_start = target.flatten(0, 1).repeat(mul, 1) / head.latent_scale
-        c = z.flatten(0, 1).repeat(mul, 1)
-        t = torch.randint(0, 1000, (x_start.shape[0],), generator=g)
-        noise = rng.randn(x_start.shape, g, "cpu")
-        terms = head.loss(x_start * head.latent_scale, c, t=t, noise=noise)
+        target, c = target.flatten(0, 1).repeat(mul, 1), z.flatten(0, 1).repeat(mul, 1)
+        t = torch.randint(0, 1000, (target.shape[0],), generator=g)
+        noise = rng.randn(target.shape, g, "cpu")
+        terms = head.loss(target, c, t=t, noise=noise)
         rec.save(f"transformer_forward/{name}", dict(
             cond_drop_rows=torch.tensor(drop_rows, dtype=torch.long), diffusion_t=t, idx_BL_sampled=sampled,
             mask_wo_prev_stages_batch=torch.arange(B).repeat_interleave(K), mask_wo_prev_stages_token=keep_BK.flatten(),
             diff_loss=terms.loss.mean(), diffusion_c=c, diffusion_loss_per_sample=terms.loss, diffusion_mse=terms.mse,
-            diffusion_noise=noise, diffusion_vb=terms.vb, diffusion_x_start=x_start, last_layer_cond=z, logits=logits,
+            diffusion_noise=noise, diffusion_vb=terms.vb, diffusion_x_start=target / head.latent_scale,
+            last_layer_cond=z, logits=logits,
         ), dict(description="HARTTransformer.forward + the hart_loss terms, model.eval(), torch.no_grad()",
                 call=dict(seeding="torch.Generator().manual_seed(1245): kept tokens, sampled indices "
                                   "(top_k=600, top_p=0.96), diffusion t, diffusion noise", cond_drop_rows=drop_rows)))
@@ -295,10 +293,9 @@ def record_transformer_forward(rec: Recorder, transformer, vae, cond, tok, pn):
 @torch.no_grad()
 def record_diffusion(rec: Recorder, head, embed_dim: int, g):
     C = head.latent_channels
-    x, t, c = torch.randn(8, C, generator=g), torch.randint(0, 1000, (8,), generator=g), torch.randn(8, embed_dim, generator=g)
+    x, t = torch.randn(8, C, generator=g), torch.randint(0, 1000, (8,), generator=g)
+    c = torch.randn(8, embed_dim, generator=g)
     out = head.net(x[:4].repeat(2, 1), t, c)
-    from hart.models.diffusion import guide
-
     eps, _ = guide(out, 4.5)
     cfg_out = torch.cat([torch.cat([eps, eps]), out[:, C:]], dim=1)
     rec.save("diffloss/net", dict(x=x, t=t, c=c, net_out=head.net(x, t, c), time_embed=head.net.time_embed(t),
@@ -326,7 +323,8 @@ def record_diffusion(rec: Recorder, head, embed_dim: int, g):
     s = head.sample_schedule
     rec.json("diffloss/gen_diffusion_schedule.json", dict(
         timestep_map=[int(v) for v in s.timesteps], num_timesteps=len(s.timesteps), betas=s.betas.tolist(),
-        alphas_cumprod=s.alphas_cumprod.tolist(), posterior_log_variance_clipped=s.posterior_log_variance_clipped.tolist(),
+        alphas_cumprod=s.alphas_cumprod.tolist(),
+        posterior_log_variance_clipped=s.posterior_log_variance_clipped.tolist(),
         num_sampling_steps=str(len(s.timesteps)), noise_schedule="cosine", vae_scale=head.latent_scale))
 
 
@@ -382,15 +380,13 @@ def record_generation(rec: Recorder, transformer, vae, cond):
 
 
 def manifest(root: Path) -> dict:
-    from safetensors import safe_open
-
     out = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and "ckpt" not in p.parts):
         entry = {"bytes": path.stat().st_size}
         if path.suffix == ".safetensors":
             with safe_open(str(path), "pt") as f:
                 entry["tensors"] = {k: {"shape": list(f.get_slice(k).get_shape()),
-                                        "dtype": str(f.get_tensor(k).dtype).replace("torch.", "")} for k in f.keys()}
+                                        "dtype": dtype_name(f.get_tensor(k).dtype)} for k in f.keys()}
         out[str(path.relative_to(root))] = entry
     return out
 
@@ -416,8 +412,6 @@ def main(argv=None) -> int:
     record_transformer_forward(rec, transformer, vae, cond, tok, pn)
     record_diffusion(rec, transformer.diffusion_head, args.embed_dim, g)
     record_generation(rec, transformer, vae, cond)
-    from safetensors.torch import load_file
-
     listings = {}
     for name, folder in (("tokenizer", "tokenizer"), ("transformer", "llm"), ("text_encoder", "text_encoder")):
         sd = load_file(str(ckpt / folder / "model.safetensors"))
@@ -431,8 +425,6 @@ def main(argv=None) -> int:
         generation=dict(g_seed=1, cfg=4.5), weights=dict(codebook_std=0.5)))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    import transformers
-
     rec.json("environment.json", dict(
         python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
         numpy=np.__version__, threads=torch.get_num_threads(), hart_root=f"hart (this package) @ {commit or 'unknown'}",
