@@ -193,7 +193,7 @@ class Recorder:
             PIL.Image.fromarray(array).save(self.root / f"{name}_{i}.png")
 
 
-def test_images(side: int) -> torch.Tensor:
+def input_images(side: int) -> torch.Tensor:
     """Two images in [-1, 1]: a colour gradient with a disc, and a seeded smooth random pattern."""
     y, x = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
     disc = ((x - 0.2) ** 2 + (y + 0.1) ** 2 < 0.2).float()
@@ -226,7 +226,7 @@ def record_text(rec: Recorder, te_folder: Path, context_tokens: int):
 
 @torch.no_grad()
 def record_tokenizer(rec: Recorder, vae, pn, side: int):
-    x = test_images(side)
+    x = input_images(side)
     q, S = vae.quantize, len(pn)
     f = vae.encode_latent(x)
     idx, residual = q.encode(f, pn)
