@@ -26,6 +26,9 @@ from safetensors.torch import load_file, save_file
 from hart.limits import MAX_GUIDANCE_SCALE, MAX_SEED
 from hart.loading import CheckpointError, load_official_tokenizer
 from tests.test_training_data import make_folder
+from tests.utils import fixture_sizes
+
+SIZES = fixture_sizes()  # the fixture checkpoint's sizes
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,13 +74,14 @@ class Env:
 
 @pytest.fixture(scope="module")
 def narrow_text_encoder(fixtures, tmp_path_factory):
-    """A Qwen2 text encoder of hidden size 48 (the fixture transformer expects 96), with the fixture's tokenizer."""
+    """A Qwen2 text encoder half as wide as the fixture transformer expects, with the fixture's tokenizer."""
     from transformers import Qwen2Config, Qwen2Model
 
     src = fixtures / "ckpt" / "text_encoder"
     cfg = json.loads((src / "config.json").read_text())
-    cfg.update(hidden_size=48, num_attention_heads=6, intermediate_size=96)
-    for key in ("architectures", "transformers_version", "torch_dtype", "model_type"):
+    width = SIZES.context_dim // 2
+    cfg.update(hidden_size=width, num_attention_heads=cfg["num_key_value_heads"], intermediate_size=2 * width)
+    for key in ("architectures", "transformers_version", "torch_dtype", "model_type", "head_dim", "dtype"):
         cfg.pop(key, None)
     dst = tmp_path_factory.mktemp("narrow") / "text_encoder"
     torch.manual_seed(0)
@@ -150,11 +154,11 @@ def pipeline_guidance_too_large(env):
 
 
 def pipeline_top_k_zero(env):
-    refused(ValueError, _pipe_call(env, top_k=0), "`top_k`", "[1, 768]")
+    refused(ValueError, _pipe_call(env, top_k=0), "`top_k`", f"[1, {SIZES.vocab_size}]")
 
 
 def pipeline_top_k_above_codebook(env):
-    refused(ValueError, _pipe_call(env, top_k=769), "`top_k`", "codebook size")
+    refused(ValueError, _pipe_call(env, top_k=SIZES.vocab_size + 1), "`top_k`", "codebook size")
 
 
 def pipeline_top_p_zero(env):
@@ -182,7 +186,7 @@ def pipeline_text_encoder_of_wrong_width(env):
     pipe = HARTPipeline(tokenizer=env.pipe.tokenizer, text_encoder=narrow, transformer=env.pipe.transformer,
                         vae=env.pipe.vae)
     pipe.set_progress_bar_config(disable=True)
-    refused(ValueError, lambda: pipe("a red fox", output_type="latent"), "hidden size 48", "context_dim 96")
+    refused(ValueError, lambda: pipe("a red fox", output_type="latent"), f"hidden size {SIZES.context_dim // 2}", f"context_dim {SIZES.context_dim}")
 
 
 # =============================================================================== editing images
@@ -197,9 +201,10 @@ def _inpaint(env, **kwargs):
     from hart.pipelines import HARTInpaintPipeline
 
     pipe = HARTInpaintPipeline.from_pipe(env.pipe)
-    mask = np.zeros((64, 64), np.uint8)
-    mask[16:48, 16:48] = 255
-    kwargs.setdefault("image", Image.new("RGB", (64, 64), "grey"))
+    side = SIZES.image_size
+    mask = np.zeros((side, side), np.uint8)
+    mask[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 255
+    kwargs.setdefault("image", Image.new("RGB", (side, side), "grey"))
     kwargs.setdefault("mask_image", Image.fromarray(mask))
     return lambda: pipe("a red fox", output_type="latent", **kwargs)
 
@@ -277,11 +282,12 @@ def model_truncated_safetensors(env):
 def model_config_disagrees_with_weights(env):
     model = env.copy_ckpt()
     cfg = json.loads((model / "llm" / "config.json").read_text())
-    cfg["embed_dim"] = 128  # the weights are 64 wide
+    width = cfg["embed_dim"]  # what the weights hold
+    cfg["embed_dim"] = 2 * width
     (model / "llm" / "config.json").write_text(json.dumps(cfg))
     status, err = env.generate(model)
     assert status == 2
-    assert_names(err, str(model / "llm" / "model.safetensors"), "shape mismatches", "file (64,), model (128,)")
+    assert_names(err, str(model / "llm" / "model.safetensors"), "shape mismatches", f"file ({width},), model ({2 * width},)")
     assert not (env.tmp / "out").exists()
 
 
@@ -311,7 +317,7 @@ def model_extra_keys(env):
 def model_text_encoder_of_wrong_width(env):
     status, err = env.generate(env.ckpt, text_encoder=env.narrow_text_encoder)
     assert status == 2
-    assert_names(err, str(env.narrow_text_encoder), "hidden size 48", "context_dim 96")
+    assert_names(err, str(env.narrow_text_encoder), f"hidden size {SIZES.context_dim // 2}", f"context_dim {SIZES.context_dim}")
     assert not (env.tmp / "out").exists()
 
 
@@ -476,7 +482,7 @@ def one_step_checkpoint(fixtures, tmp_path_factory):
     from hart.training.finetune import FinetuneConfig, finetune
 
     root = tmp_path_factory.mktemp("ckptrun")
-    data = make_folder(root / "data", n=4)
+    data = make_folder(root / "data", n=4, size=(SIZES.image_size + 8, SIZES.image_size + 16))
     settings = dict(pretrained=str(fixtures / "ckpt"), text_encoder=str(fixtures / "ckpt" / "text_encoder"),
                     data_dir=str(data), batch_size=2, max_steps=1, checkpoint_every=1, ema_decay=0.0)
     finetune(FinetuneConfig(**settings, output_dir=str(root / "run")))

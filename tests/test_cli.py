@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from hart.cli import METADATA_KEY, main
-from tests.utils import REPO_ROOT
+from tests.utils import REPO_ROOT, fixture_sizes
 
 METADATA_FIELDS = {"prompt", "negative_prompt", "seed", "guidance_scale", "top_k", "top_p", "more_smooth",
                    "model", "text_encoder", "dtype", "hart_version", "prompt_index", "image_index", "batch"}
-SIDE = 64  # the fixture checkpoint's image size
-SCALES = 4  # and its number of scales
+SIDE = fixture_sizes().image_size  # the fixture checkpoint's image size
+SCALES = fixture_sizes().num_scales  # and its number of scales
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +66,9 @@ def test_generate_writes_pngs_with_complete_metadata(official, fixtures, tmp_pat
         meta = metadata(out / name)
         assert METADATA_FIELDS <= meta.keys()
         assert (meta["prompt"], meta["negative_prompt"], meta["seed"], meta["guidance_scale"]) == ("a red fox", "blur", 7 + i, 3.0)
-        assert (meta["model"], meta["text_encoder"]) == (str(fixtures / "ckpt"), str(fixtures / "ckpt" / "text_encoder"))
+        # local folders are recorded as resolved absolute paths, so --from-png finds them from anywhere
+        assert (meta["model"], meta["text_encoder"]) == (
+            str((fixtures / "ckpt").resolve()), str((fixtures / "ckpt" / "text_encoder").resolve()))
         assert meta["dtype"] == "fp32" and meta["image_index"] == i
     assert [r["file"] for r in manifest(out)] == files
     assert str(out) in capsys.readouterr().out

@@ -9,8 +9,11 @@ import torch
 from hart.cli import METADATA_KEY, main
 from hart.editing import outpaint_canvas
 from hart.pipelines import HARTInpaintPipeline, HARTVariationPipeline
+from tests.utils import fixture_sizes
 
-SIDE = 64  # the fixture checkpoint's image size
+SIDE = fixture_sizes().image_size  # the fixture checkpoint's image size
+SCALES = fixture_sizes().num_scales
+SHIFT = SIDE // 4  # the outpainting offset
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +39,7 @@ def files(recorded, tmp_path_factory):
     img = recorded("tokenizer/tokenizer")["input_images"][0]
     picture = PIL.Image.fromarray(((img.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
     mask = np.zeros((SIDE, SIDE), np.uint8)
-    mask[16:48, 16:48] = 255
+    mask[SIDE // 4 : 3 * SIDE // 4, SIDE // 4 : 3 * SIDE // 4] = 255
     picture.save(folder / "picture.png")
     PIL.Image.fromarray(mask).save(folder / "mask.png")
     picture.resize((SIDE // 2, SIDE // 2)).save(folder / "small.png")
@@ -65,10 +68,10 @@ def test_inpaint_writes_what_the_pipeline_makes_with_its_settings(model, files, 
 
 def test_outpaint_places_the_image_on_a_shifted_canvas(model, files, fixture_pipe, tmp_path):
     out = tmp_path / "out"
-    argv = ["outpaint", "a garden", "--image", files["picture"], "--offset", "-16", "0", "--fill", "0", "0", "255",
+    argv = ["outpaint", "a garden", "--image", files["picture"], "--offset", str(-SHIFT), "0", "--fill", "0", "0", "255",
             "--save-canvas", "--out", str(out), *model]
     assert main(argv) == 0
-    canvas, mask = outpaint_canvas(PIL.Image.open(files["picture"]), SIDE, (-16, 0), (0, 0, 255))
+    canvas, mask = outpaint_canvas(PIL.Image.open(files["picture"]), SIDE, (-SHIFT, 0), (0, 0, 255))
     assert np.array_equal(pixels(out / "canvas.png"), np.asarray(canvas))
     assert np.array_equal(np.asarray(PIL.Image.open(out / "canvas_mask.png")), np.asarray(mask))
     expected = HARTInpaintPipeline.from_pipe(fixture_pipe)(
@@ -91,8 +94,8 @@ def test_vary_keeps_the_requested_scales(model, files, fixture_pipe, tmp_path):
     ("inpaint", {"--mask": "notes"}, "--mask: "),
     ("inpaint", {"--image": "small"}, "pass --resize"),
     ("inpaint", {"--mask": "empty"}, "`mask_image` is empty"),
-    ("vary", {"--keep-scales": "9"}, "`keep_scales` must be an integer in [0, 3]"),
-    ("outpaint", {"--offset": ["64", "0"]}, "falls outside"),
+    ("vary", {"--keep-scales": str(SCALES + 5)}, f"`keep_scales` must be an integer in [0, {SCALES - 1}]"),
+    ("outpaint", {"--offset": [str(SIDE), "0"]}, "falls outside"),
     ("outpaint", {"--prompt": "  "}, "PROMPT is empty"),
 ])
 def test_bad_input_is_a_one_line_error(command, change, message, model, files, tmp_path, capsys):

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from hart.training.checkpoint import CheckpointManager, load_train_state
 from hart.training.runtime import read_metrics
 from tests.test_training_data import make_folder
-from tests.utils import REPO_ROOT
+from tests.utils import REPO_ROOT, fixture_sizes
 
 MAX_STEPS = 16
 SEED = 20261129  # the kill moments are random, but the same on every run of the test
@@ -155,7 +155,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def argv(fixtures, tmp_path_factory):
-    data = make_folder(tmp_path_factory.mktemp("data"), n=8)
+    side = fixture_sizes().image_size  # images a little larger than the fixture model's
+    data = make_folder(tmp_path_factory.mktemp("data"), n=8, size=(side + 8, side + 16))
     return lambda out, *extra: [
         "--pretrained", fixtures / "ckpt", "--text_encoder", fixtures / "ckpt" / "text_encoder", "--data_dir", data,
         "--output_dir", out, "--max_steps", MAX_STEPS, "--batch_size", 2, "--lr", 1e-3, "--warmup_steps", 2,

@@ -159,8 +159,11 @@ def test_generator_list_matches_single_images(head, recorded, guided):
         rows = slice(i * l, (i + 1) * l)
         alone = head.sample(cond[rows], None if uncond is None else uncond[rows], 4.5,
                             generator=torch.Generator().manual_seed(seed))
-        # Batch size changes float32 matmul rounding; guidance amplifies it by up to 1 + 2w.
-        assert_close(both[rows], alone, 1e-6 * (1 + 2 * 4.5 * guided), f"image {i}")
+        # Batch size changes float32 matmul rounding (a few ulps of the output per sampling step);
+        # the steps add up and guidance amplifies it by up to 1 + 2w.
+        steps = len(head.sample_schedule.timesteps)
+        ulp = torch.finfo(torch.float32).eps * max(1.0, alone.abs().max().item())
+        assert_close(both[rows], alone, 2 * ulp * steps * (1 + 2 * 4.5 * guided), f"image {i}")
 
 
 def test_same_seed_same_output(head, recorded):

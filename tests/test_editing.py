@@ -8,6 +8,10 @@ import torch
 
 from hart.editing import outpaint_canvas
 from hart.pipelines import HARTInpaintPipeline, HARTPipeline, HARTVariationPipeline
+from tests.utils import fixture_sizes
+
+SIDE = fixture_sizes().image_size  # the fixture checkpoint's image size
+HOLE = (SIDE // 4, SIDE // 4, 3 * SIDE // 4, 3 * SIDE // 4)  # the middle quarter of the image
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +47,10 @@ def to_tensor(picture):
 
 
 def test_inpainting_keeps_the_known_latent_and_repaints_the_hole(pipes, picture):
-    # The random-weight fixture decoder mixes the whole 4x4 latent (global attention), so pixels
+    # The random-weight fixture decoder mixes the whole latent (global attention), so pixels
     # are compared with blending on; the latent itself must be exact outside the hole.
     inpaint, _ = pipes
-    size = picture.size[0]
-    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+    size, box = SIDE, HOLE
     latent = inpaint("a red circle", image=picture, mask_image=hole_mask(size, box), output_type="latent",
                      generator=torch.Generator().manual_seed(0)).images
     f_in = inpaint.vae.encode_latent(to_tensor(picture))
@@ -139,10 +142,10 @@ def test_variations_keep_the_structure_of_kept_scales(pipes, picture, fixture_pi
 @pytest.mark.parametrize(
     "change,words",
     [
-        ({"mask_image": hole_mask(32, (0, 0, 8, 8))}, "must match"),
-        ({"mask_image": hole_mask(64, (0, 0, 0, 0))}, "empty"),
-        ({"mask_image": hole_mask(64, (0, 0, 64, 64))}, "whole image"),
-        ({"image": PIL.Image.new("RGB", (48, 48))}, "resize"),
+        ({"mask_image": hole_mask(SIDE // 2, (0, 0, SIDE // 8, SIDE // 8))}, "must match"),
+        ({"mask_image": hole_mask(SIDE, (0, 0, 0, 0))}, "empty"),
+        ({"mask_image": hole_mask(SIDE, (0, 0, SIDE, SIDE))}, "whole image"),
+        ({"image": PIL.Image.new("RGB", (3 * SIDE // 4, 3 * SIDE // 4))}, "resize"),
         ({"image": "not an image"}, "PIL image"),
         ({"blend_radius": -1}, "blend_radius"),
         ({"mask_image": None}, "mask_image"),
@@ -150,7 +153,7 @@ def test_variations_keep_the_structure_of_kept_scales(pipes, picture, fixture_pi
 )
 def test_bad_edit_inputs_are_refused(pipes, picture, change, words):
     inpaint, _ = pipes
-    kwargs = {"image": picture, "mask_image": hole_mask(64, (16, 16, 48, 48)), **change}
+    kwargs = {"image": picture, "mask_image": hole_mask(SIDE, HOLE), **change}
     with pytest.raises((ValueError, TypeError), match=words):
         inpaint("a cat", **kwargs)
 
@@ -158,6 +161,6 @@ def test_bad_edit_inputs_are_refused(pipes, picture, change, words):
 def test_grey_and_rgba_images_are_converted(pipes, picture):
     inpaint, _ = pipes
     for mode in ("L", "RGBA"):
-        out = inpaint("a cat", image=picture.convert(mode), mask_image=hole_mask(64, (16, 16, 48, 48)),
+        out = inpaint("a cat", image=picture.convert(mode), mask_image=hole_mask(SIDE, HOLE),
                       output_type="np", generator=torch.Generator().manual_seed(0)).images
-        assert out.shape == (1, 64, 64, 3)
+        assert out.shape == (1, SIDE, SIDE, 3)

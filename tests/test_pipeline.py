@@ -51,7 +51,7 @@ def test_per_image_generators_make_batches_match_single_calls(pipe):
 @pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
 def test_output_types(pipe, output_type):
     images = run(pipe, ["a", "b"], output_type=output_type, num_images_per_prompt=2)
-    side = 16 * pipe.transformer.patch_nums[-1]
+    side = pipe.vae.downsample_factor * pipe.transformer.patch_nums[-1]
     if output_type == "pil":
         assert len(images) == 4 and all(isinstance(im, PIL.Image.Image) and im.size == (side, side) for im in images)
     elif output_type == "np":

@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 
 from hart.limits import MAX_GUIDANCE_SCALE
 from hart.pipelines.pipeline_hart import OUTPUT_TYPES, HARTPipeline
+from tests.utils import fixture_sizes
 
-VOCAB = 768  # the fixture transformer's codebook
-SIDE, LATENT_SIDE, LATENT_CHANNELS = 64, 4, 16
+_SIZES = fixture_sizes()  # the fixture checkpoint's: the strategies below are built at import
+VOCAB = _SIZES.vocab_size
+SIDE, LATENT_SIDE, LATENT_CHANNELS = _SIZES.image_size, _SIZES.patch_nums[-1], _SIZES.latent_channels
 SETTINGS = settings(max_examples=50, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 

@@ -21,7 +21,26 @@ def test_encode_prompts_matches_reference(recorded, text_model, system_prompt, k
     cond = encode_prompts(rec.meta["prompts"], model, tokenizer, max_length=max_length, system_prompt=system_prompt)
     assert torch.equal(cond.mask_BT, rec["context_mask"])
     assert torch.equal(cond.position_ids_BT, rec["context_position_ids"])
-    assert_close(cond.features_BTC, rec[key], 1e-4, key)
+    real_BT = cond.mask_BT
+    assert_close(cond.features_BTC[real_BT], rec[key][real_BT], 1e-4, f"{key} at real tokens")
+    # A padding token's feature is defined when its attention row in the text model sees an unmasked
+    # token: the system prompt, or a real token before it (causal attention), i.e. position id >= 0.
+    # Left padding without the system prompt leaves the leading pads nothing to attend to, and what
+    # an attention kernel returns for such a row is its own choice (eager and SDPA differ by units),
+    # so those positions are left out. The others are compared: the transformer reads padding
+    # features too (test_transformer::test_padding_features_reach_the_output_as_released).
+    defined_BT = cond.position_ids_BT >= 0 if system_prompt is None else torch.ones_like(real_BT)
+    assert_close(cond.features_BTC[defined_BT], rec[key][defined_BT], 1e-4, f"{key} at defined positions")
+
+
+def test_tokenizer_pads_on_the_recorded_side(recorded, text_model, fixture_pipe):
+    """The padding side comes from the checkpoint's `tokenizer_config.json`, in every loader."""
+    rec = recorded("text_encoder/encode_prompts")
+    for tokenizer in (text_model[1], fixture_pipe.tokenizer):
+        assert tokenizer.padding_side == rec.meta["padding_side"]
+        ids = tokenizer(rec.meta["prompts"], padding="max_length", max_length=rec["context_tokens"].shape[1],
+                        truncation=True, return_tensors="pt")["input_ids"]
+        assert torch.equal(ids, rec["context_tokens"])
 
 
 def test_system_prompt_tokens_match_reference(recorded, text_model):

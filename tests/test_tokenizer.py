@@ -246,7 +246,7 @@ def test_bad_images(tokenizer):
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         tokenizer.encode_latent(torch.zeros(3, d, d))
     with pytest.raises(ValueError, match=f"multiples of {d}"):
-        tokenizer.encode_latent(torch.zeros(1, 3, d + 8, d))
+        tokenizer.encode_latent(torch.zeros(1, 3, d + d // 2, d))  # not a multiple of d
     with pytest.raises(ValueError, match="latent must be"):
         tokenizer.img_to_tokens(torch.zeros(1, 3, 2 * d, 2 * d), patch_nums=(1, 3))  # latent 2x2, P = 3
 

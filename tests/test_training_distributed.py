@@ -15,7 +15,7 @@ import torch
 
 from hart.training.runtime import read_metrics
 from tests.test_training_data import make_folder
-from tests.utils import REPO_ROOT
+from tests.utils import REPO_ROOT, fixture_sizes
 
 DRIVER = """
 import sys
@@ -29,7 +29,8 @@ assert finetune(args[:split]) == 0 and train_tokenizer(args[split + 1:]) == 0
 
 
 def test_two_process_gloo_runs(fixtures, tmp_path):
-    data, ckpt = make_folder(tmp_path / "data"), fixtures / "ckpt"
+    side = fixture_sizes().image_size  # images a little larger than the fixture model's
+    data, ckpt = make_folder(tmp_path / "data", size=(side + 8, side + 16)), fixtures / "ckpt"
     (data / "corrupt.png").write_bytes(b"not an image")  # skipped by both runs
     with (data / "metadata.jsonl").open("a") as f:
         f.write('\n{"file_name": "corrupt.png", "text": "a broken file"}')

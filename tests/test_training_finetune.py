@@ -22,9 +22,12 @@ from hart.training.finetune import FinetuneConfig, finetune
 from hart.training.lora import add_lora, merge_lora, unused_adapters
 from hart.training.runtime import read_metrics, warmup_cosine
 from tests.test_training_data import make_folder
-from tests.utils import REPO_ROOT
+from tests.utils import REPO_ROOT, fixture_sizes
 
 PROMPTS = ("a cat", "a red car")
+SIZES = fixture_sizes()  # the fixture model's
+SIDE = SIZES.image_size
+PHOTO = (SIDE + 8, SIDE + 16)  # training images a little larger than the model's, as photos are
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,7 +40,7 @@ def base(fixtures):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp("data"))
+    return make_folder(tmp_path_factory.mktemp("data"), size=PHOTO)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,7 @@ def test_full_finetune_lowers_loss_and_exports_ema(full_run):
         assert torch.equal(value, ema[f"transformer.{name}"]), name
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="np").images
-    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    assert image.shape == (1, SIDE, SIDE, 3) and np.isfinite(image).all()
 
 
 def test_validation_grids_and_run_info(full_run):
@@ -91,7 +94,7 @@ def test_validation_grids_and_run_info(full_run):
     assert grids == ["step-00000010.png", "step-00000020.png"]
     from PIL import Image
 
-    assert Image.open(out / "validation" / grids[0]).size == (2 + 2 * 66, 2 + 66)  # two 64 px images
+    assert Image.open(out / "validation" / grids[0]).size == (2 + 2 * (SIDE + 2), 2 + SIDE + 2)  # two images, 2 px borders
     assert [p.name for p in CheckpointManager(out / "checkpoints", 2, None).complete()] == [
         "checkpoint-00000010", "checkpoint-00000020"]
 
@@ -201,11 +204,11 @@ def test_lora_finetune_lowers_loss_and_merges_into_the_export(fixture_pipe, base
 def test_cached_examples_match_live_encoding(fixture_pipe, data_dir, cache_dir):
     info = read_cache_info(cache_dir)
     spec = CacheSpec(**{**info["spec"], "patch_nums": tuple(info["spec"]["patch_nums"])})
-    cached, live = CachedExamples(cache_dir, spec), ImageCaptionFolder(data_dir, 64)
+    cached, live = CachedExamples(cache_dir, spec), ImageCaptionFolder(data_dir, SIDE)
     assert len(cached) == len(live) == 16
     item, ref = cached[(0, 5)], live[(0, 5)]
     enc = encode_examples(ref["pixel_values"][None], [ref["caption"]], fixture_pipe.vae, fixture_pipe.text_encoder,
-                          fixture_pipe.tokenizer, (1, 2, 3, 4), 300, SYSTEM_PROMPT)
+                          fixture_pipe.tokenizer, SIZES.patch_nums, SIZES.context_tokens, SYSTEM_PROMPT)
     assert torch.equal(item["tokens"].long(), enc["tokens"][0]) and torch.equal(item["mask"], enc["mask"][0])
     torch.testing.assert_close(item["features"], enc["features"][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(item["residual"], enc["residual"][0], atol=1e-5, rtol=1e-5)
@@ -214,19 +217,20 @@ def test_cached_examples_match_live_encoding(fixture_pipe, data_dir, cache_dir):
 def test_flip_cache_draws_the_flips_live_training_draws(fixture_pipe, tmp_path):
     from accelerate import PartialState
 
-    data = make_folder(tmp_path / "data", n=4)
+    data = make_folder(tmp_path / "data", n=4, size=PHOTO)
     pipe = fixture_pipe
-    spec = CacheSpec.create(pipe.vae, pipe.text_encoder, pipe.tokenizer, None, 300, (1, 2, 3, 4), 64, "center", True, "float32")
-    build_cache(tmp_path / "cache", ImageCaptionFolder(data, 64), spec, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+    spec = CacheSpec.create(pipe.vae, pipe.text_encoder, pipe.tokenizer, None, SIZES.context_tokens, SIZES.patch_nums, SIDE,
+                            "center", True, "float32")
+    build_cache(tmp_path / "cache", ImageCaptionFolder(data, SIDE), spec, pipe.vae, pipe.text_encoder, pipe.tokenizer,
                 None, PartialState(), batch_size=4)
-    cached, live = CachedExamples(tmp_path / "cache", spec, seed=7), ImageCaptionFolder(data, 64, flip=True, seed=7)
-    plain = ImageCaptionFolder(data, 64)
+    cached, live = CachedExamples(tmp_path / "cache", spec, seed=7), ImageCaptionFolder(data, SIDE, flip=True, seed=7)
+    plain = ImageCaptionFolder(data, SIDE)
     flipped = 0
     for key in [(e, i) for e in range(3) for i in range(4)]:
         pixels = live[key]["pixel_values"]
         flipped += not torch.equal(pixels, plain[key]["pixel_values"])
-        tokens = encode_examples(pixels[None], ["x"], pipe.vae, pipe.text_encoder, pipe.tokenizer, (1, 2, 3, 4), 300,
-                                 None)["tokens"][0]
+        tokens = encode_examples(pixels[None], ["x"], pipe.vae, pipe.text_encoder, pipe.tokenizer, SIZES.patch_nums,
+                                 SIZES.context_tokens, None)["tokens"][0]
         assert torch.equal(cached[key]["tokens"].long(), tokens), key
     assert 0 < flipped < 12
 

@@ -12,6 +12,7 @@ from hart.models.tokenizer import HybridTokenizer
 from hart.training.runtime import read_metrics
 from hart.training.tokenizer_training import PatchDiscriminator, TokenizerTrainConfig, code_statistics, train_tokenizer
 from tests.test_training_data import make_folder
+from tests.utils import fixture_sizes
 
 TINY = {"vocab_size": 64, "latent_channels": 8, "base_channels": 32, "channel_multipliers": [1, 1, 1, 1, 1],
         "num_res_blocks": 1, "patch_nums": [1, 2]}  # 32 px images
@@ -54,8 +55,10 @@ def test_from_scratch_lowers_reconstruction_and_loads(data_dir, model_config, tm
     assert loaded.tokens_to_img(idx, residual).shape == (2, 3, 32, 32)
 
 
-def test_decoder_only_finetune_of_the_official_tokenizer(fixtures, data_dir, tmp_path):
+def test_decoder_only_finetune_of_the_official_tokenizer(fixtures, tmp_path):
     start = load_official_tokenizer(fixtures / "ckpt" / "tokenizer")
+    side = fixture_sizes().image_size  # the tokenizer trains at its model's resolution
+    data_dir = make_folder(tmp_path / "data", n=4, size=(side + 8, side + 16))
     cfg = TokenizerTrainConfig(data_dir=str(data_dir), output_dir=str(tmp_path), pretrained=str(fixtures / "ckpt"),
                                trainable="decoder", max_steps=1, batch_size=2, lr=1e-3)
     tuned = HybridTokenizer.from_pretrained(train_tokenizer(cfg))

@@ -58,6 +58,21 @@ def test_training_forward_and_loss_match_reference(recorded, models):
         assert_close(transformer.diffusion_condition(hidden_BKC, code), rec["last_layer_cond"], 1e-4, "last_layer_cond")
 
 
+def test_padding_features_reach_the_output_as_released(recorded, models):
+    """The release attends over every text token and max-pools them, padding included (no padding
+    mask), so the text features at padding positions are part of the condition: the text parity test
+    compares them wherever the text model defines them."""
+    transformer, _ = models
+    inp = recorded("transformer_forward/inputs")
+    pad_BT = ~inp["context_mask"]
+    assert pad_BT.any(), "the fixture prompts fill every text position: nothing to check"
+    garbage = inp["context"].clone()
+    garbage[pad_BT] = 3 * torch.randn(garbage[pad_BT].shape, generator=torch.Generator().manual_seed(0))
+    run = lambda context: transformer(context, inp["context_mask"], inp["context_position_ids"], inp["x_BLCv_wo_first_l"])[0]
+    with torch.no_grad():
+        assert not torch.allclose(run(inp["context"]), run(garbage), atol=1e-3)
+
+
 def test_objective_draws_come_from_the_generator(recorded, models):
     transformer, vae, inp, _, gt_idx, cond, _ = _reference_case(recorded, models)
     run = lambda seed: hart_loss(

@@ -2,6 +2,7 @@
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file
@@ -21,6 +22,38 @@ def fixture_root() -> Path:
             f"laid out like {DEFAULT_FIXTURES.relative_to(REPO_ROOT)}."
         )
     return root
+
+
+class FixtureSizes(NamedTuple):
+    """The sizes of a fixture set, read from its checkpoint's own config files."""
+
+    image_size: int  # pixels per side of a generated image
+    patch_nums: Tuple[int, ...]  # scale sides, coarse to fine
+    vocab_size: int  # image codebook
+    latent_channels: int
+    downsample: int  # pixels per latent position
+    context_tokens: int  # text tokens the transformer reads
+    context_dim: int  # text feature width
+    padding_side: str  # where the text tokenizer pads ("left" or "right")
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+
+def fixture_sizes(root: Optional[Path] = None) -> FixtureSizes:
+    """Sizes of the fixture set at `root` (default: `fixture_root()`), for tests that build inputs."""
+    ckpt = (root or fixture_root()) / "ckpt"
+    llm = json.loads((ckpt / "llm" / "config.json").read_text())
+    vae = json.loads((ckpt / "tokenizer" / "config.json").read_text())
+    text = json.loads((ckpt / "text_encoder" / "tokenizer_config.json").read_text())
+    downsample = 2 ** (len(vae["ch_mult"]) - 1)
+    return FixtureSizes(
+        image_size=llm["patch_nums"][-1] * downsample, patch_nums=tuple(llm["patch_nums"]),
+        vocab_size=vae["vocab_size"], latent_channels=vae["z_channels"], downsample=downsample,
+        context_tokens=llm["context_token"], context_dim=llm["context_dim"],
+        padding_side=text.get("padding_side", "right"),  # transformers' default when unnamed
+    )
 
 
 class Recorded:
