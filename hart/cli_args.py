@@ -83,6 +83,12 @@ def input_file(path: str, flag: str) -> Path:
     return file
 
 
+def can_write(folder: Path) -> None:
+    """Raise OSError unless a file can be created in `folder` (permissions and read-only mounts alike)."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
 def check_output_folder(path: Path, flag: str = "--out") -> None:
     """`path` is (or can become) a folder this process can write in; checked without creating it, so
     that a run is refused before any work rather than losing what it made."""
@@ -94,8 +100,7 @@ def check_output_folder(path: Path, flag: str = "--out") -> None:
     if not ancestor.is_dir():
         raise UsageError(f"{flag}: {path} cannot be created: {ancestor} is a file")
     try:
-        with tempfile.TemporaryFile(dir=ancestor):  # permissions and read-only mounts alike
-            pass
+        can_write(ancestor)
     except OSError as e:
         raise UsageError(f"{flag}: cannot write in {ancestor} ({e.strerror or e})") from None
 
