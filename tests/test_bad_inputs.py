@@ -783,6 +783,22 @@ def data_grey_scale_and_rgba_images_are_converted(env):
         assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.float32 and pixels.abs().max() <= 1
 
 
+def data_truncated_image_is_counted_once(env):
+    """An image that passes the scan but fails to decode is replaced in every epoch, and counted once."""
+    from hart.training.finetune import FinetuneConfig, finetune
+
+    data = make_folder(env.tmp / "data", n=4)
+    whole = (data / "img01.png").read_bytes()
+    (data / "img01.png").write_bytes(whole[: len(whole) // 2])  # the header reads; the pixels do not
+    cfg = FinetuneConfig(pretrained=str(env.ckpt), text_encoder=str(env.text_encoder), data_dir=str(data),
+                         output_dir=str(env.tmp / "run"), batch_size=2, max_steps=4, checkpoint_every=4, ema_decay=0.0)
+    with env.caplog.at_level(logging.WARNING):
+        result = finetune(cfg)  # 4 steps of 2 images: 2 epochs, the truncated image drawn in each
+    assert result.skipped.counts == {"unreadable": 1} and result.skipped.examples == {"unreadable": ["img01.png"]}
+    assert "data: 1 skipped: 1 unreadable (e.g. img01.png)" in env.caplog.text
+    assert env.caplog.text.count("cannot decode img01.png") >= 2  # it was drawn again, and still counted once
+
+
 @pytest.fixture(scope="module")
 def one_step_checkpoint(fixtures, tmp_path_factory):
     """A finished fine-tuning run of one step on the fixture model (with its checkpoint)."""
@@ -940,6 +956,7 @@ CASES = [
     # fine-tuning data and checkpoints
     data_bad_json_line_is_skipped_with_its_number, data_folder_empty, data_folder_missing,
     data_only_unreadable_or_zero_sized_images, data_grey_scale_and_rgba_images_are_converted,
+    data_truncated_image_is_counted_once,
     resume_from_an_unfinished_checkpoint,
     resume_from_a_checkpoint_of_another_model,
     # the web app
