@@ -3,7 +3,8 @@
 A sub-command is one `add_<name>_command(subparsers)` function that sets `run=` to its handler,
 listed in `SUBCOMMANDS` (`hart inpaint/outpaint/vary` live in `hart/cli_edit.py`, `hart benchmark`
 and `hart app` in `hart/cli_tools.py`). Without `--model` the bundled shapes-world model is used. Handlers raise `UsageError` (or `CheckpointError`) for bad input: `main`
-prints the message and returns exit status 2, without a traceback.
+prints the message as one line and returns exit status 2, without a traceback (`HART_DEBUG=1`
+raises it with its traceback instead); any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ import argparse
 import json
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional
 
 from hart.cli_args import (
-    METADATA_KEY, POSITIVE_INT, SAMPLING_DEFAULTS, TORCH_DTYPES, UsageError, add_device_arguments, add_model_arguments,
-    add_sampling_arguments, as_recorded, device_and_dtype, load_pipeline, package_version, resolve_model,
-    sampling_settings,
+    METADATA_KEY, PATH, POSITIVE_INT, SAMPLING_DEFAULTS, TORCH_DTYPES, OneLineParser, UsageError, add_device_arguments,
+    add_model_arguments, add_run_arguments, add_sampling_arguments, as_recorded, check_output_folder, check_run_size,
+    check_settings_fit, confirm_run, debug_requested, device_and_dtype, input_file, interactive, load_pipeline,
+    package_version, resolve_model, sampling_settings, save_output,
 )
 from hart.cli_edit import add_inpaint_command, add_outpaint_command, add_vary_command
 from hart.cli_tools import add_app_command, add_benchmark_command
@@ -42,10 +45,12 @@ class Job:
 
 def read_prompts(path: Path) -> List[str]:
     """One prompt per line (blank lines skipped), or JSON lines with a "prompt" field (`.jsonl`)."""
-    if not path.is_file():
-        raise UsageError(f"--prompts-file: file not found: {path}")
+    try:
+        text = input_file(path, "--prompts-file").read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompts-file: {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
@@ -68,11 +73,10 @@ def plan_from_args(args) -> dict:
     prompts = read_prompts(Path(args.prompts_file)) if args.prompts_file else [args.prompt.strip()]
     if not prompts[0]:
         raise UsageError("PROMPT is empty")
-    if args.negative_prompt is not None and not args.negative_prompt.strip():
-        raise UsageError("--negative-prompt is empty; leave it out instead")
     settings = sampling_settings(args)
     seed = settings.pop("seed")
     n = args.num_images
+    check_run_size(len(prompts) * n, seed, args.yes, interactive())
     jobs = [Job(p, i, prompt, seed + p * n + i) for p, prompt in enumerate(prompts) for i in range(n)]
     batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
     return dict(batches=batches, keep=None, settings=settings,
@@ -88,9 +92,7 @@ def plan_from_png(args) -> dict:
     given += [flag for flag, v in (("PROMPT", args.prompt), ("--prompts-file", args.prompts_file)) if v is not None]
     if given:
         raise UsageError(f"--from-png takes the prompt and sampling settings from the image; drop {', '.join(given)}")
-    png = Path(args.from_png)
-    if not png.is_file():
-        raise UsageError(f"--from-png: file not found: {png}")
+    png = input_file(args.from_png, "--from-png")
     try:
         meta = json.loads(Image.open(png).text[METADATA_KEY])
     except (OSError, AttributeError, KeyError, json.JSONDecodeError):
@@ -156,8 +158,10 @@ def write_manifest(out: Path, plan: dict, rows: List[dict], summary: dict) -> No
         raise RuntimeError(f"the processes wrote {len(got)} images ({len(set(got))} distinct) for the run's "
                            f"{len(expected)}: the split has a gap or a duplicate")
     rows = sorted(rows, key=lambda r: (r["prompt_index"], r["image_index"]))
-    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "run.json").write_text(json.dumps(dict(summary, num_images=len(rows)), indent=2) + "\n")
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    save_output(lambda path: path.write_text(lines), out / "manifest.jsonl")
+    run = json.dumps(dict(summary, num_images=len(rows)), indent=2) + "\n"
+    save_output(lambda path: path.write_text(run), out / "run.json")
 
 
 def run_generate(args) -> int:
@@ -166,26 +170,34 @@ def run_generate(args) -> int:
     from tqdm.auto import tqdm
 
     plan = plan_from_png(args) if args.from_png else plan_from_args(args)
-    state, device, dtype = device_and_dtype(args.device, plan["dtype"])
-    pipe = load_pipeline(plan["model"], plan["text_encoder"], device, dtype)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)
+    state, device, dtype = device_and_dtype(args.device, plan["dtype"])
+    total = sum(map(len, plan["batches"]))
+    if state.num_processes > 1:  # only a lone process can ask at the terminal
+        check_run_size(total, 0, args.yes, interactive=False)
+    pipe = load_pipeline(plan["model"], plan["text_encoder"], device, dtype)
+    check_settings_fit(pipe, plan["settings"])
     common = dict(plan["settings"], model=plan["model"], text_encoder=plan["text_encoder"], dtype=dtype,
                   hart_version=package_version())
 
     written = []
     with state.split_between_processes(plan["batches"]) as my_batches:
-        for batch in tqdm(my_batches, desc="batches", disable=not state.is_local_main_process):
+        for number, batch in enumerate(tqdm(my_batches, desc="batches", disable=not state.is_local_main_process)):
+            started = time.perf_counter()
             images, previews = generate_batch(pipe, batch, plan["settings"], args.save_steps)
+            if number == 0:  # a large run: the estimate from this batch, and the question, before any file
+                confirm_run("generate", sum(map(len, my_batches)), len(batch), time.perf_counter() - started, args.yes)
             for position, (job, image) in enumerate(zip(batch, images)):
                 if plan["keep"] is not None and (job.prompt_index, job.image_index) not in plan["keep"]:
                     continue
                 info = PngInfo()
                 info.add_text(METADATA_KEY, json.dumps(dict(
                     common, **asdict(job), batch=[asdict(j) for j in batch], batch_position=position)))
-                image.save(out / job.file_name, pnginfo=info)
+                save_output(lambda path: image.save(path, pnginfo=info), out / job.file_name)
                 if args.save_steps:
-                    steps_strip(previews, position, image).save(out / job.file_name.replace(".png", "_steps.png"))
+                    strip = steps_strip(previews, position, image)
+                    save_output(strip.save, out / job.file_name.replace(".png", "_steps.png"))
                 written.append(dict(file=job.file_name, **asdict(job), rank=state.process_index))
     print(f"hart generate: process {state.process_index} of {state.num_processes} wrote {len(written)} images to {out}")
 
@@ -196,7 +208,8 @@ def run_generate(args) -> int:
             from PIL import Image
 
             files = [json.loads(line)["file"] for line in (out / "manifest.jsonl").read_text().splitlines()]
-            tile([Image.open(out / f) for f in files], plan["grid_columns"]).save(out / "grid.png")
+            grid = tile([Image.open(out / f) for f in files], plan["grid_columns"])
+            save_output(grid.save, out / "grid.png")
             print(f"hart generate: grid {out / 'grid.png'}")
         print(f"hart generate: {len(everyone)} images in {out} (list: {out / 'manifest.jsonl'})")
     state.wait_for_everyone()
@@ -208,13 +221,13 @@ def add_generate_command(subparsers) -> None:
         f"Generate PNGs that carry their own settings (PNG text chunk {METADATA_KEY!r}). Under "
         "`accelerate launch` the batches are split across processes, all writing into --out."))
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts-file / --from-png)")
-    p.add_argument("--prompts-file", help="one prompt per line, or .jsonl lines with a \"prompt\" field")
-    p.add_argument("--from-png", help="regenerate this image from its metadata (pixel-identical on the same "
+    p.add_argument("--prompts-file", type=PATH, help="one prompt per line, or .jsonl lines with a \"prompt\" field")
+    p.add_argument("--from-png", type=PATH, help="regenerate this image from its metadata (pixel-identical on the same "
                                               "device type, dtype and CPU thread count)")
     p.add_argument("-n", "--num-images", type=POSITIVE_INT, default=1, help="images per prompt (default 1)")
     add_sampling_arguments(p)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=4, help="images per forward pass (default 4)")
-    p.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
+    add_run_arguments(p, "outputs")
     p.add_argument("--grid", action="store_true", help="also write grid.png with all images")
     p.add_argument("--save-steps", action="store_true", help="also write NAME_steps.png: the coarse-to-fine previews")
     add_model_arguments(p, required=False)
@@ -229,6 +242,7 @@ def convert_official(model: str, text_encoder: str, out: Path, dtype: str = "fp3
     import torch
     from hart import HARTPipeline
 
+    check_output_folder(out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out: {out} is not empty; choose a new folder")
     if (Path(model) / "model_index.json").is_file():
@@ -252,7 +266,7 @@ def run_convert(args) -> int:
 def add_convert_command(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert an official release to this package's pipeline layout")
     add_model_arguments(p, required=True)
-    p.add_argument("--out", required=True, help="new folder for the converted pipeline")
+    p.add_argument("--out", type=PATH, required=True, help="new folder for the converted pipeline")
     p.add_argument("--dtype", choices=TORCH_DTYPES, default="fp32", help="saved weights dtype (default fp32)")
     p.add_argument("--no-ema", action="store_true", help="use llm/ weights even where ema_model.bin exists")
     p.set_defaults(run=run_convert)
@@ -265,7 +279,7 @@ SUBCOMMANDS = (add_generate_command, add_inpaint_command, add_outpaint_command, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hart", description="HART text-to-image.")
+    parser = OneLineParser(prog="hart", description="HART text-to-image.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in SUBCOMMANDS:
         add_command(subparsers)
@@ -288,9 +302,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as e:
         from hart.loading import CheckpointError  # here, not at the top: `hart --help` stays quick
 
-        if not isinstance(e, (UsageError, CheckpointError)):
+        if not isinstance(e, (UsageError, CheckpointError)) or debug_requested():
             raise
-        print(f"hart {args.command}: error: {e}", file=sys.stderr)
+        print(f"hart {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -7,6 +7,10 @@ Import-light on purpose: torch, accelerate and diffusers are imported when a com
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +25,19 @@ SAMPLING_DEFAULTS = dict(seed=limits.SEED, guidance_scale=limits.GUIDANCE_SCALE,
 
 class UsageError(Exception):
     """Bad command-line input: reported as a one-line message, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is the single line `PROG: error: MESSAGE` (status 2), no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def debug_requested() -> bool:
+    """`HART_DEBUG=1`: every command line (`hart`, the training scripts) raises bad input with its full
+    traceback instead of printing one line."""
+    return os.environ.get("HART_DEBUG") == "1"
 
 
 def checked(kind, ok, what: str):
@@ -38,15 +55,115 @@ def checked(kind, ok, what: str):
 
 POSITIVE_INT = checked(int, lambda v: v >= 1, "a positive integer")
 NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, "an integer >= 0")
+PIXELS = checked(int, lambda v: 0 <= v <= limits.MAX_IMAGE_SIDE, f"an integer in [0, {limits.MAX_IMAGE_SIDE}]")
+OFFSET = checked(int, lambda v: abs(v) <= limits.MAX_IMAGE_SIDE,
+                 f"an integer in [-{limits.MAX_IMAGE_SIDE}, {limits.MAX_IMAGE_SIDE}]")
+
+
+def _usable_path(text: str) -> bool:
+    """Non-blank, no NUL byte, and short enough for the OS (longer names make `stat` raise, not say no)."""
+    parts = os.fsencode(text).split(b"/")
+    return text.strip() != "" and "\0" not in text and len(os.fsencode(text)) < 4096 and max(map(len, parts)) < 256
+
+
+PATH = checked(str, _usable_path, "a file or folder path (not blank, no NUL byte, at most 255 bytes a name)")
+
+
+# ---- paths ------------------------------------------------------------------------------------------
+
+def input_file(path: str, flag: str) -> Path:
+    """`path` as a readable file (not a folder), or UsageError naming `flag`."""
+    file = Path(path)
+    if file.is_dir():
+        raise UsageError(f"{flag}: {path} is a folder; expected a file")
+    if not file.is_file():
+        raise UsageError(f"{flag}: file not found: {path}")
+    if not os.access(file, os.R_OK):
+        raise UsageError(f"{flag}: {path} cannot be read (permission denied)")
+    return file
+
+
+def can_write(folder: Path) -> None:
+    """Raise OSError unless a file can be created in `folder` (permissions and read-only mounts alike)."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+def check_output_folder(path: Path, flag: str = "--out") -> None:
+    """`path` is (or can become) a folder this process can write in; checked without creating it, so
+    that a run is refused before any work rather than losing what it made."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag}: {path} is a file; expected a folder")
+    ancestor = path.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{flag}: {path} cannot be created: {ancestor} is a file")
+    try:
+        can_write(ancestor)
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot write in {ancestor} ({e.strerror or e})") from None
+
+
+def save_output(save, path: Path, flag: str = "--out") -> None:
+    """`save(path)` into its folder (created on first use); a full disk is one line naming the path, and
+    the half-written file is removed (the files written before it are complete)."""
+    from hart.training.checkpoint import out_of_space
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(path)
+    except (OSError, RuntimeError) as e:
+        if not out_of_space(e):
+            raise
+        path.unlink(missing_ok=True)
+        raise UsageError(f"{flag}: no space left on {path.parent} while writing {path.name}; the files written "
+                         "before it are complete: free some space and run the command again") from None
+
+
+# ---- run size ---------------------------------------------------------------------------------------
+
+def check_run_size(num_images: int, first_seed: int, yes: bool, interactive: bool) -> None:
+    """Refuse a run whose seeds leave [0, MAX_SEED], one too large to plan, or (not on a terminal, where
+    no one can be asked) one past CONFIRM_IMAGES without --yes."""
+    if num_images > limits.MAX_IMAGES_PER_RUN:
+        raise UsageError(f"-n: the run would make {num_images} images; at most {limits.MAX_IMAGES_PER_RUN} a run")
+    if first_seed + num_images - 1 > limits.MAX_SEED:
+        raise UsageError(f"--seed: image i of the run uses seed+i, so {num_images} images from seed {first_seed} "
+                         f"would reach {first_seed + num_images - 1}, outside [0, {limits.MAX_SEED}]: "
+                         f"use a seed of at most {limits.MAX_SEED - num_images + 1}")
+    if num_images > limits.CONFIRM_IMAGES and not yes and not interactive:
+        raise UsageError(f"-n: the run would make {num_images} images (more than {limits.CONFIRM_IMAGES}, which "
+                         "can take hours); pass --yes to start it")
+
+
+def confirm_run(command: str, num_images: int, done: int, seconds: float, yes: bool) -> None:
+    """After the first `done` images took `seconds` (nothing saved yet): print the estimated time of a
+    large run and, without --yes, ask on the terminal; a "no" leaves nothing behind."""
+    if num_images <= limits.CONFIRM_IMAGES:
+        return
+    left = seconds / done * (num_images - done)
+    print(f"hart {command}: {num_images} images; the first {done} took {seconds:.1f} s, so about "
+          f"{left / 60:.0f} min more ({time.strftime('%H:%M', time.localtime(time.time() + left))})", flush=True)
+    if yes:
+        return
+    answer = input(f"hart {command}: continue? [y/N] ").strip().lower()
+    if answer not in ("y", "yes"):
+        raise UsageError("not confirmed; nothing was written (pass --yes to skip the question)")
+
+
+def interactive() -> bool:
+    """Whether someone at a terminal can answer a question."""
+    return sys.stdin is not None and sys.stdin.isatty()
 
 
 # ---- flags ------------------------------------------------------------------------------------------
 
 def add_model_arguments(p, required: bool = False) -> None:
-    p.add_argument("--model", required=required,
+    p.add_argument("--model", required=required, type=PATH,
                    help="pipeline folder (model_index.json) or official release folder (llm/ + tokenizer/)"
                         + ("" if required else "; default: the bundled shapes-world model"))
-    p.add_argument("--text-encoder", required=required,
+    p.add_argument("--text-encoder", required=required, type=PATH,
                    help="text model folder (Qwen2-VL-1.5B-Instruct for the release); needed with an official folder")
 
 
@@ -63,7 +180,8 @@ def add_sampling_arguments(p, what: str = "the images") -> None:
     p.add_argument("--guidance-scale", type=checked(float, lambda v: 0 <= v <= limits.MAX_GUIDANCE_SCALE,
                                                      f"a number in [0, {limits.MAX_GUIDANCE_SCALE:g}]"),
                    help=f"classifier-free guidance (default {limits.GUIDANCE_SCALE:g})")
-    p.add_argument("--negative-prompt", help=f"what {what} should not show")
+    p.add_argument("--negative-prompt", type=checked(str, lambda v: v.strip() != "", "a non-empty text"),
+                   help=f"what {what} should not show")
     p.add_argument("--top-k", type=POSITIVE_INT, help="top-k sampling (default: the release's schedule)")
     p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
                    help="nucleus sampling threshold (default off)")
@@ -74,6 +192,21 @@ def add_sampling_arguments(p, what: str = "the images") -> None:
 def sampling_settings(args) -> dict:
     """The sampling flags with the defaults filled in."""
     return {k: default if getattr(args, k) is None else getattr(args, k) for k, default in SAMPLING_DEFAULTS.items()}
+
+
+def check_settings_fit(pipe, settings: dict) -> None:
+    """What only the loaded model can tell: --top-k within its codebook."""
+    vocab = pipe.transformer.config.vocab_size
+    if settings["top_k"] is not None and settings["top_k"] > vocab:
+        raise UsageError(f"--top-k: expected an integer in [1, {vocab}] (the model's codebook size), "
+                         f"got {settings['top_k']}")
+
+
+def add_run_arguments(p, default_out: str) -> None:
+    """-n, --out and --yes: how many images, where they go, and no question for a large run."""
+    p.add_argument("--out", type=PATH, default=default_out, help=f"output folder (default ./{default_out})")
+    p.add_argument("--yes", action="store_true",
+                   help=f"start a run of more than {limits.CONFIRM_IMAGES} images without asking")
 
 
 # ---- device, dtype, model ---------------------------------------------------------------------------

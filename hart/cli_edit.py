@@ -6,23 +6,25 @@ text chunk, like `hart generate`. Masks follow diffusers: white = repaint, black
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+from hart import limits
 from hart.cli_args import (
-    METADATA_KEY, NON_NEGATIVE_INT, POSITIVE_INT, UsageError, add_device_arguments, add_model_arguments,
-    add_sampling_arguments, as_recorded, checked, load_command_pipeline, package_version, sampling_settings,
+    METADATA_KEY, NON_NEGATIVE_INT, OFFSET, PATH, PIXELS, POSITIVE_INT, UsageError, add_device_arguments, add_model_arguments,
+    add_run_arguments, add_sampling_arguments, as_recorded, check_output_folder, check_run_size, check_settings_fit,
+    checked, confirm_run, input_file, interactive, load_command_pipeline, package_version, sampling_settings,
+    save_output,
 )
 
 
 def _read_image(flag: str, path: str, mode: str):
     from PIL import Image, UnidentifiedImageError
 
-    if not Path(path).is_file():
-        raise UsageError(f"{flag}: file not found: {path}")
     try:
-        with Image.open(path) as image:
+        with Image.open(input_file(path, flag)) as image:
             return image.convert(mode)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise UsageError(f"{flag}: {path} is not a readable image ({e})") from None
 
 
@@ -42,31 +44,38 @@ def _check_prompt(args) -> None:
 
 
 def _run_edit(args, pipeline_class, make_inputs) -> int:
-    """Load the model, build the edit pipeline, run it once per seed and save the PNGs."""
+    """Check the run, load the model, build the edit pipeline, run it once per seed and save the PNGs
+    (with the extra images `make_inputs` returns); nothing is written before the first image is made."""
     import torch
     from PIL.PngImagePlugin import PngInfo
 
-    t2i, _, _, dtype, model = load_command_pipeline(args)
-    pipe = pipeline_class.from_pipe(t2i)
-    inputs, recorded = make_inputs(pipe, pipe.resolution)
     settings = sampling_settings(args)
     first_seed = settings.pop("seed")
+    check_run_size(args.num_images, first_seed, args.yes, interactive())
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)
+    t2i, _, _, dtype, model = load_command_pipeline(args)
+    check_settings_fit(t2i, settings)
+    pipe = pipeline_class.from_pipe(t2i)
+    inputs, recorded, extra_images = make_inputs(pipe, pipe.resolution)
     common = dict(command=args.command, prompt=args.prompt.strip(), **settings, **recorded,
                   model=as_recorded(model), text_encoder=as_recorded(args.text_encoder), dtype=dtype,
                   hart_version=package_version())
     for i in range(args.num_images):
-        seed = first_seed + i
+        seed, started = first_seed + i, time.perf_counter()
         try:
             image = pipe(args.prompt.strip(), **inputs, **settings,
                          generator=torch.Generator().manual_seed(seed)).images[0]
         except ValueError as e:  # the pipeline's own input checks (empty mask, sizes, ...)
-            raise UsageError(str(e)) from None
+            raise UsageError(" ".join(str(e).split())) from None
+        if i == 0:
+            confirm_run(args.command, args.num_images, 1, time.perf_counter() - started, args.yes)
+            for name, extra in extra_images.items():
+                save_output(extra.save, out / name)
         info = PngInfo()
         info.add_text(METADATA_KEY, json.dumps(dict(common, seed=seed)))
         name = out / f"00000_{i:02d}.png"
-        image.save(name, pnginfo=info)
+        save_output(lambda path: image.save(path, pnginfo=info), name)
         print(f"hart {args.command}: wrote {name} (seed {seed})")
     return 0
 
@@ -86,7 +95,7 @@ def run_inpaint(args) -> int:
                       mask_image=_fit(mask, side, args.resize, "--mask", Image.NEAREST))
         return (dict(fitted, blend_radius=args.blend_radius),
                 dict(image=str(Path(args.image).resolve()), mask=str(Path(args.mask).resolve()),
-                     blend_radius=args.blend_radius))
+                     blend_radius=args.blend_radius), {})
 
     return _run_edit(args, HARTInpaintPipeline, inputs)
 
@@ -103,19 +112,20 @@ def run_outpaint(args) -> int:
     def inputs(pipe, side):
         placed = image
         if args.image_size is not None:
-            placed = image.resize((args.image_size, round(args.image_size * image.height / image.width)), Image.BICUBIC)
+            height = round(args.image_size * image.height / image.width)
+            if not 1 <= height <= limits.MAX_IMAGE_SIDE:
+                raise UsageError(f"--image-size: {args.image_size} px wide, the {image.width}x{image.height} image "
+                                 f"would be {height} px high; keep it within [1, {limits.MAX_IMAGE_SIDE}]")
+            placed = image.resize((args.image_size, height), Image.BICUBIC)
         try:
             canvas, mask = outpaint_canvas(placed, side, None if args.offset is None else tuple(args.offset),
                                            tuple(args.fill))
         except ValueError as e:
             raise UsageError(f"--offset/--image-size: {e}") from None
-        if args.save_canvas:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            canvas.save(Path(args.out) / "canvas.png")
-            mask.save(Path(args.out) / "canvas_mask.png")
         return (dict(image=canvas, mask_image=mask, blend_radius=args.blend_radius),
                 dict(image=str(Path(args.image).resolve()), image_size=list(placed.size),
-                     offset=args.offset, fill=list(args.fill), blend_radius=args.blend_radius))
+                     offset=args.offset, fill=list(args.fill), blend_radius=args.blend_radius),
+                {"canvas.png": canvas, "canvas_mask.png": mask} if args.save_canvas else {})
 
     return _run_edit(args, HARTInpaintPipeline, inputs)
 
@@ -130,8 +140,8 @@ def run_vary(args) -> int:
 
     def inputs(pipe, side):
         fitted = _fit(image, side, args.resize, "--image", Image.BICUBIC)
-        return dict(image=fitted, keep_scales=args.keep_scales), dict(image=str(Path(args.image).resolve()),
-                                                                     keep_scales=args.keep_scales)
+        return (dict(image=fitted, keep_scales=args.keep_scales),
+                dict(image=str(Path(args.image).resolve()), keep_scales=args.keep_scales), {})
 
     return _run_edit(args, HARTVariationPipeline, inputs)
 
@@ -140,12 +150,12 @@ def _add_common(p, default_out: str) -> None:
     p.add_argument("prompt", help="what the new content should show")
     p.add_argument("-n", "--num-images", type=POSITIVE_INT, default=1, help="images (seeds seed..seed+n-1; default 1)")
     add_sampling_arguments(p, "the new content")
-    p.add_argument("--out", default=default_out, help=f"output folder (default ./{default_out})")
+    add_run_arguments(p, default_out)
     add_model_arguments(p, required=False)
     add_device_arguments(p)
 
 
-BLEND = dict(type=NON_NEGATIVE_INT, default=0,
+BLEND = dict(type=PIXELS, default=0,
              help="soft seam of this many pixels at the mask border (default 0: the kept area is the "
                   "tokenizer's reconstruction of the input)")
 
@@ -154,7 +164,7 @@ def _edit_parser(subparsers, name: str, out: str, summary: str, description: str
     """A sub-command with the shared options, its default output folder `out` and `--image`."""
     p = subparsers.add_parser(name, help=summary, description=description)
     _add_common(p, out)
-    p.add_argument("--image", required=True, help=image_help)
+    p.add_argument("--image", type=PATH, required=True, help=image_help)
     return p
 
 
@@ -162,7 +172,7 @@ def add_inpaint_command(subparsers) -> None:
     p = _edit_parser(subparsers, "inpaint", "inpainted", "repaint the white area of a mask, keep the rest",
                      "Text-guided inpainting: the tokens of the kept area are imposed at every scale, only the "
                      "masked area is generated.", "the image to edit (RGB, at the model's resolution)")
-    p.add_argument("--mask", required=True, help="same-size mask: white = repaint, black = keep")
+    p.add_argument("--mask", type=PATH, required=True, help="same-size mask: white = repaint, black = keep")
     p.add_argument("--resize", action="store_true", help="scale image and mask to the model's resolution")
     p.add_argument("--blend-radius", **BLEND)
     p.set_defaults(run=run_inpaint)
@@ -172,8 +182,9 @@ def add_outpaint_command(subparsers) -> None:
     p = _edit_parser(subparsers, "outpaint", "outpainted", "extend an image beyond its borders",
                      "Place the image on a canvas at the model's resolution (centred, or at --offset; parts outside "
                      "the canvas are cut) and generate the rest.", "the image to extend")
-    p.add_argument("--image-size", type=POSITIVE_INT, help="resize the image to this width first (keeps its aspect)")
-    p.add_argument("--offset", type=int, nargs=2, metavar=("LEFT", "TOP"),
+    p.add_argument("--image-size", type=checked(int, lambda v: 1 <= v <= limits.MAX_IMAGE_SIDE,
+                                                 f"an integer in [1, {limits.MAX_IMAGE_SIDE}]"), help="resize the image to this width first (keeps its aspect)")
+    p.add_argument("--offset", type=OFFSET, nargs=2, metavar=("LEFT", "TOP"),
                    help="where the image's top-left corner goes on the canvas (may be negative; default: centred)")
     p.add_argument("--fill", type=checked(int, lambda v: 0 <= v <= 255, "an integer in [0, 255]"), nargs=3,
                    default=[128, 128, 128], metavar=("R", "G", "B"), help="colour of the new area before generation")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hart.cli_args import NON_NEGATIVE_INT, POSITIVE_INT, UsageError, add_device_arguments, device_and_dtype
+from hart.cli_args import (NON_NEGATIVE_INT, PATH, POSITIVE_INT, UsageError, add_device_arguments, check_output_folder,
+                           device_and_dtype, save_output)
 
 
 # ---- hart benchmark -------------------------------------------------------------------------------
@@ -12,6 +13,7 @@ from hart.cli_args import NON_NEGATIVE_INT, POSITIVE_INT, UsageError, add_device
 def run_benchmark(args) -> int:
     from hart import benchmark as bench
 
+    check_output_folder(Path(args.out))
     _, device, dtype = device_and_dtype(args.device, args.dtype)
     try:
         result = bench.run_benchmark(args.config, dtype, str(device), args.batch_size or [1], args.warmup, args.iters,
@@ -19,9 +21,8 @@ def run_benchmark(args) -> int:
     except bench.BenchmarkError as e:
         raise UsageError(str(e)) from None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
-    bench.write_chart(result, out / "benchmark.png")
+    save_output(lambda path: path.write_text(json.dumps(result, indent=2) + "\n"), out / "benchmark.json")
+    save_output(lambda path: bench.write_chart(result, path), out / "benchmark.png")
     print(bench.format_summary(result))
     print(f"hart benchmark: wrote {out / 'benchmark.json'} and {out / 'benchmark.png'}")
     return 0
@@ -43,7 +44,7 @@ def add_benchmark_command(subparsers) -> None:
     p.add_argument("--random-text-features", action="store_true",
                    help="skip the text model: random text features of the right shape")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and diffusion MLP")
-    p.add_argument("--out", default="benchmark", help="output folder (default ./benchmark)")
+    p.add_argument("--out", type=PATH, default="benchmark", help="output folder (default ./benchmark)")
     p.set_defaults(run=run_benchmark)
 
 

@@ -16,3 +16,8 @@ MAX_GUIDANCE_SCALE = 1000.0
 MAX_SEED = 2**53 - 1
 MAX_PROMPT_CHARS = 2000  # longer text is certainly truncated to the model's text tokens (300 for the release)
 MAX_IMAGES_PER_REQUEST = 4  # the app's default cap on images per request
+# A `hart` run of more images prints its estimated time and asks first (--yes answers for you);
+# at the release's size that is hours of CPU time.
+CONFIRM_IMAGES = 256
+MAX_IMAGES_PER_RUN = 1_000_000  # beyond any run worth starting; the job list alone would fill the memory
+MAX_IMAGE_SIDE = 16384  # pixels: image sizes, offsets and blend radii beyond any canvas HART works at

@@ -61,8 +61,12 @@ def check_prompts(prompt: Union[str, Sequence[str]], name: str = "prompt") -> Li
     """Validate a prompt argument and return it as a list of non-empty strings."""
     if isinstance(prompt, str):
         prompt = [prompt]
-    if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
+    if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"`{name}` must be a string or a list of strings, got {type(prompt).__name__}.")
+    for i, p in enumerate(prompt):
+        if not isinstance(p, str):
+            raise TypeError(f"`{name}[{i}]` must be a string (`{name}` is a list of strings), got "
+                            f"{type(p).__name__} {p!r:.40}.")
     if len(prompt) == 0:
         raise ValueError(f"`{name}` is an empty list: give at least one prompt.")
     if any(not p.strip() for p in prompt):

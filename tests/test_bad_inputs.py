@@ -7,6 +7,8 @@ or file and says what is expected, before any heavy work, and without leaving a 
 behind. Inputs that are documented to be converted (grey-scale and RGBA images) are checked to be
 converted instead. `docs/troubleshooting.md` lists these errors and what to do about them.
 """
+import errno
+import hashlib
 import io
 import json
 import logging
@@ -93,8 +95,10 @@ def narrow_text_encoder(fixtures, tmp_path_factory):
 
 
 @pytest.fixture
-def env(tmp_path, fixtures, fixture_pipe, capsys, caplog, narrow_text_encoder):
-    return Env(tmp_path, fixtures, fixture_pipe, capsys, caplog, narrow_text_encoder)
+def env(tmp_path, fixtures, fixture_pipe, capsys, caplog, narrow_text_encoder, monkeypatch):
+    e = Env(tmp_path, fixtures, fixture_pipe, capsys, caplog, narrow_text_encoder)
+    e.monkeypatch = monkeypatch
+    return e
 
 
 def assert_names(message: str, *parts: str) -> None:
@@ -122,7 +126,13 @@ def pipeline_prompt_wrong_type(env):
 
 
 def pipeline_prompt_list_of_non_strings(env):
-    refused(TypeError, _pipe_call(env, prompt=["a cat", None]), "`prompt`", "string or a list of strings")
+    error = refused(TypeError, _pipe_call(env, prompt=["a cat", None]), "`prompt[1]`", "must be a string", "NoneType")
+    assert "got list" not in str(error)  # the element is named, not the list
+
+
+def pipeline_negative_prompt_list_of_non_strings(env):
+    refused(TypeError, _pipe_call(env, prompt=["a", "b"], negative_prompt=["blur", 3]), "`negative_prompt[1]`",
+            "int 3")
 
 
 def pipeline_negative_prompt_length_mismatch(env):
@@ -410,6 +420,310 @@ def cli_seed_too_large(env):
     assert not (env.tmp / "out").exists()
 
 
+# =============================================================================== every `hart` command: one line, nothing left
+def snapshot(root: Path) -> dict:
+    """Every file and folder under `root` -> a hash of its bytes (None for folders)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+def error_lines(err: str) -> list:
+    """What a command printed on stderr, less progress bars (tqdm's `%|`)."""
+    return [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+
+
+def cli_refused(env, argv, *parts) -> str:
+    """`hart ARGV` exits with status 2 and one error line naming `parts`, no traceback, and every file under
+    the test's folder is byte-identical afterwards, with nothing added (a refused run leaves nothing behind)."""
+    before = snapshot(env.tmp)
+    status, err = env.cli(*argv)
+    lines = error_lines(err)
+    assert status == 2, err
+    assert len(lines) == 1 and "Traceback" not in err and "error:" in lines[0], err
+    assert_names(lines[0], *parts)
+    assert snapshot(env.tmp) == before
+    return lines[0]
+
+
+def _model(env) -> list:
+    return ["--model", env.ckpt, "--text-encoder", env.text_encoder]
+
+
+def _gen(env, *extra) -> list:
+    return ["generate", "a red fox", *_model(env), "--out", env.tmp / "out", *extra]
+
+
+def _picture(env, name="photo.png", size=(64, 64), colour="grey") -> Path:
+    path = env.tmp / name
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def _mask(env) -> Path:
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(env.tmp / "mask.png")
+    return env.tmp / "mask.png"
+
+
+def _edit(env, command, *extra) -> list:
+    argv = [command, "a red fox", "--image", _picture(env), *_model(env), "--out", env.tmp / "edited", *extra]
+    return argv + (["--mask", _mask(env)] if command == "inpaint" else [])
+
+
+def cli_prompts_file_not_utf8(env):
+    (env.tmp / "prompts.txt").write_bytes("a café\n".encode("latin-1"))
+    cli_refused(env, _gen(env)[:1] + _gen(env)[2:] + ["--prompts-file", env.tmp / "prompts.txt"],
+                "--prompts-file", "not UTF-8", "byte 5")
+
+
+def cli_prompts_file_is_a_folder(env):
+    (env.tmp / "prompts").mkdir()
+    cli_refused(env, ["generate", *_model(env), "--prompts-file", env.tmp / "prompts", "--out", env.tmp / "o"],
+                "--prompts-file", "is a folder; expected a file")
+
+
+def cli_prompts_file_missing(env):
+    cli_refused(env, ["generate", *_model(env), "--prompts-file", env.tmp / "nope.txt"], "--prompts-file",
+                "file not found")
+
+
+def cli_prompts_file_without_prompts(env):
+    (env.tmp / "prompts.txt").write_text("\n  \n")
+    cli_refused(env, ["generate", *_model(env), "--prompts-file", env.tmp / "prompts.txt"], "holds no prompts")
+
+
+def cli_prompts_jsonl_line_without_prompt(env):
+    (env.tmp / "p.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    cli_refused(env, ["generate", *_model(env), "--prompts-file", env.tmp / "p.jsonl"], "p.jsonl:2", '"prompt" field')
+
+
+def cli_prompt_and_prompts_file_together(env):
+    (env.tmp / "p.txt").write_text("a\n")
+    cli_refused(env, _gen(env, "--prompts-file", env.tmp / "p.txt"), "PROMPT or --prompts-file")
+
+
+def cli_prompt_blank(env):
+    cli_refused(env, ["generate", "   ", *_model(env), "--out", env.tmp / "out"], "PROMPT is empty")
+
+
+def cli_out_is_a_file(env):
+    (env.tmp / "out").write_text("mine")
+    cli_refused(env, _gen(env), "--out", "is a file; expected a folder")
+
+
+def cli_out_below_a_file(env):
+    (env.tmp / "out").write_text("mine")
+    cli_refused(env, ["generate", "a red fox", *_model(env), "--out", env.tmp / "out" / "images"], "--out",
+                "cannot be created", "is a file")
+
+
+def cli_out_read_only_is_refused_before_loading(env):
+    import hart.cli
+    import hart.cli_args
+
+    def read_only(folder):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    env.monkeypatch.setattr(hart.cli_args, "can_write", read_only)
+    env.monkeypatch.setattr(hart.cli, "load_pipeline", never)
+    cli_refused(env, _gen(env), "--out", "cannot write in", "Read-only file system")
+
+
+def cli_disk_full_while_writing_images(env):
+    written = []
+
+    def save(image, fp, *args, **kwargs):  # the first PNG fits on the disk, the second is cut short
+        Path(fp).write_bytes(b"\x89PNG partial")
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(fp)
+
+    env.monkeypatch.setattr(Image.Image, "save", save)
+    status, err = env.cli(*_gen(env, "-n", "2", "--batch-size", "1"))
+    lines = error_lines(err)
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert_names(lines[0], "no space left on", str(env.tmp / "out"), "00000_01.png", "run the command again")
+    assert sorted(p.name for p in (env.tmp / "out").iterdir()) == ["00000_00.png"]  # no half-written file
+
+
+def cli_many_images_not_on_a_terminal(env):
+    cli_refused(env, _gen(env, "-n", 10000), "-n", "10000 images", "--yes")
+
+
+def cli_many_images_declined_at_the_terminal(env):
+    import hart.cli
+    from hart import limits
+
+    env.monkeypatch.setattr(limits, "CONFIRM_IMAGES", 2)
+    env.monkeypatch.setattr(hart.cli, "interactive", lambda: True)
+    env.monkeypatch.setattr("builtins.input", lambda question: "n")
+    line = cli_refused(env, _gen(env, "-n", 3, "--batch-size", 1), "not confirmed", "nothing was written", "--yes")
+    assert line.startswith("hart generate: error:")
+
+
+def cli_too_many_images_even_with_yes(env):
+    cli_refused(env, _gen(env, "-n", 10**7, "--yes"), "-n", "at most 1000000")
+
+
+def cli_later_seeds_leave_the_range(env):
+    from hart.limits import MAX_SEED
+
+    cli_refused(env, _gen(env, "--seed", MAX_SEED, "-n", 2), "--seed", f"[0, {MAX_SEED}]", str(MAX_SEED + 1))
+
+
+def cli_seed_2_63_minus_1(env):
+    from hart.limits import MAX_SEED
+
+    cli_refused(env, _gen(env, "--seed", 2**63 - 1, "-n", 2), "--seed", f"[0, {MAX_SEED}]")
+
+
+def cli_n_zero(env):
+    cli_refused(env, _gen(env, "-n", 0), "--num-images", "positive integer")
+
+
+def cli_batch_size_zero(env):
+    cli_refused(env, _gen(env, "--batch-size", 0), "--batch-size", "positive integer")
+
+
+def cli_top_k_above_the_codebook_leaves_nothing(env):
+    cli_refused(env, _gen(env, "--top-k", 769), "--top-k", "[1, 768]", "codebook")
+
+
+def cli_unknown_flag(env):
+    cli_refused(env, _gen(env, "--steps", 4), "unrecognized arguments", "--steps")
+
+
+def cli_unknown_command(env):
+    cli_refused(env, ["generat", "a fox"], "invalid choice", "'generat'")
+
+
+def cli_path_with_nul_byte(env):
+    cli_refused(env, _gen(env, "--out", "out\0put"), "--out", "no NUL byte")
+
+
+def cli_device_unknown(env):
+    cli_refused(env, _gen(env, "--device", "toaster"), "--device", "'toaster'", "not a torch device")
+
+
+def cli_from_png_without_metadata(env):
+    cli_refused(env, ["generate", "--from-png", _picture(env), "--out", env.tmp / "again"], "--from-png",
+                "no hart metadata")
+
+
+def cli_from_png_is_a_folder(env):
+    cli_refused(env, ["generate", "--from-png", env.tmp, "--out", env.tmp / "again"], "--from-png", "is a folder")
+
+
+def cli_model_training_run_without_pipeline(env):
+    run = env.tmp / "runs" / "x"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run_info.json").write_text("{}")
+    cli_refused(env, ["generate", "a fox", "--model", run, "--out", env.tmp / "out"], "--model", str(run),
+                "training run folder", "pipeline/")
+
+
+def cli_edit_image_is_a_folder(env):
+    (env.tmp / "photo.png").mkdir()
+    cli_refused(env, ["vary", "a fox", "--image", env.tmp / "photo.png", *_model(env), "--out", env.tmp / "v"],
+                "--image", "is a folder")
+
+
+def cli_edit_mask_missing(env):
+    cli_refused(env, ["inpaint", "a fox", "--image", _picture(env), "--mask", env.tmp / "nope.png", *_model(env)],
+                "--mask", "file not found")
+
+
+def cli_edit_image_not_an_image(env):
+    (env.tmp / "photo.png").write_text("not a png")
+    cli_refused(env, ["vary", "a fox", "--image", env.tmp / "photo.png", *_model(env), "--out", env.tmp / "v"],
+                "--image", "not a readable image")
+
+
+def cli_edit_image_of_another_size(env):
+    _picture(env, size=(80, 64))
+    cli_refused(env, ["vary", "a fox", "--image", env.tmp / "photo.png", *_model(env), "--out", env.tmp / "v"],
+                "--image", "80x64", "--resize")
+
+
+def cli_edit_out_is_a_file(env):
+    (env.tmp / "edited").write_text("mine")
+    cli_refused(env, _edit(env, "inpaint"), "--out", "is a file")
+
+
+def cli_edit_seeds_leave_the_range(env):
+    from hart.limits import MAX_SEED
+
+    cli_refused(env, _edit(env, "vary", "--seed", MAX_SEED - 1, "-n", 3), "--seed", f"[0, {MAX_SEED}]")
+
+
+def cli_edit_many_images_not_on_a_terminal(env):
+    cli_refused(env, _edit(env, "outpaint", "--image-size", 32, "-n", 1000), "-n", "1000 images", "--yes")
+
+
+def cli_vary_keep_scales_too_many_leaves_nothing(env):
+    cli_refused(env, _edit(env, "vary", "--keep-scales", 99), "`keep_scales`", "[0, 3]")
+
+
+def cli_outpaint_declined_run_leaves_no_canvas(env):
+    import hart.cli_edit
+    from hart import limits
+
+    env.monkeypatch.setattr(limits, "CONFIRM_IMAGES", 1)
+    env.monkeypatch.setattr(hart.cli_edit, "interactive", lambda: True)
+    env.monkeypatch.setattr("builtins.input", lambda question: "no")
+    cli_refused(env, _edit(env, "outpaint", "--save-canvas", "--image-size", 32, "-n", 2), "not confirmed")
+
+
+def cli_outpaint_image_covers_the_canvas(env):
+    cli_refused(env, _edit(env, "outpaint"), "--offset/--image-size", "covers the whole")
+
+
+def cli_outpaint_image_size_too_large(env):
+    cli_refused(env, _edit(env, "outpaint", "--image-size", 10**9), "--image-size", "[1, 16384]")
+
+
+def cli_outpaint_image_size_makes_it_too_tall(env):
+    argv = _edit(env, "outpaint", "--image-size", 8000)
+    _picture(env, size=(4, 64))  # a thin strip: 8000 px wide, it would be 128000 px high
+    cli_refused(env, argv, "--image-size", "128000 px high")
+
+
+def cli_outpaint_offset_too_large(env):
+    cli_refused(env, _edit(env, "outpaint", "--offset", 0, 10**12), "--offset", "[-16384, 16384]")
+
+
+def cli_outpaint_fill_out_of_range(env):
+    cli_refused(env, _edit(env, "outpaint", "--fill", 0, 256, 0), "--fill", "[0, 255]")
+
+
+def cli_inpaint_blend_radius_too_large(env):
+    cli_refused(env, _edit(env, "inpaint", "--blend-radius", 10**9), "--blend-radius", "[0, 16384]")
+
+
+def cli_inpaint_empty_prompt(env):
+    argv = _edit(env, "inpaint")
+    argv[1] = " "
+    cli_refused(env, argv, "PROMPT is empty")
+
+
+def cli_convert_out_is_a_file(env):
+    (env.tmp / "converted").write_text("mine")
+    cli_refused(env, ["convert", *_model(env), "--out", env.tmp / "converted"], "--out", "is a file")
+
+
+def cli_benchmark_out_is_a_file(env):
+    (env.tmp / "bench").write_text("mine")
+    cli_refused(env, ["benchmark", "--config", "tiny", "--out", env.tmp / "bench"], "--out", "is a file")
+
+
+def cli_benchmark_iters_zero(env):
+    cli_refused(env, ["benchmark", "--iters", 0], "--iters", "positive integer")
+
+
 # =============================================================================== fine-tuning data
 def data_bad_json_line_is_skipped_with_its_number(env):
     from hart.training.data import ImageCaptionFolder
@@ -474,6 +788,22 @@ def data_grey_scale_and_rgba_images_are_converted(env):
     for i in range(2):
         pixels = ds[(0, i)]["pixel_values"]
         assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.float32 and pixels.abs().max() <= 1
+
+
+def data_truncated_image_is_counted_once(env):
+    """An image that passes the scan but fails to decode is replaced in every epoch, and counted once."""
+    from hart.training.finetune import FinetuneConfig, finetune
+
+    data = make_folder(env.tmp / "data", n=4)
+    whole = (data / "img01.png").read_bytes()
+    (data / "img01.png").write_bytes(whole[: len(whole) // 2])  # the header reads; the pixels do not
+    cfg = FinetuneConfig(pretrained=str(env.ckpt), text_encoder=str(env.text_encoder), data_dir=str(data),
+                         output_dir=str(env.tmp / "run"), batch_size=2, max_steps=4, checkpoint_every=4, ema_decay=0.0)
+    with env.caplog.at_level(logging.WARNING):
+        result = finetune(cfg)  # 4 steps of 2 images: 2 epochs, the truncated image drawn in each
+    assert result.skipped.counts == {"unreadable": 1} and result.skipped.examples == {"unreadable": ["img01.png"]}
+    assert "data: 1 skipped: 1 unreadable (e.g. img01.png)" in env.caplog.text
+    assert env.caplog.text.count("cannot decode img01.png") >= 2  # it was drawn again, and still counted once
 
 
 @pytest.fixture(scope="module")
@@ -596,7 +926,8 @@ def app_binds_loopback_and_takes_no_paths_from_the_page(env):
 # =============================================================================== the catalogue
 CASES = [
     # pipeline arguments
-    pipeline_prompt_wrong_type, pipeline_prompt_list_of_non_strings, pipeline_negative_prompt_length_mismatch,
+    pipeline_prompt_wrong_type, pipeline_prompt_list_of_non_strings, pipeline_negative_prompt_list_of_non_strings,
+    pipeline_negative_prompt_length_mismatch,
     pipeline_generator_list_length_mismatch, pipeline_guidance_nan, pipeline_guidance_inf, pipeline_guidance_negative,
     pipeline_guidance_too_large, pipeline_top_k_zero, pipeline_top_k_above_codebook, pipeline_top_p_zero,
     pipeline_top_p_above_one, pipeline_unsupported_output_type, pipeline_zero_images_per_prompt,
@@ -615,9 +946,24 @@ CASES = [
     cli_top_p_out_of_range, cli_top_k_zero, cli_empty_negative_prompt,
     cli_seed_negative,
     cli_seed_too_large,
+    # every `hart` command: one error line, nothing written
+    cli_prompts_file_not_utf8, cli_prompts_file_is_a_folder, cli_prompts_file_missing, cli_prompts_file_without_prompts,
+    cli_prompts_jsonl_line_without_prompt, cli_prompt_and_prompts_file_together, cli_prompt_blank, cli_out_is_a_file,
+    cli_out_below_a_file, cli_out_read_only_is_refused_before_loading, cli_disk_full_while_writing_images,
+    cli_many_images_not_on_a_terminal, cli_many_images_declined_at_the_terminal, cli_too_many_images_even_with_yes,
+    cli_later_seeds_leave_the_range, cli_seed_2_63_minus_1, cli_n_zero, cli_batch_size_zero,
+    cli_top_k_above_the_codebook_leaves_nothing, cli_unknown_flag, cli_unknown_command, cli_path_with_nul_byte,
+    cli_device_unknown, cli_from_png_without_metadata, cli_from_png_is_a_folder, cli_model_training_run_without_pipeline,
+    cli_edit_image_is_a_folder, cli_edit_mask_missing, cli_edit_image_not_an_image, cli_edit_image_of_another_size,
+    cli_edit_out_is_a_file, cli_edit_seeds_leave_the_range, cli_edit_many_images_not_on_a_terminal,
+    cli_vary_keep_scales_too_many_leaves_nothing, cli_outpaint_declined_run_leaves_no_canvas,
+    cli_outpaint_image_covers_the_canvas, cli_outpaint_image_size_too_large, cli_outpaint_image_size_makes_it_too_tall,
+    cli_outpaint_offset_too_large, cli_outpaint_fill_out_of_range, cli_inpaint_blend_radius_too_large,
+    cli_inpaint_empty_prompt, cli_convert_out_is_a_file, cli_benchmark_out_is_a_file, cli_benchmark_iters_zero,
     # fine-tuning data and checkpoints
     data_bad_json_line_is_skipped_with_its_number, data_folder_empty, data_folder_missing,
     data_only_unreadable_or_zero_sized_images, data_grey_scale_and_rgba_images_are_converted,
+    data_truncated_image_is_counted_once,
     resume_from_an_unfinished_checkpoint,
     resume_from_a_checkpoint_of_another_model,
     # the web app

@@ -191,3 +191,63 @@ def test_hart_app_passes_its_options_to_the_app(capsys):
     assert main(["app", "--model", "/no/such/folder"]) == 2
     assert "/no/such/folder" in capsys.readouterr().err
     assert main(["generate", "--no-such-flag"]) == 2
+
+
+def test_model_may_be_a_training_run_folder(package_model, tmp_path):
+    """`--model runs/X` loads the pipeline the run exported into runs/X/pipeline, same images as that folder."""
+    import shutil
+
+    run = tmp_path / "runs" / "x"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run_info.json").write_text("{}")
+    shutil.copytree(package_model[1], run / "pipeline")
+    argv = ["generate", "a red fox", "--seed", "3"]
+    assert main(argv + ["--model", str(run), "--out", str(tmp_path / "a")]) == 0
+    assert main(argv + package_model + ["--out", str(tmp_path / "b")]) == 0
+    assert np.array_equal(pixels(tmp_path / "a" / "00000_00.png"), pixels(tmp_path / "b" / "00000_00.png"))
+
+
+@pytest.mark.parametrize("answer,yes", [("y", False), (None, True)])
+def test_a_large_run_prints_its_estimate_and_asks(answer, yes, package_model, tmp_path, capsys, monkeypatch):
+    import hart.cli
+    from hart import limits
+
+    asked = []
+    monkeypatch.setattr(limits, "CONFIRM_IMAGES", 2)
+    monkeypatch.setattr(hart.cli, "interactive", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda question: asked.append(question) or answer)
+    out = tmp_path / "out"
+    assert main(["generate", "a red fox", "-n", "3", "--batch-size", "2", "--out", str(out)] + package_model
+                + (["--yes"] if yes else [])) == 0
+    printed = capsys.readouterr().out
+    assert "3 images; the first 2 took" in printed and "min more" in printed
+    assert len(asked) == (0 if yes else 1) and sorted(p.name for p in out.glob("*.png")) == [
+        "00000_00.png", "00000_01.png", "00000_02.png"]
+
+
+def test_hart_debug_raises_bad_input_with_its_traceback(official, tmp_path, monkeypatch):
+    from hart.cli_args import UsageError
+
+    monkeypatch.setenv("HART_DEBUG", "1")
+    with pytest.raises(UsageError, match="is a folder"):
+        main(["generate", "--prompts-file", str(tmp_path), *official])
+
+
+def test_a_real_bug_keeps_its_traceback(package_model, tmp_path, monkeypatch):
+    import hart.cli
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug, not bad input")
+
+    monkeypatch.setattr(hart.cli, "generate_batch", broken)
+    with pytest.raises(KeyError):
+        main(["generate", "a red fox", "--out", str(tmp_path / "out")] + package_model)
+
+
+def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "hart.cli", "generate", "--prompts-file", str(tmp_path),
+                           "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("hart generate: error: --prompts-file") and not (tmp_path / "out").exists()

@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
-from hart.cli_args import POSITIVE_INT, checked
+from hart.cli_args import PATH, POSITIVE_INT, checked
 from hart.limits import MAX_GUIDANCE_SCALE
 
 # Generators are seeded with seed * 1_000_003 + process index, which must stay a 64-bit seed.
@@ -43,14 +42,6 @@ SEED = checked(int, lambda v: 0 <= v <= MAX_TRAIN_SEED, f"a whole number from 0 
 GUIDANCE = checked(float, lambda v: 0 <= v <= MAX_GUIDANCE_SCALE, f"a number from 0 to {MAX_GUIDANCE_SCALE:g}")
 TEXT = checked(str, lambda v: v.strip() != "", "a non-empty text")
 
-
-def _usable_path(text: str) -> bool:
-    """Non-blank, no NUL byte, and short enough for the OS (longer names make `stat` raise, not say no)."""
-    parts = os.fsencode(text).split(b"/")
-    return text.strip() != "" and "\0" not in text and len(os.fsencode(text)) < 4096 and max(map(len, parts)) < 256
-
-
-PATH = checked(str, _usable_path, "a file or folder path (not blank, no NUL byte, at most 255 bytes a name)")
 
 _COMMON = dict(
     pretrained=PATH, data_dir=PATH, output_dir=PATH, resume=PATH, crop=one_of("center", "random"),
@@ -96,13 +87,6 @@ def check_settings(cfg, rules: Mapping[str, object]) -> None:
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise SettingError(message)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is the single line `PROG: error: MESSAGE` (status 2), no usage dump."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 # ---- folders ---------------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from typing import Callable, Optional, Sequence
 
+from hart.cli_args import OneLineParser, debug_requested
 from hart.training.cache import CacheMismatchError
 from hart.training.checkpoint import CheckpointError, out_of_space
-from hart.training.checks import (FINETUNE_RULES, TOKENIZER_RULES, OneLineParser, SettingError,
+from hart.training.checks import (FINETUNE_RULES, TOKENIZER_RULES, SettingError,
                                   check_finetune_folders, check_tokenizer_folders)
 from hart.training.config import FinetuneConfig, TokenizerTrainConfig
 from hart.training.data import DataError
@@ -50,7 +50,7 @@ def run_program(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], 
     try:
         return work(make_config(args))
     except (*USER_ERRORS, OSError) as e:
-        if os.environ.get("HART_DEBUG") == "1" or isinstance(e, OSError) and not out_of_space(e):
+        if debug_requested() or isinstance(e, OSError) and not out_of_space(e):
             raise
         if isinstance(e, OSError):  # a full disk outside a checkpoint save (those say more): the metrics log, a cache
             e = f"no space left on {e.filename or 'the disk'} ({e.strerror}): free some space, then continue the run " \

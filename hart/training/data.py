@@ -23,7 +23,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -41,13 +41,18 @@ class DataError(ValueError):
 
 @dataclass
 class SkipReport:
-    """Entries left out, counted by reason, with the first `keep` names of each reason."""
+    """Entries left out, counted by reason (each name once: an image that fails to decode in every epoch
+    is one image), with the first `keep` names of each reason."""
 
     counts: Dict[str, int] = field(default_factory=dict)
     examples: Dict[str, List[str]] = field(default_factory=dict)
     keep: int = 5
+    seen: Set[Tuple[str, str]] = field(default_factory=set, repr=False)  # (reason, name) pairs counted here
 
     def add(self, reason: str, name: str) -> None:
+        if (reason, name) in self.seen:
+            return
+        self.seen.add((reason, name))
         self.counts[reason] = self.counts.get(reason, 0) + 1
         names = self.examples.setdefault(reason, [])
         if len(names) < self.keep:
