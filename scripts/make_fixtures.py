@@ -38,7 +38,7 @@ from hart.loading import load_official_tokenizer, load_official_transformer, loa
 from hart.models.diffusion import guide  # noqa: E402
 from hart.models.tokenizer import HybridTokenizer  # noqa: E402
 from hart.models.transformer import HARTTransformer  # noqa: E402
-from hart.sampling import filter_logits, reference_top_k, sample_scales  # noqa: E402
+from hart.sampling import ForcedTokens, filter_logits, reference_top_k, sample_scales  # noqa: E402
 from hart.text import SYSTEM_PROMPT, encode_prompts  # noqa: E402
 from hart.training.objective import draw_kept_tokens, drop_conditions  # noqa: E402
 from hart.training.tokenizer_training import PatchDiscriminator  # noqa: E402
@@ -354,7 +354,8 @@ def record_generation(rec: Recorder, transformer, vae, cond):
                 transformer, vae.quantize, type(cond)(*(x[:B] for x in cond)), guidance_scale=cfg, top_k=top_ks,
                 more_smooth=smooth, generator=torch.Generator().manual_seed(1),
                 callback=lambda s: t.__setitem__(f"idx_stage{s.si}", s.idx_Bl),
-                logits_processor=lambda si, logits: t.__setitem__(f"logits_stage{si}", logits) or logits)
+                forced=ForcedTokens(
+                    logits_processor=lambda si, logits: t.__setitem__(f"logits_stage{si}", logits) or logits))
         finally:
             head.sample = original
         images = (vae.decode_latent(f_hat) + 1) / 2
