@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from hart.loading import CheckpointError, detect_layout, load_image_tokenizer
 from hart.pipelines import HARTPipeline
+from hart import cli_args
 from hart.training import checks
 from hart.training.checks import SettingError
 from hart.training.cli import (CHECKERS, finetune_config, finetune_main, finetune_parser, run_program, tokenizer_config,
@@ -330,7 +331,7 @@ def test_read_only_output_dir_is_refused(run, ws, monkeypatch):
     def read_only(folder):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(checks, "can_write", read_only)
+    monkeypatch.setattr(cli_args, "can_write", read_only)
     refused_run(run, finetune_main, ws.finetune_argv(), ws.tmp, "--output_dir", "cannot write in", "Read-only")
     refused_run(run, tokenizer_main, ws.tokenizer_argv(), ws.tmp, "--output_dir", "Read-only")
 

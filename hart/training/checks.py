@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
-from hart.cli_args import PATH, POSITIVE_INT, checked
+from hart.cli_args import PATH, POSITIVE_INT, UsageError, check_output_folder, checked
 from hart.limits import MAX_GUIDANCE_SCALE
 
 # Generators are seeded with seed * 1_000_003 + process index, which must stay a 64-bit seed.
@@ -91,29 +90,12 @@ def require(condition: bool, message: str) -> None:
 
 # ---- folders ---------------------------------------------------------------------------------------
 
-def _existing_ancestor(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def can_write(folder: Path) -> None:
-    """Raise OSError unless a file can be created in `folder` (permissions, read-only mounts)."""
-    with tempfile.TemporaryFile(dir=folder):
-        pass
-
-
 def check_writable_folder(path: Path, flag: str) -> None:
     """`path` is (or can become) a folder this process can write in; checked without creating it."""
-    if path.exists() and not path.is_dir():
-        raise SettingError(f"{flag}: {path} is a file; expected a folder")
-    ancestor = _existing_ancestor(path.absolute())
-    if not ancestor.is_dir():
-        raise SettingError(f"{flag}: {path} cannot be created: {ancestor} is a file")
     try:
-        can_write(ancestor)
-    except OSError as e:
-        raise SettingError(f"{flag}: cannot write in {ancestor} ({e.strerror or e})") from None
+        check_output_folder(path, flag)
+    except UsageError as e:
+        raise SettingError(str(e)) from None
 
 
 def earlier_run(out: Path) -> list:
