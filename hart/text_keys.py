@@ -3,9 +3,11 @@
 HART attends over all `context_tokens` (300) text positions, padding included: the released model
 never masks padding in attention, and max pooling reads it too (spec 2.3, quirk list). So simply
 cutting the padding changes every image. But the padding positions of a row are *duplicates*: the
-text encoder gives every pad the same feature, and every pad has the same position id (the last real
-one), so at every layer every pad has the same input, the same rotary angle and the same keys to
-attend to, hence the same key and value. The unconditional rows are 300 duplicates of one token.
+text encoder gives every pad the same feature (checked with the fixture's Qwen2 under transformers 5;
+where an encoder does not, nothing is found to merge and nothing changes), and every pad has the same
+position id (the last real one), so at every layer every pad has the same input, the same rotary
+angle and the same keys to attend to, hence the same key and value. The unconditional rows are 300
+duplicates of one token.
 
 n identical keys weigh in a softmax exactly like one of them with `log(n)` added to its score. So
 each row keeps its distinct positions plus one representative of its trailing run of duplicates, with

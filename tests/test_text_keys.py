@@ -43,6 +43,15 @@ def test_a_full_row_sets_the_common_length():
     assert torch.equal(c.features_BTC[1], _toy_text([2, 12]).features_BTC[1])
 
 
+def test_distinct_padding_features_are_not_merged():
+    """An encoder that gives its pads different features leaves nothing to merge: still exact."""
+    cond = _toy_text([3, 5])
+    cond.features_BTC[:, 5:] += torch.arange(7.0).view(1, 7, 1)  # every pad different
+    c, _, bias = compact_text(cond, TextConditioning.unconditional(2, 12, 4, "cpu"))
+    assert c.features_BTC.shape[1] == 12 and torch.equal(c.features_BTC, cond.features_BTC)
+    assert bias[:2].eq(0).all()
+
+
 def test_pooling_is_unchanged():
     cond = _toy_text([3, 7])
     c, u, _ = compact_text(cond, TextConditioning.unconditional(2, 12, 4, "cpu"))

@@ -203,14 +203,15 @@ class DiffusionHead(nn.Module):
         l, device, dtype = n // num_images, cond_nD.device, cond_nD.dtype
         guided = uncond_nD is not None
         net_cond = torch.cat([cond_nD, uncond_nD]) if guided else cond_nD
-        # The condition and the timestep are the same at every step and for every row respectively:
-        # embed the condition once per call and each timestep once per step.
+        # The condition is the same at every step: embed it once per call. (The timestep is the same
+        # for every row too, but a one-row embedding takes the GEMV path, whose rounding depends on the
+        # weights' alignment: a saved and reloaded pipeline would no longer give the same image.)
         cond_emb_NW = self.net.cond_embed(net_cond)
         x_nC = rng.randn((num_images, l, C), generator, device, dtype).flatten(0, 1)
         for k in reversed(range(len(sched.timesteps))):
             k_n = torch.full((n,), k, dtype=torch.long)
-            t_1 = torch.full((1,), int(sched.timesteps[k]), dtype=torch.long, device=device)
-            y_NW = self.net.time_embed(t_1) + cond_emb_NW
+            t_N = torch.full((net_cond.shape[0],), int(sched.timesteps[k]), dtype=torch.long, device=device)
+            y_NW = self.net.time_embed(t_N) + cond_emb_NW
             if guided:
                 # Both halves see the conditional x: the unconditional half only supplies eps_u.
                 eps_nC, v_nC = guide(self.net.denoise(x_nC.repeat(2, 1), y_NW), guidance_scale)
