@@ -95,10 +95,9 @@ def decoder(args) -> None:
     vaes = {name: _random_module(lambda: HybridTokenizer(patch_nums=(1, 2, 4)), dtype, cpu, seed=2)
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     fns = {name: (lambda v=v: v.decode_latent(z.to(v.dtype))) for name, v in vaes.items()}
-    err = (fns["bf16"]().float() - fns["fp32"]()).abs().max().item()
-    report(f"released tokenizer's decoder, latent {args.side} x {args.side} ({args.side * 16} px); "
-           f"bf16 vs fp32 max abs pixel difference {err:.4f} (pixels in [-1, 1])",
-           race(fns, args.repeats), "fp32")
+    # random weights: only the speed means something here, not the bf16 vs fp32 pixel difference
+    report(f"released tokenizer's decoder (random weights, channels-last), latent {args.side} x {args.side} "
+           f"({args.side * 16} px)", race(fns, args.repeats), "fp32")
 
 
 @torch.no_grad()
@@ -150,7 +149,7 @@ def int8_quality(args) -> None:
         for i in range(0, len(jobs), 64):
             chunk = jobs[i: i + 64]
             gens = [torch.Generator().manual_seed(s) for _, s in chunk]
-            out += p([r["prompt"] for r, _ in chunk], guidance_scale=guidance, generator=gens, output_type="np").images
+            out += list(p([r["prompt"] for r, _ in chunk], guidance_scale=guidance, generator=gens, output_type="np").images)
         return out
 
     t0 = time.perf_counter()

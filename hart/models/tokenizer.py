@@ -216,7 +216,7 @@ class HybridTokenizer(ModelMixin, ConfigMixin):
     def decode_latent(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
         # Channels-last activations let the convolution libraries pick their NHWC kernels: decoding a
         # 256 px image on two CPU cores is 12-23% faster, with the same values up to float rounding.
-        # The weights follow once (loading and `.to()` hand them back in NCHW): NCHW weights are
+        # The weights follow once (loading hands them over in NCHW): NCHW weights are
         # reordered at every call, 9% of a 256 px bf16 decode on two cores. Same images up to float rounding.
         if not self.post_quant_conv.weight.is_contiguous(memory_format=torch.channels_last):
             with torch.inference_mode(False):  # weights made under inference mode could not be trained later
