@@ -3,9 +3,10 @@
 Each block's attention and SwiGLU projections become int8 x int8 GEMMs through torchao: weights
 quantized once per output channel (symmetric), activations quantized per token at run time
 (symmetric, dynamic). The weights take a quarter of fp32's bytes. Speed in eager mode, 0.7B sizes,
-2592 tokens, two AVX512-VNNI EPYC cores (`scripts/speed_parts.py int8`): 1.3-1.4x fp32 for the QKV,
-gate/up and down projections, 0.85x for the 1536 x 1536 output projection; quantizing the activations
-is separate memory-bound work in eager mode, which torch.compile can fuse into the GEMM's neighbours.
+2592 tokens, two AVX512-VNNI EPYC cores (`scripts/speed_parts.py int8`, medians of two runs of five
+interleaved calls on a shared machine): 0.85-1.6x fp32 depending on the projection, where bf16 gives
+2.2-2.8x on the same CPU. Quantizing the activations is separate memory-bound work in eager mode,
+which torch.compile can fuse into the GEMM's neighbours.
 
 Left in float on purpose: the AdaLN modulations (computed once per call, and their gates scale every
 residual branch), the context and word embeddings (one pass each), the logits head (its errors land
