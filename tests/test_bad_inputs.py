@@ -453,15 +453,16 @@ def _gen(env, *extra) -> list:
     return ["generate", "a red fox", *_model(env), "--out", env.tmp / "out", *extra]
 
 
-def _picture(env, name="photo.png", size=(64, 64), colour="grey") -> Path:
+def _picture(env, name="photo.png", size=None, colour="grey") -> Path:
     path = env.tmp / name
-    Image.new("RGB", size, colour).save(path)
+    Image.new("RGB", size or (SIZES.image_size, SIZES.image_size), colour).save(path)
     return path
 
 
 def _mask(env) -> Path:
-    mask = np.zeros((64, 64), np.uint8)
-    mask[16:48, 16:48] = 255
+    side = SIZES.image_size
+    mask = np.zeros((side, side), np.uint8)
+    mask[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 255
     Image.fromarray(mask).save(env.tmp / "mask.png")
     return env.tmp / "mask.png"
 
@@ -590,7 +591,7 @@ def cli_batch_size_zero(env):
 
 
 def cli_top_k_above_the_codebook_leaves_nothing(env):
-    cli_refused(env, _gen(env, "--top-k", 769), "--top-k", "[1, 768]", "codebook")
+    cli_refused(env, _gen(env, "--top-k", SIZES.vocab_size + 1), "--top-k", f"[1, {SIZES.vocab_size}]", "codebook")
 
 
 def cli_unknown_flag(env):
@@ -665,7 +666,7 @@ def cli_edit_many_images_not_on_a_terminal(env):
 
 
 def cli_vary_keep_scales_too_many_leaves_nothing(env):
-    cli_refused(env, _edit(env, "vary", "--keep-scales", 99), "`keep_scales`", "[0, 3]")
+    cli_refused(env, _edit(env, "vary", "--keep-scales", 99), "`keep_scales`", f"[0, {SIZES.num_scales - 1}]")
 
 
 def cli_outpaint_declined_run_leaves_no_canvas(env):
@@ -794,7 +795,7 @@ def data_truncated_image_is_counted_once(env):
     """An image that passes the scan but fails to decode is replaced in every epoch, and counted once."""
     from hart.training.finetune import FinetuneConfig, finetune
 
-    data = make_folder(env.tmp / "data", n=4)
+    data = make_folder(env.tmp / "data", n=4, size=(SIZES.image_size + 8, SIZES.image_size + 16))
     whole = (data / "img01.png").read_bytes()
     (data / "img01.png").write_bytes(whole[: len(whole) // 2])  # the header reads; the pixels do not
     cfg = FinetuneConfig(pretrained=str(env.ckpt), text_encoder=str(env.text_encoder), data_dir=str(data),

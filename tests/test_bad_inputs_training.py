@@ -31,7 +31,11 @@ from hart.training.checks import SettingError
 from hart.training.cli import (CHECKERS, finetune_config, finetune_main, finetune_parser, run_program, tokenizer_config,
                                tokenizer_main, tokenizer_parser)
 from tests.test_training_data import make_folder
-from tests.utils import REPO_ROOT
+from tests.utils import REPO_ROOT, fixture_root, fixture_sizes
+
+SIDE = fixture_sizes().image_size  # the fixture model's image side; training images must be at least that
+LLM = json.loads((fixture_root() / "ckpt" / "llm" / "config.json").read_text())  # its transformer's sizes
+WIDTH, DEPTH = LLM["embed_dim"], LLM["depth"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,7 +100,7 @@ def world(fixtures, tmp_path_factory):
     from hart.training.finetune import FinetuneConfig, finetune
 
     root = tmp_path_factory.mktemp("world")
-    data = make_folder(root / "data", n=4)
+    data = make_folder(root / "data", n=4, size=(SIDE + 8, SIDE + 16))
     official, text_encoder = fixtures / "ckpt", fixtures / "ckpt" / "text_encoder"
     HARTPipeline.from_official(official, text_encoder=text_encoder).save_pretrained(root / "pipeline")
     finetune(FinetuneConfig(pretrained=str(official), text_encoder=str(text_encoder), data_dir=str(data),
@@ -358,7 +362,7 @@ def test_every_layout_is_detected(world, ws):
     assert detect_layout(world["run"]) == ("pipeline", world["run"] / "pipeline")  # a training run folder
     assert detect_layout(world["official"]) == ("official", world["official"])
     pipe = HARTPipeline.from_folder(world["run"])
-    assert pipe.transformer.config.embed_dim == 64
+    assert pipe.transformer.config.embed_dim == WIDTH
     assert load_image_tokenizer(world["run"]).config.vocab_size == pipe.vae.config.vocab_size
 
 
@@ -377,13 +381,13 @@ LOADER_CASES = {
                       ["vae/diffusion_pytorch_model.safetensors", "truncated or corrupt"]),
     "truncated-text-encoder": (lambda p: _truncate(p / "text_encoder" / "model.safetensors"),
                                ["text_encoder/model.safetensors", "truncated or corrupt"]),
-    "config-wider-than-weights": (lambda p: _edit_config(p / "transformer" / "config.json", embed_dim=128),
+    "config-wider-than-weights": (lambda p: _edit_config(p / "transformer" / "config.json", embed_dim=2 * WIDTH),
                                   ["transformer/diffusion_pytorch_model.safetensors", "shape mismatches",
-                                   "file (64,), model (128,)", "transformer/config.json"]),
+                                   f"file ({WIDTH},), model ({2 * WIDTH},)", "transformer/config.json"]),
     "vae-config-other-vocab": (lambda p: _edit_config(p / "vae" / "config.json", vocab_size=99),
                                ["vae/diffusion_pytorch_model.safetensors", "shape mismatches", "model (99,"]),
-    "config-deeper-than-weights": (lambda p: _edit_config(p / "transformer" / "config.json", depth=3),
-                                   ["missing keys", "blocks.2."]),
+    "config-deeper-than-weights": (lambda p: _edit_config(p / "transformer" / "config.json", depth=DEPTH + 1),
+                                   ["missing keys", f"blocks.{DEPTH}."]),
     "config-not-json": (lambda p: (p / "transformer" / "config.json").write_text("{"),
                         ["transformer/config.json", "not valid JSON"]),
     "config-impossible": (lambda p: _edit_config(p / "transformer" / "config.json", num_heads=7),
