@@ -227,13 +227,21 @@ def load_official_transformer(folder: PathLike, use_ema: bool = True) -> HARTTra
 
 # ---- text encoder and the whole release ---------------------------------------------------------
 
+BUNDLED_NAME = "bundled"  # names the shapes-world model shipped inside the package (hart.bundled)
+
+
 def resolve_folder(name_or_path: PathLike) -> Path:
-    """A local folder as is; otherwise a hub repository name, downloaded (where the network allows)."""
+    """A local folder as is; `bundled` (where no such local folder exists) the shipped shapes-world
+    model; otherwise a hub repository name, downloaded (where the network allows)."""
     path = Path(name_or_path)
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; expected a model folder")
         return path
+    if str(name_or_path) == BUNDLED_NAME:
+        from hart.bundled import BUNDLED_MODEL
+
+        return Path(BUNDLED_MODEL)
     if str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/")):
         raise CheckpointError(f"model folder not found: {path}")
     from huggingface_hub import snapshot_download

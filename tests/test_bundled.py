@@ -3,6 +3,7 @@
 ShapesEval of the whole prompt set is a benchmark script, not a test (docs/bundled_model.md).
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -155,6 +156,20 @@ def test_hart_generate_uses_the_bundled_model_by_default(tmp_path):
     image = PIL.Image.open(tmp_path / "00000_00.png")
     assert image.size == (SIDE, SIDE)
     assert json.loads(image.text["hart"])["model"].endswith("shapes-128")
+
+
+def test_the_name_bundled_loads_the_shipped_model_and_is_the_fine_tuning_default(tmp_path, monkeypatch):
+    from hart import HARTPipeline
+    from hart.bundled import BUNDLED_MODEL
+    from hart.loading import resolve_folder
+    from hart.training.cli import finetune_parser
+
+    monkeypatch.chdir(tmp_path)  # no local folder named `bundled`
+    assert resolve_folder("bundled") == Path(BUNDLED_MODEL)
+    assert HARTPipeline.from_folder("bundled").transformer.config == HARTPipeline.from_pretrained(BUNDLED_MODEL).transformer.config
+    assert finetune_parser().parse_args(["--data_dir", "d", "--output_dir", "o"]).pretrained == "bundled"
+    (tmp_path / "bundled").mkdir()  # a local folder of that name is what the user means
+    assert resolve_folder("bundled") == Path("bundled")
 
 
 def test_bundled_model_follows_a_simple_prompt(bundled, guidance):

@@ -66,8 +66,9 @@ def _logging() -> None:
 def finetune_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="finetune.py", description="Fine-tune the HART transformer on captioned images.")
     g = p.add_argument_group("model and data")
-    flag(g, "--pretrained", required=True,
-         help="HARTPipeline folder, training run folder (its pipeline/), or official HART folder (llm/ + tokenizer/)")
+    flag(g, "--pretrained", default="bundled",
+         help="HARTPipeline folder, training run folder (its pipeline/), official HART folder (llm/ + tokenizer/), "
+              "or `bundled`: the shipped shapes-world model (default)")
     flag(g, "--text_encoder", help="text model folder (only with an official HART folder)")
     flag(g, "--data_dir", help="images with metadata.jsonl, metadata.csv or .txt captions")
     flag(g, "--output_dir", required=True, help="checkpoints/, logs/, validation/ and the exported pipeline/")
