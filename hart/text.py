@@ -74,6 +74,19 @@ def check_prompts(prompt: Union[str, Sequence[str]], name: str = "prompt") -> Li
     return list(prompt)
 
 
+def split_words(tokenizer, texts: Sequence[str]) -> List[str]:
+    """The words of `texts` that the tokenizer spells out: three or more pieces averaging under 2.5
+    characters ("star" -> "▁s", "t", "ar"). A text model reads such a word letter by letter, so
+    fine-tuning learns it slowly, if at all; a large tokenizer splits long words into whole syllables,
+    which this leaves alone."""
+    spelled = []
+    for word in sorted({w.strip(".,;:!?\"'()").lower() for text in texts for w in text.split()} - {""}):
+        pieces = [p.lstrip("▁Ġ") for p in tokenizer.tokenize(" " + word)]
+        if len(pieces) >= 3 and sum(map(len, pieces)) / len(pieces) < 2.5:
+            spelled.append(word)
+    return spelled
+
+
 def count_tokens(tokenizer, prompts: List[str]) -> List[int]:
     """Tokens of each prompt as `encode_prompts` reads it, before truncation. `verbose=False`: the
     tokenizer's "longer than the maximum length" notice is ours to give, once, as a truncation."""

@@ -61,3 +61,14 @@ def test_long_prompt_is_truncated_with_warning(text_model, caplog):
 def test_bad_prompts_are_refused(bad, error):
     with pytest.raises(error, match="prompt"):
         check_prompts(bad)
+
+
+def test_split_words_names_the_words_a_tokenizer_spells_out():
+    from transformers import PreTrainedTokenizerFast
+
+    from hart.bundled import BUNDLED_MODEL
+    from hart.text import split_words
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(f"{BUNDLED_MODEL}/tokenizer")
+    captions = ["A green star in the top left.", "a red circle", "a pink ring"]
+    assert split_words(tokenizer, captions) == ["pink", "ring", "star"]  # known whole: green, top, left, circle...

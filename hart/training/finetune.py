@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from hart.pipelines import HARTPipeline
-from hart.text import SYSTEM_PROMPT, encode_prompts
+from hart.text import SYSTEM_PROMPT, encode_prompts, split_words
 from hart.training.cache import CacheSpec, CachedExamples, build_cache
 from hart.training.checkpoint import (CheckpointError, CheckpointManager, describe_mismatch, load_train_state,
                                       load_training_files, out_of_space, save_training_files, space_error)
@@ -102,10 +102,19 @@ class _Run:
             self.vae.encoder.to("cpu")
 
     # ---- set-up --------------------------------------------------------------------------------
+    def _warn_spelled_words(self, folder: ImageCaptionFolder) -> None:
+        words = split_words(self.pipe.tokenizer, [entry.caption for entry in folder.entries])
+        if words:
+            logger.warning("the text tokenizer spells out %d caption word(s) letter by letter (%s): the model "
+                           "learns such words slowly, if at all; words it knows whole learn faster",
+                           len(words), ", ".join(words[:10]) + (", ..." if len(words) > 10 else ""))
+
     def _dataset(self):
         cfg = self.cfg
         if cfg.cache_dir is None:
-            return ImageCaptionFolder(cfg.data_dir, self.resolution, cfg.crop, cfg.flip, cfg.seed, cfg.min_image_size)
+            folder = ImageCaptionFolder(cfg.data_dir, self.resolution, cfg.crop, cfg.flip, cfg.seed, cfg.min_image_size)
+            self._warn_spelled_words(folder)
+            return folder
         spec = CacheSpec.create(self.vae, self.text_encoder, self.pipe.tokenizer, self.system_prompt,
                                 self.transformer.config.context_tokens, self.patch_nums, self.resolution,
                                 cfg.crop, cfg.flip, cfg.cache_dtype)
@@ -114,6 +123,7 @@ class _Run:
             if cfg.data_dir is None:
                 raise DataError(f"no cache in {cfg.cache_dir} yet: give the data folder (--data_dir) to build it")
             source = ImageCaptionFolder(cfg.data_dir, self.resolution, "center", False, cfg.seed, cfg.min_image_size)
+            self._warn_spelled_words(source)
             check_enough_samples(len(source), cfg.batch_size, self.acc.num_processes)  # before the work of caching
             build_cache(cfg.cache_dir, source, spec, self.vae, self.text_encoder, self.pipe.tokenizer,
                         self.system_prompt, self.acc, batch_size=cfg.batch_size)
