@@ -208,7 +208,8 @@ def test_cached_examples_match_live_encoding(fixture_pipe, data_dir, cache_dir):
     assert len(cached) == len(live) == 16
     item, ref = cached[(0, 5)], live[(0, 5)]
     enc = encode_examples(ref["pixel_values"][None], [ref["caption"]], fixture_pipe.vae, fixture_pipe.text_encoder,
-                          fixture_pipe.tokenizer, SIZES.patch_nums, SIZES.context_tokens, SYSTEM_PROMPT)
+                          fixture_pipe.tokenizer, patch_nums=SIZES.patch_nums, max_length=SIZES.context_tokens,
+                          system_prompt=SYSTEM_PROMPT)
     assert torch.equal(item["tokens"].long(), enc["tokens"][0]) and torch.equal(item["mask"], enc["mask"][0])
     torch.testing.assert_close(item["features"], enc["features"][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(item["residual"], enc["residual"][0], atol=1e-5, rtol=1e-5)
@@ -219,18 +220,20 @@ def test_flip_cache_draws_the_flips_live_training_draws(fixture_pipe, tmp_path):
 
     data = make_folder(tmp_path / "data", n=4, size=PHOTO)
     pipe = fixture_pipe
-    spec = CacheSpec.create(pipe.vae, pipe.text_encoder, pipe.tokenizer, None, SIZES.context_tokens, SIZES.patch_nums, SIDE,
-                            "center", True, "float32")
+    spec = CacheSpec.create(pipe.vae, pipe.text_encoder, pipe.tokenizer, system_prompt=None,
+                            max_length=SIZES.context_tokens, patch_nums=SIZES.patch_nums, resolution=SIDE,
+                            crop="center", flip=True, features_dtype="float32")
     build_cache(tmp_path / "cache", ImageCaptionFolder(data, SIDE), spec, pipe.vae, pipe.text_encoder, pipe.tokenizer,
-                None, PartialState(), batch_size=4)
+                system_prompt=None, state=PartialState(), batch_size=4)
     cached, live = CachedExamples(tmp_path / "cache", spec, seed=7), ImageCaptionFolder(data, SIDE, flip=True, seed=7)
     plain = ImageCaptionFolder(data, SIDE)
     flipped = 0
     for key in [(e, i) for e in range(3) for i in range(4)]:
         pixels = live[key]["pixel_values"]
         flipped += not torch.equal(pixels, plain[key]["pixel_values"])
-        tokens = encode_examples(pixels[None], ["x"], pipe.vae, pipe.text_encoder, pipe.tokenizer, SIZES.patch_nums,
-                                 SIZES.context_tokens, None)["tokens"][0]
+        tokens = encode_examples(pixels[None], ["x"], pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                                 patch_nums=SIZES.patch_nums, max_length=SIZES.context_tokens,
+                                 system_prompt=None)["tokens"][0]
         assert torch.equal(cached[key]["tokens"].long(), tokens), key
     assert 0 < flipped < 12
 

@@ -93,7 +93,7 @@ def _qwen2_config(vocab_size: int, hidden: int, layers: int, heads: int, max_pos
     )
 
 
-def train_text_model(captions: Sequence[str], folder, vocab_size: int = 256, hidden: int = 128, layers: int = 2,
+def train_text_model(captions: Sequence[str], folder, *, vocab_size: int = 256, hidden: int = 128, layers: int = 2,
                      heads: int = 4, steps: int = 600, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
                      max_positions: int = 256, log_every: int = 100) -> Path:
     """Train the tokenizer and a Qwen2 causal LM on `captions`; save both into `folder`.

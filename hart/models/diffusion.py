@@ -180,7 +180,7 @@ class DiffusionLoss(NamedTuple):
 
 
 class DiffusionHead(nn.Module):
-    def __init__(self, latent_channels: int, cond_dim: int, width: int = 1024, depth: int = 6,
+    def __init__(self, latent_channels: int, cond_dim: int, *, width: int = 1024, depth: int = 6,
                  num_sampling_steps: str = "8", batch_mul: int = 4, latent_scale: float = 0.6):
         super().__init__()
         self.latent_channels = latent_channels
@@ -192,7 +192,7 @@ class DiffusionHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond_nD: torch.Tensor, uncond_nD: Optional[torch.Tensor] = None, guidance_scale: float = 0.0,
-               temperature: float = 1.0, generator: rng.Generator = None, num_images: int = 1) -> torch.Tensor:
+               *, temperature: float = 1.0, generator: rng.Generator = None, num_images: int = 1) -> torch.Tensor:
         """Residuals (n, C) for n = num_images * tokens rows (image-major); guided when `uncond_nD` is given."""
         n, C, sched = cond_nD.shape[0], self.latent_channels, self.sample_schedule
         if n % num_images:

@@ -46,7 +46,7 @@ def phi_ticks(num_phi: int) -> List[float]:
 
 
 class MultiScaleQuantizer(nn.Module):
-    def __init__(self, vocab_size: int, latent_channels: int, num_phi: int = 4, phi_ratio: float = 0.5,
+    def __init__(self, vocab_size: int, latent_channels: int, *, num_phi: int = 4, phi_ratio: float = 0.5,
                  beta: float = 0.25, using_znorm: bool = False):
         super().__init__()
         self.vocab_size, self.Cvae = vocab_size, latent_channels

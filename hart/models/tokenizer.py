@@ -105,7 +105,7 @@ def _run_level(level: nn.Module, h_BChw: torch.Tensor) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float,
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, *, dropout: float,
                  groups: int, patch_size: int):
         super().__init__()
         n, widths = len(ch_mult), [ch * m for m in ch_mult]
@@ -132,7 +132,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, dropout: float,
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int, *, dropout: float,
                  groups: int, patch_size: int):
         super().__init__()
         n, widths = len(ch_mult), [ch * m for m in ch_mult]
@@ -166,6 +166,7 @@ class HybridTokenizer(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
+        *,
         vocab_size: int = 4096,
         latent_channels: int = 32,
         base_channels: int = 160,
@@ -187,13 +188,14 @@ class HybridTokenizer(ModelMixin, ConfigMixin):
         # patch_size p > 1 folds p x p pixels into channels before the first conv (and unfolds after the
         # last), so no level runs at full resolution: 1 in the release; the bundled recipe's small
         # tokenizer uses 4, because full-resolution convolutions made its CPU training far too slow.
-        args = (base_channels, tuple(channel_multipliers), num_res_blocks, latent_channels, dropout, norm_groups,
-                patch_size)
-        self.encoder, self.decoder = Encoder(*args), Decoder(*args)
+        args = (base_channels, tuple(channel_multipliers), num_res_blocks, latent_channels)
+        kwargs = dict(dropout=dropout, groups=norm_groups, patch_size=patch_size)
+        self.encoder, self.decoder = Encoder(*args, **kwargs), Decoder(*args, **kwargs)
         ks = quant_conv_kernel_size
         self.quant_conv = nn.Conv2d(latent_channels, latent_channels, ks, padding=ks // 2)
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, ks, padding=ks // 2)
-        self.quantize = MultiScaleQuantizer(vocab_size, latent_channels, num_phi, phi_ratio, beta, using_znorm)
+        self.quantize = MultiScaleQuantizer(vocab_size, latent_channels, num_phi=num_phi, phi_ratio=phi_ratio,
+                                            beta=beta, using_znorm=using_znorm)
 
     @property
     def downsample_factor(self) -> int:

@@ -262,7 +262,8 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         self.head = nn.Linear(C, vocab_size)
         self.decoder_norm = RMSNorm(C, norm_eps)
         self.diffusion_head = DiffusionHead(
-            latent_channels, C, diff_width, diff_depth, num_sampling_steps, diffusion_batch_mul
+            latent_channels, C, width=diff_width, depth=diff_depth, num_sampling_steps=num_sampling_steps,
+            batch_mul=diffusion_batch_mul,
         )
         self.rope = Rope(C // num_heads, rope_base)
         self.gradient_checkpointing = False

@@ -72,7 +72,7 @@ class CacheSpec:
     features_dtype: str
 
     @classmethod
-    def create(cls, vae, text_encoder, text_tokenizer, system_prompt: Optional[str], max_length: int,
+    def create(cls, vae, text_encoder, text_tokenizer, *, system_prompt: Optional[str], max_length: int,
                patch_nums, resolution: int, crop: str, flip: bool, features_dtype: str) -> "CacheSpec":
         if crop != "center":
             raise ValueError("a cache stores one crop per image: use crop='center' with a cache (random crops need live encoding)")
@@ -113,7 +113,7 @@ def check_cache(cache_dir, spec: CacheSpec) -> dict:
     return info
 
 
-def build_cache(cache_dir, dataset: ImageCaptionFolder, spec: CacheSpec, vae, text_encoder, text_tokenizer,
+def build_cache(cache_dir, dataset: ImageCaptionFolder, spec: CacheSpec, vae, text_encoder, text_tokenizer, *,
                 system_prompt: Optional[str], state, batch_size: int = 8, shard_size: int = 1024) -> None:
     """Encode `dataset` (center crop, no flip: flips are stored as a second variant) into `cache_dir`.
 
@@ -145,7 +145,7 @@ def build_cache(cache_dir, dataset: ImageCaptionFolder, spec: CacheSpec, vae, te
         pixels = torch.stack([it["pixel_values"] for it in items])
         index = torch.tensor([it["index"] for it in items])
         enc = encode_examples(pixels, [it["caption"] for it in items], vae, text_encoder, text_tokenizer,
-                              spec.patch_nums, spec.max_length, system_prompt)
+                              patch_nums=spec.patch_nums, max_length=spec.max_length, system_prompt=system_prompt)
         for variant in range(2 if spec.flip else 1):
             if variant:  # the mirrored image, same caption features
                 enc["tokens"], enc["residual"] = encode_images(pixels.flip(-1), vae, spec.patch_nums)

@@ -211,7 +211,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
     `replaced` names the image that failed to decode when this item is its stand-in ("" otherwise).
     """
 
-    def __init__(self, root, resolution: int, crop: str = "center", flip: bool = False, seed: int = 0,
+    def __init__(self, root, resolution: int, *, crop: str = "center", flip: bool = False, seed: int = 0,
                  min_size: Optional[int] = None, require_captions: bool = True):
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")

@@ -21,6 +21,7 @@ def encode_examples(
     vae,
     text_encoder,
     text_tokenizer,
+    *,
     patch_nums: Sequence[int],
     max_length: int,
     system_prompt: Optional[str],

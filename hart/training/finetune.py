@@ -70,7 +70,8 @@ class TransformerObjective(torch.nn.Module):
         self._frozen = (quantizer,)
 
     def forward(self, cond, x_BLCv_wo_first_l, gt_idx, target_BLCv, generator):
-        out = hart_loss(self.transformer, self._frozen[0], cond, x_BLCv_wo_first_l, gt_idx, target_BLCv, generator)
+        out = hart_loss(self.transformer, self._frozen[0], cond, x_BLCv_wo_first_l, gt_idx, target_BLCv,
+                        generator=generator)
         return out.loss, out.token_loss, out.diffusion_loss
 
 
@@ -112,21 +113,24 @@ class _Run:
     def _dataset(self):
         cfg = self.cfg
         if cfg.cache_dir is None:
-            folder = ImageCaptionFolder(cfg.data_dir, self.resolution, cfg.crop, cfg.flip, cfg.seed, cfg.min_image_size)
+            folder = ImageCaptionFolder(cfg.data_dir, self.resolution, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed,
+                                        min_size=cfg.min_image_size)
             self._warn_spelled_words(folder)
             return folder
-        spec = CacheSpec.create(self.vae, self.text_encoder, self.pipe.tokenizer, self.system_prompt,
-                                self.transformer.config.context_tokens, self.patch_nums, self.resolution,
-                                cfg.crop, cfg.flip, cfg.cache_dtype)
+        spec = CacheSpec.create(self.vae, self.text_encoder, self.pipe.tokenizer, system_prompt=self.system_prompt,
+                                max_length=self.transformer.config.context_tokens, patch_nums=self.patch_nums,
+                                resolution=self.resolution, crop=cfg.crop, flip=cfg.flip,
+                                features_dtype=cfg.cache_dtype)
         cache = Path(cfg.cache_dir)
         if not cache.exists() or not any(cache.iterdir()):  # else it must be a cache (checked when read)
             if cfg.data_dir is None:
                 raise DataError(f"no cache in {cfg.cache_dir} yet: give the data folder (--data_dir) to build it")
-            source = ImageCaptionFolder(cfg.data_dir, self.resolution, "center", False, cfg.seed, cfg.min_image_size)
+            source = ImageCaptionFolder(cfg.data_dir, self.resolution, crop="center", flip=False, seed=cfg.seed,
+                                        min_size=cfg.min_image_size)
             self._warn_spelled_words(source)
             check_enough_samples(len(source), cfg.batch_size, self.acc.num_processes)  # before the work of caching
             build_cache(cfg.cache_dir, source, spec, self.vae, self.text_encoder, self.pipe.tokenizer,
-                        self.system_prompt, self.acc, batch_size=cfg.batch_size)
+                        system_prompt=self.system_prompt, state=self.acc, batch_size=cfg.batch_size)
         return CachedExamples(cfg.cache_dir, spec, cfg.seed)
 
     def _model(self):
@@ -194,8 +198,8 @@ class _Run:
             enc = {k: batch[k].to(self.device) for k in ("features", "mask", "tokens", "residual")}
         else:
             enc = encode_examples(batch["pixel_values"].to(self.device), batch["caption"], self.vae, self.text_encoder,
-                                  self.pipe.tokenizer, self.patch_nums, self.transformer.config.context_tokens,
-                                  self.system_prompt)
+                                  self.pipe.tokenizer, patch_nums=self.patch_nums,
+                                  max_length=self.transformer.config.context_tokens, system_prompt=self.system_prompt)
         with torch.autocast(self.device.type, enabled=False):
             return loss_inputs(enc, self.vae.quantize, self.patch_nums)
 
@@ -241,8 +245,8 @@ class _Run:
         self._model()
         if cfg.resume:
             self.resume(manager)
-        sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, acc.num_processes, acc.process_index,
-                                        cfg.seed, start=self.consumed)
+        sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, world_size=acc.num_processes,
+                                        rank=acc.process_index, seed=cfg.seed, start=self.consumed)
         # everything that can refuse the run has run (on every process): from here on it writes into output_dir
         acc.wait_for_everyone()
         if acc.is_main_process:

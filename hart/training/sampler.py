@@ -28,7 +28,7 @@ def check_enough_samples(num_samples: int, batch_size: int, world_size: int = 1)
 class ResumableBatchSampler(torch.utils.data.Sampler):
     """An endless stream of this rank's micro-batches of `(epoch, index)` keys."""
 
-    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+    def __init__(self, num_samples: int, batch_size: int, *, world_size: int = 1, rank: int = 0, seed: int = 0,
                  start: int = 0):
         check_enough_samples(num_samples, batch_size, world_size)
         self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank

@@ -114,8 +114,8 @@ class _TokenizerRun:
             if i not in used_phi:
                 phi.requires_grad_(False)
         resolution = tokenizer.config.patch_nums[-1] * tokenizer.downsample_factor
-        self.dataset = ImageCaptionFolder(cfg.data_dir, resolution, cfg.crop, cfg.flip, cfg.seed, cfg.min_image_size,
-                                          require_captions=False)
+        self.dataset = ImageCaptionFolder(cfg.data_dir, resolution, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed,
+                                          min_size=cfg.min_image_size, require_captions=False)
         optimizer = torch.optim.AdamW([p for p in tokenizer.parameters() if p.requires_grad], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -222,8 +222,8 @@ class _TokenizerRun:
         manager = CheckpointManager(self.out / "checkpoints", cfg.keep_checkpoints, acc)
         if cfg.resume:
             self.resume(manager)
-        sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, acc.num_processes, acc.process_index,
-                                        cfg.seed, start=self.consumed)
+        sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, world_size=acc.num_processes,
+                                        rank=acc.process_index, seed=cfg.seed, start=self.consumed)
         batches = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers))
         # everything that can refuse the run has run (on every process): from here on it writes into output_dir
         acc.wait_for_everyone()
