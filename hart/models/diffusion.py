@@ -1,4 +1,4 @@
-"""Residual diffusion head: a small AdaLN MLP denoiser plus the IDDPM sampler and training loss (spec §4).
+"""Residual diffusion head: a small AdaLN MLP denoiser plus the IDDPM sampler and training loss.
 
 The head predicts, per last-scale token, the continuous residual the discrete code cannot express. Rows are
 tokens; `n` rows of latent width `C` are conditioned on `n` transformer states of width `D`.

@@ -1,4 +1,4 @@
-"""Multi-scale residual quantizer of the HART hybrid tokenizer (VAR-style, spec §1.6-1.7).
+"""Multi-scale residual quantizer of the HART hybrid tokenizer (VAR-style).
 
 A latent `f` (B, Cvae, P, P) is explained coarse to fine: at scale `si` the residual is area-pooled to
 `p_si`, snapped to the codebook, bicubic-upsampled back to `P`, refined by a shared conv `phi` and
@@ -34,7 +34,8 @@ def phi_ticks(num_phi: int) -> List[float]:
     """Tick points of the shared phi convs, computed in float64 the way NumPy's linspace does.
 
     The exact float64 arithmetic matters: at 10 scales, scales 2 and 7 fall exactly between two ticks
-    and rounding decides the index (spec §1.6); torch.linspace rounds differently.
+    and the last bit decides which phi conv they use (`phi_index`); torch.linspace rounds differently and
+    would pick other convs than the release.
     """
     K = num_phi
     denom = 3 * K if K == 4 else 2 * K

@@ -1,4 +1,4 @@
-"""HART hybrid tokenizer: convolutional autoencoder + multi-scale residual quantizer (spec §1).
+"""HART hybrid tokenizer: convolutional autoencoder + multi-scale residual quantizer.
 
 Submodule names follow the official checkpoint (`encoder.down.{l}.block.{b}.norm1`, `...attn.{b}.qkv`,
 `decoder.up.{l}.upsample.conv`, ...) so its weights load after only the quantizer renames.

@@ -54,6 +54,7 @@ def loss_inputs(batch: dict, quantizer, patch_nums: Sequence[int]):
     cond = TextConditioning(batch["features"].float(), mask_BT, mask_BT.long().cumsum(dim=1) - 1)
     gt_idx = split_scales(batch["tokens"], patch_nums)
     x_BLCv_wo_first_l = quantizer.teacher_forcing_input(gt_idx, patch_nums)
-    # the last scale's continuous target is its code's embedding plus the residual (spec 1.6.2)
+    # the last scale's continuous target is its code's embedding plus the residual: the f-hat the diffusion
+    # head completes at inference (docs/architecture.md, step 5)
     target_BLCv = batch["residual"].float() + quantizer.embedding(gt_idx[-1]).float()
     return cond, x_BLCv_wo_first_l, gt_idx, target_BLCv

@@ -1,4 +1,4 @@
-"""The HART training objective (spec 5): token cross-entropy over all scales plus the residual
+"""The HART training objective: token cross-entropy over all scales plus the residual
 diffusion loss on a random subset of last-scale tokens, with condition dropout for guidance.
 
 Every random choice (kept tokens, dropped conditions, the model's own code sample, diffusion
@@ -77,7 +77,7 @@ def hart_loss(
     """The loss of one batch.
 
     gt_idx: the tokenizer's per-scale indices `(B, p_k^2)`; `last_scale_target_BLCv`: the last
-    scale's continuous target (`r_cont`: last code plus residual, spec 1.6.2).
+    scale's continuous target (`r_cont`: last code plus residual, from `encoding.loss_inputs`).
     """
     B = cond.batch_size
     P2 = transformer.patch_nums[-1] ** 2

@@ -1,4 +1,4 @@
-"""Training the hybrid tokenizer, from scratch or from a checkpoint (spec 1.7).
+"""Training the hybrid tokenizer, from scratch or from a checkpoint.
 
 The loss is `recon_weight * MSE(reconstruction, image) + vq_loss` (the VQ term plus the commitment
 term, from the quantizer's training forward). Like the paper's alternating training, each batch
