@@ -32,6 +32,9 @@ import urllib.request
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+
+from hart import limits  # noqa: E402
 UNHANDLED_MARKERS = ("Traceback (most recent call last)", " ERROR ", "Exception in ASGI", "Task exception was never")
 
 
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
                 with lock:
                     counts["submitted"] += 1
                 try:
-                    job = c.submit("a red fox in the snow", "", rng.randrange(2**31 - 1), False, 4.5, 0, 1.0, True,
+                    job = c.submit("a red fox in the snow", "", rng.randrange(limits.MAX_SEED + 1), False,
+                                   limits.GUIDANCE_SCALE, 0, 1.0, True,
                                    rng.choice([1, 2]), api_name="/generate")
                     preview, gallery, seed, status = job.result(timeout=args.timeout)
                     assert gallery and str(status).startswith("Done"), (gallery, status)

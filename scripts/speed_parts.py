@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hart import limits  # noqa: E402
 from hart.device import auto_dtype, cpu_capabilities  # noqa: E402
 
 SHAPES_0_7B = {"qkv": (1536, 4608), "proj": (1536, 1536), "gate/up": (1536, 4096), "down": (4096, 1536)}
@@ -142,7 +143,7 @@ def int8_quality(args) -> None:
     pipe.set_progress_bar_config(disable=True)
     records = load_prompts()[: args.prompts]
     jobs = [(r, s) for r in records for s in range(args.seeds)]
-    guidance = 4.5
+    guidance = limits.GUIDANCE_SCALE
 
     def images(p):
         out = []

@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from hart import limits  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 PATCH_NUMS = [1, 2, 3, 4, 6, 8, 11, 16]
 
@@ -59,7 +61,7 @@ FULL = dict(
                      cond_drop_rate=0.1),
     ft_train=dict(max_steps=2500, batch_size=16, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05, ema_decay=0.995),
     # the CLI, app and pipeline default, so `hart generate` without options gives what was measured
-    eval_seeds=2, guidance_scale=4.5,
+    eval_seeds=2, guidance_scale=limits.GUIDANCE_SCALE,
 )
 QUICK = dict(
     FULL, train_images=64, tok_images=32, heldout_images=16, ft_images=32,

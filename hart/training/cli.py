@@ -10,6 +10,7 @@ their traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from typing import Callable, Optional, Sequence
 
@@ -34,6 +35,14 @@ def flag(group, name: str, **kwargs) -> None:
         kwargs["type"] = CHECKERS[dest]
     spellings = [name] + ([name.replace("_", "-")] if "_" in name else [])
     group.add_argument(*spellings, **kwargs)
+
+
+def config_defaults(parser: argparse.ArgumentParser, config_cls) -> argparse.ArgumentParser:
+    """Give every flag without a default of its own its config field's default (each written once, in
+    `hart.training.config`)."""
+    parser.set_defaults(**{f.name: f.default for f in dataclasses.fields(config_cls)
+                           if f.default is not dataclasses.MISSING and parser.get_default(f.name) is None})
+    return parser
 
 
 def run_program(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], make_config: Callable,
@@ -72,49 +81,49 @@ def finetune_parser() -> argparse.ArgumentParser:
     flag(g, "--text_encoder", help="text model folder (only with an official HART folder)")
     flag(g, "--data_dir", help="images with metadata.jsonl, metadata.csv or .txt captions")
     flag(g, "--output_dir", required=True, help="checkpoints/, logs/, validation/ and the exported pipeline/")
-    flag(g, "--crop", choices=("center", "random"), default="center")
+    flag(g, "--crop", choices=("center", "random"))
     flag(g, "--flip", action="store_true", help="random horizontal flips")
     flag(g, "--min_image_size", help="skip smaller images (default: the model's resolution)")
-    flag(g, "--num_workers", default=0, help="data loader worker processes")
+    flag(g, "--num_workers", help="data loader worker processes")
     flag(g, "--no_system_prompt", dest="use_system_prompt", action="store_false",
          help="encode captions without the release's prompt-enhancer system prompt")
     g = p.add_argument_group("cache")
     flag(g, "--cache_dir", help="pre-encoded data: built here from --data_dir if absent, then trained on")
-    flag(g, "--cache_dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    flag(g, "--cache_dtype", choices=("float32", "bfloat16", "float16"),
          help="storage type of the cached text features")
     flag(g, "--cache_only", action="store_true", help="build the cache and stop")
     g = p.add_argument_group("optimisation")
-    flag(g, "--max_steps", default=1000)
-    flag(g, "--batch_size", default=4, help="images per process and micro-batch")
-    flag(g, "--grad_accum", default=1, help="micro-batches per optimizer step")
-    flag(g, "--lr", default=1e-4)
-    flag(g, "--weight_decay", default=0.0)
-    flag(g, "--warmup_steps", default=0)
-    flag(g, "--min_lr_ratio", default=0.0, help="cosine decay floor, as a fraction of --lr")
-    flag(g, "--max_grad_norm", default=1.0, help="0 disables clipping")
+    flag(g, "--max_steps")
+    flag(g, "--batch_size", help="images per process and micro-batch")
+    flag(g, "--grad_accum", help="micro-batches per optimizer step")
+    flag(g, "--lr")
+    flag(g, "--weight_decay")
+    flag(g, "--warmup_steps")
+    flag(g, "--min_lr_ratio", help="cosine decay floor, as a fraction of --lr")
+    flag(g, "--max_grad_norm", help="0 disables clipping")
     flag(g, "--mixed_precision", choices=("no", "bf16"),
          help="bf16 autocast (default: what the accelerate config or launch flags say)")
     flag(g, "--gradient_checkpointing", action="store_true")
     flag(g, "--cond_drop_rate", help="text dropout for guidance (default: the model's)")
-    flag(g, "--ema_decay", default=0.9999, help="0 disables the EMA")
-    flag(g, "--seed", default=0)
+    flag(g, "--ema_decay", help="0 disables the EMA")
+    flag(g, "--seed")
     g = p.add_argument_group("LoRA")
-    flag(g, "--lora_rank", default=0, help="0: full fine-tuning")
+    flag(g, "--lora_rank", help="0: full fine-tuning")
     flag(g, "--lora_alpha", help="default: the rank")
     flag(g, "--lora_diffusion_head", action="store_true", help="adapters in the diffusion head too")
     g = p.add_argument_group("checkpoints and feedback")
-    flag(g, "--checkpoint_every", default=500)
-    flag(g, "--keep_checkpoints", default=2)
+    flag(g, "--checkpoint_every")
+    flag(g, "--keep_checkpoints")
     flag(g, "--resume", help="'latest' or a checkpoint folder")
     flag(g, "--overwrite", action="store_true",
          help="start over in an --output_dir holding an earlier run: it is moved to OUTPUT_DIR.old-N, not deleted")
     flag(g, "--validation_prompt", dest="validation_prompts", action="append", default=[],
          help="a prompt for the validation grid (repeat the flag for several)")
-    flag(g, "--validation_every", default=0, help="steps between validation grids (0: at the end)")
-    flag(g, "--validation_guidance", default=4.5)
+    flag(g, "--validation_every", help="steps between validation grids (0: at the end)")
+    flag(g, "--validation_guidance")
     flag(g, "--tensorboard", action="store_true", help="also log to TensorBoard (needs `tensorboard`)")
-    flag(g, "--export_weights", choices=("ema", "raw"), default="ema")
-    return p
+    flag(g, "--export_weights", choices=("ema", "raw"))
+    return config_defaults(p, FinetuneConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
@@ -151,41 +160,41 @@ def tokenizer_parser() -> argparse.ArgumentParser:
     flag(start, "--model_config", help="JSON file of HybridTokenizer arguments (train from scratch)")
     flag(g, "--data_dir", required=True, help="a folder of images (captions are not needed)")
     flag(g, "--output_dir", required=True, help="checkpoints/, logs/ and the trained tokenizer/")
-    flag(g, "--trainable", choices=("all", "decoder"), default="all",
+    flag(g, "--trainable", choices=("all", "decoder"),
          help="'decoder': keep encoder, codebook and quant_conv frozen (the paper's hybrid stage)")
-    flag(g, "--crop", choices=("center", "random"), default="center")
+    flag(g, "--crop", choices=("center", "random"))
     flag(g, "--flip", action="store_true")
     flag(g, "--min_image_size", help="skip smaller images (default: the tokenizer's resolution)")
-    flag(g, "--num_workers", default=0)
+    flag(g, "--num_workers")
     g = p.add_argument_group("optimisation")
-    flag(g, "--max_steps", default=1000)
-    flag(g, "--batch_size", default=8, help="images per process and micro-batch")
-    flag(g, "--grad_accum", default=1)
-    flag(g, "--lr", default=1e-4)
-    flag(g, "--weight_decay", default=0.0)
-    flag(g, "--warmup_steps", default=0)
-    flag(g, "--min_lr_ratio", default=0.0)
-    flag(g, "--max_grad_norm", default=1.0, help="0 disables clipping")
+    flag(g, "--max_steps")
+    flag(g, "--batch_size", help="images per process and micro-batch")
+    flag(g, "--grad_accum")
+    flag(g, "--lr")
+    flag(g, "--weight_decay")
+    flag(g, "--warmup_steps")
+    flag(g, "--min_lr_ratio")
+    flag(g, "--max_grad_norm", help="0 disables clipping")
     flag(g, "--mixed_precision", choices=("no", "bf16"),
          help="bf16 autocast (default: what the accelerate config or launch flags say)")
-    flag(g, "--seed", default=0)
+    flag(g, "--seed")
     g = p.add_argument_group("loss")
-    flag(g, "--recon_weight", default=1.0)
-    flag(g, "--skip_continuous_prob", default=0.5,
+    flag(g, "--recon_weight")
+    flag(g, "--skip_continuous_prob",
          help="probability of training a batch on the discrete latent alone")
-    flag(g, "--restart_dead_codes_every", default=0,
+    flag(g, "--restart_dead_codes_every",
          help="every N steps, move codes unused in those steps onto live residuals (0: off)")
-    flag(g, "--restart_until_step", default=None, help="last step with restarts (default: 80%% of max_steps)")
-    flag(g, "--disc_weight", default=0.0, help="PatchGAN generator loss weight (0: no GAN)")
-    flag(g, "--disc_start_step", default=0, help="steps before the discriminator joins")
+    flag(g, "--restart_until_step", help="last step with restarts (default: 80%% of max_steps)")
+    flag(g, "--disc_weight", help="PatchGAN generator loss weight (0: no GAN)")
+    flag(g, "--disc_start_step", help="steps before the discriminator joins")
     g = p.add_argument_group("checkpoints and feedback")
-    flag(g, "--checkpoint_every", default=500)
-    flag(g, "--keep_checkpoints", default=2)
+    flag(g, "--checkpoint_every")
+    flag(g, "--keep_checkpoints")
     flag(g, "--resume", help="'latest' or a checkpoint folder")
     flag(g, "--overwrite", action="store_true",
          help="start over in an --output_dir holding an earlier run: it is moved to OUTPUT_DIR.old-N, not deleted")
     flag(g, "--tensorboard", action="store_true")
-    return p
+    return config_defaults(p, TokenizerTrainConfig)
 
 
 def tokenizer_config(args: argparse.Namespace) -> TokenizerTrainConfig:

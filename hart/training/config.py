@@ -1,4 +1,5 @@
-"""Settings of the two training programs (every field is also a command-line flag of its script).
+"""Settings of the two training programs (every field is also a command-line flag of its script, whose
+default is the field's: `hart.training.cli` reads it from here).
 
 Both check their values when created (`hart.training.checks`): a bad value raises `SettingError`
 naming the flag, the same message the command line prints.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
+from hart.limits import GUIDANCE_SCALE
 from hart.training.checks import FINETUNE_RULES, TOKENIZER_RULES, check_settings, require
 
 _RESUME_OR_OVERWRITE = "--overwrite starts a new run and --resume continues one: give only one of them"
@@ -48,7 +50,7 @@ class FinetuneConfig:
     resume: Optional[str] = None  # "latest" or a checkpoint folder
     validation_prompts: Tuple[str, ...] = ()
     validation_every: int = 0  # 0: only at the end
-    validation_guidance: float = 4.5
+    validation_guidance: float = GUIDANCE_SCALE
     tensorboard: bool = False
     export_weights: str = "ema"  # "ema" or "raw"
     overwrite: bool = False  # move an earlier run in output_dir aside (to OUTPUT_DIR.old-N) instead of refusing
