@@ -310,6 +310,16 @@ def test_entry_point_flags_cover_the_config():
     assert set(vars(targs)) == {f.name for f in dataclasses.fields(TokenizerTrainConfig)}
 
 
+
+def test_flags_left_out_take_the_config_defaults():
+    from hart.training.cli import config_from_args, finetune_parser, tokenizer_parser
+    from hart.training.config import TokenizerTrainConfig
+
+    args = finetune_parser().parse_args(["--pretrained", "p", "--output_dir", "o", "--data_dir", "d"])
+    assert config_from_args(args) == FinetuneConfig(pretrained="p", output_dir="o", data_dir="d")
+    targs = tokenizer_parser().parse_args(["--model_config", "c.json", "--data_dir", "d", "--output_dir", "o"])
+    assert TokenizerTrainConfig(**vars(targs)) == TokenizerTrainConfig(data_dir="d", output_dir="o", model_config="c.json")
+
 def test_command_line_reports_bad_data_without_a_traceback(base, tmp_path, caplog):
     from scripts.finetune import main
 

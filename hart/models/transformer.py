@@ -261,10 +261,8 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         self.head_nm = AdaLNHead(C, norm_eps)
         self.head = nn.Linear(C, vocab_size)
         self.decoder_norm = RMSNorm(C, norm_eps)
-        self.diffusion_head = DiffusionHead(
-            latent_channels, C, width=diff_width, depth=diff_depth, num_sampling_steps=num_sampling_steps,
-            batch_mul=diffusion_batch_mul,
-        )
+        self.diffusion_head = DiffusionHead(latent_channels, C, width=diff_width, depth=diff_depth,
+                                            num_sampling_steps=num_sampling_steps, batch_mul=diffusion_batch_mul)
         self.rope = Rope(C // num_heads, rope_base)
         self.gradient_checkpointing = False
 
