@@ -84,7 +84,10 @@ class DiffusionMLP(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def forward(self, x_NC: torch.Tensor, t_N: torch.Tensor, cond_ND: torch.Tensor) -> torch.Tensor:
-        y_NW = self.time_embed(t_N) + self.cond_embed(cond_ND)
+        return self.denoise(x_NC, self.time_embed(t_N) + self.cond_embed(cond_ND))
+
+    def denoise(self, x_NC: torch.Tensor, y_NW: torch.Tensor) -> torch.Tensor:
+        """The network given its conditioning `y` = time embedding + condition embedding (broadcast)."""
         x_NW = self.input_proj(x_NC)
         for block in self.res_blocks:
             x_NW = block(x_NW, y_NW)
@@ -200,18 +203,22 @@ class DiffusionHead(nn.Module):
         l, device, dtype = n // num_images, cond_nD.device, cond_nD.dtype
         guided = uncond_nD is not None
         net_cond = torch.cat([cond_nD, uncond_nD]) if guided else cond_nD
+        # The condition is the same at every step: embed it once per call. (The timestep is the same
+        # for every row too, but a one-row embedding takes the GEMV path, whose rounding depends on the
+        # weights' alignment: a saved and reloaded pipeline would no longer give the same image.)
+        cond_emb_NW = self.net.cond_embed(net_cond)
         x_nC = rng.randn((num_images, l, C), generator, device, dtype).flatten(0, 1)
         for k in reversed(range(len(sched.timesteps))):
             k_n = torch.full((n,), k, dtype=torch.long)
-            t_n = torch.full((n,), int(sched.timesteps[k]), dtype=torch.long, device=device)
+            t_N = torch.full((net_cond.shape[0],), int(sched.timesteps[k]), dtype=torch.long, device=device)
+            y_NW = self.net.time_embed(t_N) + cond_emb_NW
             if guided:
                 # Both halves see the conditional x: the unconditional half only supplies eps_u.
-                out = self.net(x_nC.repeat(2, 1), t_n.repeat(2), net_cond)
-                eps_nC, v_nC = guide(out, guidance_scale)
+                eps_nC, v_nC = guide(self.net.denoise(x_nC.repeat(2, 1), y_NW), guidance_scale)
                 # The reference draws noise for all 2n rows; drawing the same keeps one generator's stream in step.
                 noise_nC = rng.randn((2, num_images, l, C), generator, device, dtype, batch_dim=1)[0].flatten(0, 1)
             else:
-                eps_nC, v_nC = self.net(x_nC, t_n, net_cond).chunk(2, dim=1)
+                eps_nC, v_nC = self.net.denoise(x_nC, y_NW).chunk(2, dim=1)
                 noise_nC = rng.randn((num_images, l, C), generator, device, dtype).flatten(0, 1)
             mean_nC, log_var_nC = sched.p_mean_log_variance(x_nC, k_n, eps_nC, v_nC, clip_x0=True)
             # The last step's noise is drawn but unused, again to keep the random stream aligned.

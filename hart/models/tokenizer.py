@@ -20,6 +20,13 @@ def _norm(C: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, C, eps=1e-6)
 
 
+def _norm_silu(norm: nn.GroupNorm, x_BChw: torch.Tensor) -> torch.Tensor:
+    h_BChw = norm(x_BChw)
+    # In place when nothing records gradients: at 1024 px a fresh activation costs more to allocate and
+    # fault in than the SiLU itself (0.39 s vs 0.14 s for 160 x 1024^2 bf16 on two EPYC cores).
+    return F.silu(h_BChw, inplace=not h_BChw.requires_grad)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, C_in: int, C_out: int, dropout: float, groups: int):
         super().__init__()
@@ -29,9 +36,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(C_in, C_out, 1) if C_in != C_out else nn.Identity()
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        h_BChw = self.conv1(F.silu(self.norm1(x_BChw)))
-        h_BChw = self.conv2(self.dropout(F.silu(self.norm2(h_BChw))))
-        return self.nin_shortcut(x_BChw) + h_BChw
+        h_BChw = self.conv1(_norm_silu(self.norm1, x_BChw))
+        h_BChw = self.conv2(self.dropout(_norm_silu(self.norm2, h_BChw)))
+        return h_BChw.add_(self.nin_shortcut(x_BChw))  # in place: the conv output is ours (see _norm_silu)
 
 
 class AttnBlock(nn.Module):
@@ -121,7 +128,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h_BChw = level.downsample(h_BChw)
         h_BChw = _run_mid(self.mid, h_BChw)
-        return self.conv_out(F.silu(self.norm_out(h_BChw)))
+        return self.conv_out(_norm_silu(self.norm_out, h_BChw))
 
 
 class Decoder(nn.Module):
@@ -150,7 +157,7 @@ class Decoder(nn.Module):
             h_BChw = _run_level(level, h_BChw)
             if hasattr(level, "upsample"):
                 h_BChw = level.upsample(h_BChw)
-        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h_BChw))), self.patch_size)
+        return F.pixel_shuffle(self.conv_out(_norm_silu(self.norm_out, h_BChw)), self.patch_size)
 
 
 class HybridTokenizer(ModelMixin, ConfigMixin):
@@ -209,6 +216,12 @@ class HybridTokenizer(ModelMixin, ConfigMixin):
     def decode_latent(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
         # Channels-last activations let the convolution libraries pick their NHWC kernels: decoding a
         # 256 px image on two CPU cores is 12-23% faster, with the same values up to float rounding.
+        # The weights follow once (loading hands them over in NCHW): NCHW weights are
+        # reordered at every call, 9% of a 256 px bf16 decode on two cores. Same images up to float rounding.
+        if not self.post_quant_conv.weight.is_contiguous(memory_format=torch.channels_last):
+            with torch.inference_mode(False):  # weights made under inference mode could not be trained later
+                self.decoder.to(memory_format=torch.channels_last)
+                self.post_quant_conv.to(memory_format=torch.channels_last)
         f_hat_BChw = f_hat_BChw.contiguous(memory_format=torch.channels_last)
         return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1).contiguous()
 

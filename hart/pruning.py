@@ -1,0 +1,115 @@
+"""Training-free cached token pruning at the largest scales (after FastVAR, Guo et al., ICCV 2025).
+
+Most of a 1024 px image's transformer time goes to its two largest scales (48 and 64: 6400 of the
+9451 image tokens), where most tokens only refine what the coarser scales already settled. At those
+scales only the *pivotal* tokens are forwarded through the blocks' attention and SwiGLU branches; the
+branch outputs of the other tokens are restored from the same block's branch outputs at the scale
+before, upsampled. The residual stream stays full size, so the logits head, the residual diffusion and
+the next scale see every token.
+
+How the per-scale transformer step uses these functions (scale `si`, side `p`, CFG rows `2B`):
+
+- Which scales: `pruned_scales(patch_nums, keep)`, the two largest (48 and 64 at 1024 px, 27 and 32
+  at 512 px, 12 and 16 at 256 px, 11 and 16 for the bundled model); none when `keep` is 1. The one
+  knob is `keep`, the fraction of tokens forwarded at each of those scales: off (1.0) by default,
+  `DEFAULT_KEEP` (0.5) when pruning is asked for without a value. Pruning the last scale needs
+  `num_maskgit_iters == 1` (MaskGIT already forwards a subset there).
+- At the scale before the first pruned one, the step keeps every block's two branch outputs
+  (attention and SwiGLU, before the gates), `(2B, p_prev^2, C)` each: the cache.
+- At a pruned scale, once per scale: `idx_2Bk = pivotal_indices(input_BCpp, prev_input_BCqq, keep)
+  .repeat(2, 1)` on the latent inputs of this scale and the one before (both CFG halves read the
+  same input, so they share the choice); the RoPE angles of the kept tokens come from
+  `stage_rope(si, offset, index_Bl=idx_2Bk)`, as for MaskGIT. Then in every block:
+      h = modulated_norm(x_2BlC)                                    # full size: element-wise
+      a_2BkC = attn(gather_tokens(h, idx_2Bk), rope_kept, kv_cache) # only pivotal keys enter the cache
+      a_2BlC = restore_tokens(a_2BkC, idx_2Bk, attn_cache[block], p)
+      x_2BlC = x_2BlC + gamma1 * a_2BlC                             # and the same for the SwiGLU branch
+      attn_cache[block] = a_2BlC                                    # the next pruned scale restores from it
+- Everything after the blocks (logits, sampling, diffusion, next-scale input) is unchanged.
+
+Where this differs from FastVAR's code, and why: FastVAR scores tokens in every block by their
+distance from the token map's mean and always restores from the last unpruned scale (36). Here the
+score is the distance of the scale's latent input from the previous scale's input upsampled, i.e.
+exactly where the restored outputs (the previous scale's, upsampled) are least likely to be right;
+one choice per scale also keeps one gather of the RoPE angles and one set of cached keys per scale.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_KEEP = 0.5  # fraction of tokens forwarded at each pruned scale when pruning is on
+NUM_PRUNED_SCALES = 2
+
+
+def check_keep(keep: float) -> float:
+    if not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise ValueError(f"the kept fraction of tokens must be in (0, 1], got {keep!r}")
+    return float(keep)
+
+
+def pruned_scales(patch_nums: Sequence[int], keep: float) -> Tuple[int, ...]:
+    """Indices of the scales whose tokens are pruned: the two largest, never scales 0 and 1.
+
+    Scale 0 is the text prefix and scale 1 the first image scale: a pruned scale needs an image
+    scale before it to restore from.
+    """
+    if check_keep(keep) == 1.0:
+        return ()
+    first = max(2, len(patch_nums) - NUM_PRUNED_SCALES)
+    return tuple(range(first, len(patch_nums)))
+
+
+def num_kept(side: int, keep: float) -> int:
+    """Tokens forwarded at a `side` x `side` scale: the fraction rounded, at least one."""
+    return max(1, min(side * side, round(check_keep(keep) * side * side)))
+
+
+def upsample_tokens(y_BqC: torch.Tensor, side: int) -> torch.Tensor:
+    """A row-major `q x q` token map `(B, q^2, C)` resized to `side x side` (area, as FastVAR)."""
+    B, n, C = y_BqC.shape
+    q = round(n**0.5)
+    if q * q != n:
+        raise ValueError(f"{n} tokens are not a square token map")
+    y_BCqq = y_BqC.transpose(1, 2).reshape(B, C, q, q)
+    return F.interpolate(y_BCqq, size=(side, side), mode="area").flatten(2).transpose(1, 2)
+
+
+def pivotal_indices(input_BCpp: torch.Tensor, prev_input_BCqq: torch.Tensor, keep: float) -> torch.Tensor:
+    """Row-major indices `(B, k)`, ascending, of the tokens to forward at this scale.
+
+    The pivotal tokens are those whose latent input differs most (squared L2 over channels) from
+    the previous scale's input upsampled to this side: where the scale brings new detail.
+    """
+    if input_BCpp.dim() != 4 or prev_input_BCqq.dim() != 4 or input_BCpp.shape[:2] != prev_input_BCqq.shape[:2]:
+        raise ValueError(
+            f"inputs must be (B, C, p, p) and (B, C, q, q) with the same B and C, got "
+            f"{tuple(input_BCpp.shape)} and {tuple(prev_input_BCqq.shape)}"
+        )
+    p = input_BCpp.shape[-1]
+    if prev_input_BCqq.shape[-1] >= p:
+        raise ValueError(f"the previous scale ({prev_input_BCqq.shape[-1]}) must be smaller than this one ({p})")
+    up_BCpp = F.interpolate(prev_input_BCqq.float(), size=(p, p), mode="area")
+    score_Bl = (input_BCpp.float() - up_BCpp).pow(2).sum(1).flatten(1)
+    # topk's order among equal scores is unspecified; a stable descending sort makes the choice deterministic
+    order_Bl = score_Bl.argsort(dim=1, descending=True, stable=True)
+    return order_Bl[:, : num_kept(p, keep)].sort(dim=1).values
+
+
+def gather_tokens(x_BlC: torch.Tensor, idx_Bk: torch.Tensor) -> torch.Tensor:
+    """The pivotal tokens `(B, k, C)` of a full token map `(B, l, C)`."""
+    return x_BlC.gather(1, idx_Bk.unsqueeze(-1).expand(-1, -1, x_BlC.shape[-1]))
+
+
+def restore_tokens(forwarded_BkC: torch.Tensor, idx_Bk: torch.Tensor, cached_BqC: torch.Tensor, side: int) -> torch.Tensor:
+    """The full `(B, side^2, C)` branch output: the previous scale's cached output upsampled, with the
+    forwarded tokens written over it at `idx_Bk`."""
+    if forwarded_BkC.shape[:2] != idx_Bk.shape or cached_BqC.shape[0] != idx_Bk.shape[0]:
+        raise ValueError(
+            f"forwarded {tuple(forwarded_BkC.shape)}, indices {tuple(idx_Bk.shape)} and cache "
+            f"{tuple(cached_BqC.shape)} disagree on batch or token count"
+        )
+    full_BlC = upsample_tokens(cached_BqC.to(forwarded_BkC.dtype), side)
+    return full_BlC.scatter(1, idx_Bk.unsqueeze(-1).expand(-1, -1, full_BlC.shape[-1]), forwarded_BkC)
