@@ -35,7 +35,7 @@ one choice per scale also keeps one gather of the RoPE angles and one set of cac
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -113,3 +113,33 @@ def restore_tokens(forwarded_BkC: torch.Tensor, idx_Bk: torch.Tensor, cached_BqC
         )
     full_BlC = upsample_tokens(cached_BqC.to(forwarded_BkC.dtype), side)
     return full_BlC.scatter(1, idx_Bk.unsqueeze(-1).expand(-1, -1, full_BlC.shape[-1]), forwarded_BkC)
+
+
+class BranchCache:
+    """The blocks' branch outputs at the previous scale, and the pivotal tokens of the current one.
+
+    Created by `HARTTransformer.prepare_inference` when pruning is on; each block's attention and
+    SwiGLU branch go through `run`. At a recording scale (`idx_Bk` None) a branch runs on every token;
+    at a pruned scale on the pivotal ones, the others restored from the recorded outputs. Either way
+    the full output is recorded for the next scale.
+    """
+
+    def __init__(self, record_from: int):
+        self.record_from = record_from  # the scale before the first pruned one
+        self.idx_Bk: Optional[torch.Tensor] = None
+        self.side = 0
+        self.outputs: Dict[Tuple[int, str], torch.Tensor] = {}
+
+    def start_scale(self, side: int, idx_Bk: Optional[torch.Tensor]) -> None:
+        if idx_Bk is not None and not self.outputs:
+            raise ValueError("a pruned scale needs the branch outputs of the scale before it: none were recorded")
+        self.side, self.idx_Bk = side, idx_Bk
+
+    def run(self, key: Tuple[int, str], h_BlC: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self.idx_Bk is None:
+            out_BlC = branch(h_BlC)
+        else:
+            out_BkC = branch(gather_tokens(h_BlC, self.idx_Bk))
+            out_BlC = restore_tokens(out_BkC, self.idx_Bk, self.outputs[key], self.side)
+        self.outputs[key] = out_BlC
+        return out_BlC

@@ -1,0 +1,69 @@
+"""The scale loop's speed options: exact text-key compaction and cached token pruning."""
+import pytest
+import torch
+
+from hart.loading import load_official_tokenizer, load_official_transformer
+from hart.pruning import num_kept, pruned_scales
+from hart.sampling import SamplingOptions, sample_scales
+from hart.text import TextConditioning
+from tests.utils import assert_close
+
+
+@pytest.fixture(scope="module")
+def models(fixtures):
+    return load_official_transformer(fixtures / "ckpt" / "llm"), load_official_tokenizer(fixtures / "ckpt" / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def cond(recorded):
+    inputs = recorded("generation/inputs")
+    return TextConditioning(inputs["label_B"][:2], inputs["context_mask"][:2], inputs["context_position_ids"][:2])
+
+
+def _sample(models, cond, seed=0, **options):
+    transformer, vae = models
+    return sample_scales(transformer, vae.quantize, cond, guidance_scale=4.5,
+                         generator=torch.Generator().manual_seed(seed), **options)
+
+
+def test_compacted_text_gives_the_same_latent(models, cond):
+    assert cond.mask_BT.sum(1).max() < cond.mask_BT.shape[1]  # the fixture prompts are padded
+    full = _sample(models, cond, compact_text=False)
+    compact = _sample(models, cond, compact_text=True)
+    assert_close(compact, full, 1e-4, "f_hat")
+
+
+def test_pruning_that_keeps_every_token_changes_nothing(models, cond):
+    """With every token pivotal the pruned scales run through gather, restore and the branch cache,
+    and must give the unpruned latent: the bookkeeping (indices, RoPE, KV cache) is right."""
+    transformer, _ = models
+    keep = 0.999
+    assert pruned_scales(transformer.patch_nums, keep)
+    assert all(num_kept(p, keep) == p * p for p in transformer.patch_nums)
+    assert_close(_sample(models, cond, prune=keep), _sample(models, cond), 1e-4, "f_hat")
+
+
+def test_pruning_forwards_only_the_kept_tokens(models, cond, monkeypatch):
+    transformer, _ = models
+    pn, keep = transformer.patch_nums, 0.5
+    pruned = pruned_scales(pn, keep)
+    seen = []
+    original = transformer.blocks[0].attn.forward
+    monkeypatch.setattr(transformer.blocks[0].attn, "forward",
+                        lambda x, *a, **k: seen.append(x.shape[1]) or original(x, *a, **k))
+    latent = _sample(models, cond, prune=keep)
+    assert seen[0] < cond.mask_BT.shape[1]  # text compaction is on by default: fewer text positions
+    assert seen[1:] == [num_kept(p, keep) if si in pruned else p * p for si, p in enumerate(pn) if si > 0]
+    unpruned = _sample(models, cond)
+    assert latent.shape == unpruned.shape and torch.isfinite(latent).all()
+    assert not torch.equal(latent, unpruned)  # half the tokens at the largest scales: a different image
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(prune=0.0), "prune"), (dict(prune=1.5), "prune"), (dict(prune=True), "prune"),
+    (dict(prune="0.5"), "prune"), (dict(prune=0.5, num_maskgit_iters=4), "num_maskgit_iters"),
+    (dict(compact_text=1), "compact_text"),
+])
+def test_bad_speed_options_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingOptions(**settings)
