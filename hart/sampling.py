@@ -37,6 +37,7 @@ class SamplingOptions:
     prune: the fraction of tokens the blocks' branches forward at the two largest scales, the others
         restored from the scale before (hart/pruning.py); 1.0 (the default) is off, and
         `hart.pruning.DEFAULT_KEEP` (0.5) the value the CLI's bare `--prune` gives. Changes images.
+        With `num_maskgit_iters` > 1 the last scale is not pruned (MaskGIT forwards subsets there).
     compact_text: attend to each row's distinct text positions plus one weighted key for its padding
         (hart/text_keys.py) instead of all 300 positions: the same images up to float rounding.
     """
@@ -60,9 +61,6 @@ class SamplingOptions:
             check_keep(self.prune)
         except ValueError as e:
             raise ValueError(f"`prune`: {e}.") from None
-        if self.prune < 1 and n > 1:
-            raise ValueError("`prune` below 1 prunes the last scale, which needs `num_maskgit_iters` 1 "
-                             f"(MaskGIT already forwards a subset there), got {n}.")
         if not isinstance(self.compact_text, bool):
             raise ValueError(f"`compact_text` must be True or False, got {self.compact_text!r}.")
 
@@ -212,7 +210,7 @@ def sample_scales(
     key_bias_NT = None
     if options.compact_text:
         cond, uncond, key_bias_NT = compact_text(cond, uncond)
-    pruned = pruned_scales(pn, options.prune)
+    pruned = [si for si in pruned_scales(pn, options.prune) if si < S - 1 or options.num_maskgit_iters == 1]
     state = transformer.prepare_inference(
         TextConditioning(*(torch.cat(pair) for pair in zip(cond, uncond))),
         text_key_bias_NT=key_bias_NT, record_from=pruned[0] - 1 if pruned else None,

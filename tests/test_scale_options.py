@@ -61,9 +61,20 @@ def test_pruning_forwards_only_the_kept_tokens(models, cond, monkeypatch):
 
 @pytest.mark.parametrize("settings, message", [
     (dict(prune=0.0), "prune"), (dict(prune=1.5), "prune"), (dict(prune=True), "prune"),
-    (dict(prune="0.5"), "prune"), (dict(prune=0.5, num_maskgit_iters=4), "num_maskgit_iters"),
+    (dict(prune="0.5"), "prune"),
     (dict(compact_text=1), "compact_text"),
 ])
 def test_bad_speed_options_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         SamplingOptions(**settings)
+
+
+def test_pruning_under_maskgit_leaves_the_last_scale_whole(models, cond, monkeypatch):
+    transformer, _ = models
+    pn, keep = transformer.patch_nums, 0.5
+    seen = []
+    original = transformer.blocks[0].ffn.forward
+    monkeypatch.setattr(transformer.blocks[0].ffn, "forward", lambda x: seen.append(x.shape[1]) or original(x))
+    _sample(models, cond, prune=keep, num_maskgit_iters=2)
+    assert seen[len(pn) - 2] == num_kept(pn[-2], keep)  # the second largest scale is pruned
+    assert sum(seen[len(pn) - 1:]) == pn[-1] ** 2  # the last scale's MaskGIT steps forward every token once

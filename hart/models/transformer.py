@@ -332,7 +332,9 @@ class HARTTransformer(ModelMixin, ConfigMixin):
             raise ValueError(f"{B} token rows for {rows} text rows: give one per image or one per text row")
         x_BlC = self.word_embed(tokens_BlCv.to(self.word_embed.weight.dtype)) + self.lvl_embed.weight[si]
         x_BlC = x_BlC.repeat(rows // B, 1, 1)
-        branches = state.branches if state.branches is not None and si >= state.branches.record_from else None
+        # branch outputs are recorded (and restored) over whole token maps only: not at MaskGIT steps
+        whole = index_Bl is None and state.branches is not None and si >= state.branches.record_from
+        branches = state.branches if whole else None
         if pivotal_Bk is not None:
             if branches is None or index_Bl is not None:
                 raise ValueError("pivotal tokens need pruning set up in prepare_inference and the whole token map")
