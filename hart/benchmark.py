@@ -16,7 +16,7 @@ busy moment of a shared machine would inflate every fraction). Result (benchmark
     rss_increase_mib (during this batch size's calls), cuda_max_allocated_mib (null off CUDA),
     achieved_flops_per_s and fraction_of_matmul_peak: {transformer, end_to_end}}]
 
-`--compare` times three runs of one pipeline, in this order (docs/benchmark.md): `plain` (no option),
+`--compare` times three runs of one pipeline, their calls interleaved (docs/benchmark.md): `plain` (no option),
 `exact` (every option that changes results only by float rounding: text-key compaction, and compile
 when asked for) and `fast` (exact, plus pruning at `hart.pruning.DEFAULT_KEEP` and, where the dtype is
 fp32 because the CPU has no native bf16, int8 block projections). Without it, one run ("single") with
@@ -41,8 +41,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hart.device import auto_dtype
-from hart.pruning import DEFAULT_KEEP, num_kept, pruned_scales
+from hart.benchmark_runs import run_options, transformer_for
+from hart.pruning import num_kept, pruned_scales
 
 PROMPTS = ("a red fox in the snow", "a lighthouse on a cliff at sunset, oil painting",
            "a bowl of ramen, studio photo", "an astronaut riding a horse on the moon")
@@ -294,54 +294,43 @@ def _count_flops(pipe, text_fn, device) -> Dict[str, object]:
     return flops
 
 
-def _time_batch(clock: StageClock, batch: int, warmup: int, iters: int, flops: dict) -> dict:
-    """Median figures of `iters` calls at one batch size, after `warmup` calls (fractions of the peak: later)."""
+def _summary(timings: List[dict], batch: int, flops: dict) -> dict:
+    """Median figures of one run's timed calls (fractions of the peak: later)."""
+    med = {k: statistics.median(t[k] for t in timings) for k in timings[0] if k != "transformer_scales"}
+    med["transformer_scales"] = [statistics.median(s) for s in zip(*(t["transformer_scales"] for t in timings))]
+    latency = med.pop("total")
+    return dict(batch_size=batch, latency_s=latency, latency_s_all=[t["total"] for t in timings],
+                images_per_s=batch / latency, stages_s=med,
+                flops_per_image=dict(transformer=flops["transformer"], total=flops["total"]),
+                achieved_flops_per_s=dict(transformer=batch * flops["transformer"] / med["transformer"],
+                                          end_to_end=batch * flops["total"] / latency))
+
+
+def _time_batch(clock: StageClock, runs: List[tuple], batch: int, warmup: int, iters: int) -> List[dict]:
+    """Figures of each run `(options, transformer, flops)` at one batch size: `warmup` calls of each, then
+    `iters` rounds of one call per run, interleaved so that a busy moment of a shared machine hits every
+    run alike. Memory figures cover the batch size's calls of all runs together."""
     device, prompts = clock.device, [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     rss_before = _rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with clock.attached():
+
+    def call(options, transformer):
+        clock.pipe.transformer = transformer
+        clock.call_options = dict(compact_text=options["compact_text"], prune=options["prune"])
+        with clock.attached():
+            return clock.run(prompts)
+
+    for options, transformer, _ in runs:
         for _ in range(warmup):
-            clock.run(prompts)
-        timings = [clock.run(prompts) for _ in range(iters)]
-    med = {k: statistics.median(t[k] for t in timings) for k in timings[0] if k != "transformer_scales"}
-    med["transformer_scales"] = [statistics.median(s) for s in zip(*(t["transformer_scales"] for t in timings))]
-    latency = med.pop("total")
-    achieved = dict(transformer=batch * flops["transformer"] / med["transformer"],
-                    end_to_end=batch * flops["total"] / latency)
-    return dict(
-        batch_size=batch, latency_s=latency, latency_s_all=[t["total"] for t in timings],
-        images_per_s=batch / latency, stages_s=med,
-        peak_rss_mib=_rss_mib(), rss_increase_mib=_rss_mib() - rss_before,
-        cuda_max_allocated_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        achieved_flops_per_s=achieved)
-
-
-def run_options(compare: bool, dtype: str, device: torch.device, compile_model: bool, int8: bool, prune: float,
-                compact_text: bool) -> List[tuple]:
-    """(name, options) of the runs: plain, exact and fast with `compare`, else the options given."""
-    options = dict(compact_text=compact_text, prune=prune, int8=int8, compile=compile_model)
-    plain = dict(compact_text=False, prune=1.0, int8=False, compile=False)
-    if not compare:
-        return [("single", options)]
-    exact = dict(plain, compact_text=True, compile=compile_model)
-    # int8 pays where bf16 does not: CPUs whose auto dtype is fp32 (hart.device), or when asked for
-    int8_fast = int8 or (device.type == "cpu" and dtype == "fp32" and auto_dtype(device).name == "fp32")
-    return [("plain", plain), ("exact", exact), ("fast", dict(exact, prune=DEFAULT_KEEP, int8=int8_fast))]
-
-
-def _apply_model_options(pipe, options: dict, applied: set) -> None:
-    """Compile and int8 change the model in place, once: the runs come in order plain, exact, fast."""
-    if options["int8"] and "int8" not in applied:
-        try:
-            pipe.quantize_int8()
-        except ImportError as e:
-            raise BenchmarkError(f"--int8: {e}") from None
-        applied.add("int8")
-    if options["compile"] and "compile" not in applied:
-        for module in (*pipe.transformer.blocks, pipe.transformer.diffusion_head.net):
-            module.compile(dynamic=True)
-        applied.add("compile")
+            call(options, transformer)
+    timings = [[] for _ in runs]
+    for _ in range(iters):
+        for timed, (options, transformer, _) in zip(timings, runs):
+            timed.append(call(options, transformer))
+    memory = dict(peak_rss_mib=_rss_mib(), rss_increase_mib=_rss_mib() - rss_before, cuda_max_allocated_mib=(
+        torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None))
+    return [dict(_summary(timed, batch, flops), **memory) for timed, (_, _, flops) in zip(timings, runs)]
 
 
 def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_sizes: Sequence[int] = (1,),
@@ -367,20 +356,22 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
             return random_text_conditioning(len(prompts), tcfg["context_tokens"], tcfg["context_dim"], dev)
 
     flops, peak = _count_flops(pipe, text_fn, dev), matmul_peak(DTYPES[dtype], dev)
-    clock, runs, applied = StageClock(pipe, dev, text_fn), [], set()
-    for name, options in run_options(compare, dtype, dev, compile_model, int8, prune, compact_text):
-        _apply_model_options(pipe, options, applied)
-        clock.call_options = dict(compact_text=options["compact_text"], prune=options["prune"])
+    named, made, plan = run_options(compare, dtype, dev, compile_model, int8, prune, compact_text), {}, []
+    for name, options in named:
         text_tokens = flops["compacted_text_tokens"] if options["compact_text"] else None
         run_flops = dict(flops, **analytic_flops(tcfg, pipe.vae.config, text_tokens, options["prune"]))
         run_flops["total"] = sum(run_flops[k] for k in ("text_encoding", "transformer", "diffusion", "decoding"))
-        for batch in batch_sizes:
-            run = dict(name=name, options=options, **_time_batch(clock, batch, warmup, iters, run_flops),
-                       flops_per_image=dict(transformer=run_flops["transformer"], total=run_flops["total"]))
-            if compare:
-                plain = next(r for r in runs + [run] if r["name"] == "plain" and r["batch_size"] == batch)
-                run["speedup"] = plain["latency_s"] / run["latency_s"]
-            runs.append(run)
+        try:
+            plan.append((options, transformer_for(pipe, options, made), run_flops))
+        except ImportError as e:
+            raise BenchmarkError(f"--int8: {e}") from None
+    clock, runs, own = StageClock(pipe, dev, text_fn), [], pipe.transformer
+    for batch in batch_sizes:
+        figures = _time_batch(clock, plan, batch, warmup, iters)
+        for (name, options), run in zip(named, figures):
+            speedup = dict(speedup=figures[0]["latency_s"] / run["latency_s"]) if compare else {}
+            runs.append(dict(name=name, options=options, **speedup, **run))
+    pipe.transformer = own
     peak = max(peak, matmul_peak(DTYPES[dtype], dev), key=lambda p: p["flops_per_s"])
     for run in runs:
         run["fraction_of_matmul_peak"] = {k: v / peak["flops_per_s"] for k, v in run["achieved_flops_per_s"].items()}
