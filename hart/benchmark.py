@@ -356,7 +356,9 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
             return random_text_conditioning(len(prompts), tcfg["context_tokens"], tcfg["context_dim"], dev)
 
     flops, peak = _count_flops(pipe, text_fn, dev), matmul_peak(DTYPES[dtype], dev)
-    named, made, plan = run_options(compare, dtype, dev, compile_model, int8, prune, compact_text), {}, []
+    named = run_options(compare, dtype=dtype, device=dev, compile_model=compile_model, int8=int8, prune=prune,
+                        compact_text=compact_text)
+    made, plan = {}, []
     for name, options in named:
         text_tokens = flops["compacted_text_tokens"] if options["compact_text"] else None
         run_flops = dict(flops, **analytic_flops(tcfg, pipe.vae.config, text_tokens, options["prune"]))

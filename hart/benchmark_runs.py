@@ -11,7 +11,7 @@ from hart.pruning import DEFAULT_KEEP
 from hart.quantize import quantize_transformer_int8
 
 
-def run_options(compare: bool, dtype: str, device: torch.device, compile_model: bool, int8: bool, prune: float,
+def run_options(compare: bool, *, dtype: str, device: torch.device, compile_model: bool, int8: bool, prune: float,
                 compact_text: bool) -> List[tuple]:
     """(name, options) of the runs: plain, exact and fast with `compare`, else the options given."""
     options = dict(compact_text=compact_text, prune=prune, int8=int8, compile=compile_model)

@@ -12,8 +12,10 @@ How the per-scale transformer step uses these functions (scale `si`, side `p`, C
 - Which scales: `pruned_scales(patch_nums, keep)`, the two largest (48 and 64 at 1024 px, 27 and 32
   at 512 px, 12 and 16 at 256 px, 11 and 16 for the bundled model); none when `keep` is 1. The one
   knob is `keep`, the fraction of tokens forwarded at each of those scales: off (1.0) by default,
-  `DEFAULT_KEEP` (0.5) when pruning is asked for without a value. Pruning the last scale needs
-  `num_maskgit_iters == 1` (MaskGIT already forwards a subset there).
+  `DEFAULT_KEEP` (0.5) when pruning is asked for without a value. Under MaskGIT
+  (`num_maskgit_iters > 1`) the last scale is left whole: its steps already forward subsets.
+- `hart.sampling.sample_scales` picks the pivotal tokens and passes them to
+  `HARTTransformer.scale_step(..., pivotal_Bk=...)`; the blocks' branches go through `BranchCache`.
 - At the scale before the first pruned one, the step keeps every block's two branch outputs
   (attention and SwiGLU, before the gates), `(2B, p_prev^2, C)` each: the cache.
 - At a pruned scale, once per scale: `idx_2Bk = pivotal_indices(input_BCpp, prev_input_BCqq, keep)

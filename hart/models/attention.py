@@ -1,4 +1,5 @@
-"""Scaled dot-product attention: torch SDPA everywhere, xformers on CUDA when it is installed."""
+"""Scaled dot-product attention (torch SDPA everywhere, xformers on CUDA when it is installed) and the
+inference KV cache."""
 from __future__ import annotations
 
 import importlib.util
