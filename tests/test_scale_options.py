@@ -78,3 +78,44 @@ def test_pruning_under_maskgit_leaves_the_last_scale_whole(models, cond, monkeyp
     _sample(models, cond, prune=keep, num_maskgit_iters=2)
     assert seen[len(pn) - 2] == num_kept(pn[-2], keep)  # the second largest scale is pruned
     assert sum(seen[len(pn) - 1:]) == pn[-1] ** 2  # the last scale's MaskGIT steps forward every token once
+
+
+def test_generate_flags_reach_the_pipeline_and_the_metadata(fixtures, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from hart.cli import main
+    from hart.cli_args import METADATA_KEY
+    from hart.device import auto_dtype
+
+    model = ["--model", str(fixtures / "ckpt"), "--text-encoder", str(fixtures / "ckpt" / "text_encoder")]
+    out = tmp_path / "out"
+    assert main(["generate", "a cat", "--prune", "--no-compact-text", "--dtype", "auto", "--device", "cpu",
+                 "--out", str(out), *model]) == 0
+    assert f"--dtype auto: {auto_dtype('cpu').reason}" in capsys.readouterr().err
+    meta = json.loads(Image.open(out / "00000_00.png").text[METADATA_KEY])
+    assert (meta["prune"], meta["compact_text"], meta["dtype"], meta["int8"]) == (0.5, False, auto_dtype("cpu").name, False)
+    again = tmp_path / "again"
+    assert main(["generate", "--from-png", str(out / "00000_00.png"), "--out", str(again)]) == 0
+    assert Image.open(again / "00000_00.png").tobytes() == Image.open(out / "00000_00.png").tobytes()
+    assert main(["generate", "a cat", "--prune", "0", "--out", str(tmp_path / "bad"), *model]) == 2
+    assert "--prune" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_int8_flag_quantizes_or_names_the_missing_extra(fixtures, tmp_path, capsys):
+    import importlib.util
+    import json
+
+    from PIL import Image
+
+    from hart.cli import main
+    from hart.cli_args import METADATA_KEY
+
+    model = ["--model", str(fixtures / "ckpt"), "--text-encoder", str(fixtures / "ckpt" / "text_encoder")]
+    out = tmp_path / "out"
+    status = main(["generate", "a cat", "--int8", "--device", "cpu", "--out", str(out), *model])
+    if importlib.util.find_spec("torchao") is None:
+        assert status == 2 and "--int8: int8 weights need torchao: pip install" in capsys.readouterr().err
+    else:
+        assert status == 0 and json.loads(Image.open(out / "00000_00.png").text[METADATA_KEY])["int8"] is True
