@@ -119,3 +119,13 @@ def test_int8_flag_quantizes_or_names_the_missing_extra(fixtures, tmp_path, caps
         assert status == 2 and "--int8: int8 weights need torchao: pip install" in capsys.readouterr().err
     else:
         assert status == 0 and json.loads(Image.open(out / "00000_00.png").text[METADATA_KEY])["int8"] is True
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """cli_args keeps its own copies (`hart --help` imports no torch): they must not drift."""
+    from hart.cli_args import DEFAULT_PRUNE_KEEP, SAMPLING_DEFAULTS
+    from hart.pruning import DEFAULT_KEEP
+
+    defaults = SamplingOptions()
+    assert (SAMPLING_DEFAULTS["prune"], SAMPLING_DEFAULTS["compact_text"]) == (defaults.prune, defaults.compact_text)
+    assert DEFAULT_PRUNE_KEEP == DEFAULT_KEEP
