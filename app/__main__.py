@@ -56,7 +56,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "hart app") -> int:
             from hart.app.safety import ShieldGemmaChecker
 
             safety_checker = ShieldGemmaChecker(args.safety_model, device=str(device))
-        pipe = load_pipeline(resolve_model(args.model), args.text_encoder, device, dtype)
+        pipe = load_pipeline(resolve_model(args.model), args.text_encoder, device, dtype, int8=args.int8)
         from hart.app.demo import build_demo
 
         demo = build_demo(pipe, max_images=args.max_images, concurrency=args.concurrency,

@@ -5,20 +5,28 @@ times `HARTPipeline.__call__` (median of `iters` calls after `warmup`, device sy
 stage by stage, and measures the matmul peak before and after, keeping the better reading (one taken in a
 busy moment of a shared machine would inflate every fraction). Result (benchmark.json; s, MiB):
 
-    config, dtype, device, device_name, torch_version, hart_version, warmup, iters, compile, text_features
-    ("text model" | "random"), image_size, patch_nums, build_s, parameters: {transformer, diffusion_head
-    (part of transformer), vae, text_encoder}, matmul_peak: {size, seconds, flops_per_s}, flops_per_image:
-    {text_encoding, transformer, transformer_scales: [per scale], diffusion, decoding, total},
-    runs: [{batch_size, latency_s (median), latency_s_all, images_per_s, stages_s: {text_encoding,
-            transformer, transformer_scales, diffusion, decoding, other}, peak_rss_mib (process peak so
-            far), rss_increase_mib (during this batch size's calls), cuda_max_allocated_mib (null off
-            CUDA), achieved_flops_per_s and fraction_of_matmul_peak: {transformer, end_to_end}}]
+    config, dtype, device, device_name, torch_version, hart_version, warmup, iters, compile, compare,
+    text_features ("text model" | "random"), image_size, patch_nums, build_s, parameters: {transformer,
+    diffusion_head (part of transformer), vae, text_encoder}, matmul_peak: {size, seconds, flops_per_s},
+    flops_per_image: {text_encoding, transformer, transformer_scales: [per scale], diffusion, decoding, total,
+    compacted_text_tokens}, runs: [{name, options: {compact_text, prune, int8, compile}, speedup (--compare:
+    plain's latency over this run's, same batch size), flops_per_image: {transformer, total} (this run's
+    options), batch_size, latency_s (median), latency_s_all, images_per_s, stages_s: {text_encoding,
+    transformer, transformer_scales, diffusion, decoding, other}, peak_rss_mib (process peak so far),
+    rss_increase_mib (during this batch size's calls), cuda_max_allocated_mib (null off CUDA),
+    achieved_flops_per_s and fraction_of_matmul_peak: {transformer, end_to_end}}]
+
+`--compare` times three runs of one pipeline, their calls interleaved (docs/benchmark.md): `plain` (no option),
+`exact` (every option that changes results only by float rounding: text-key compaction, and compile
+when asked for) and `fast` (exact, plus pruning at `hart.pruning.DEFAULT_KEEP` and, where the dtype is
+fp32 because the CPU has no native bf16, int8 block projections). Without it, one run ("single") with
+the options given. Each run's fractions of the peak count the FLOPs that run does (fewer text keys, pruned tokens).
 
 Scale 0 includes the text prefix (300 tokens) and the conditioning; the last scale excludes the
 residual diffusion; "other" is the rest of the call (argument checks, conversion to PIL). FLOPs
 count multiply-adds as 2: analytic for the transformer and the diffusion head (`analytic_flops`,
 equal to torch's count of a sampling call), counted (`torch.utils.flop_counter`) for the text model
-and the decoder. `write_chart` draws the median stage times as a PNG.
+and the decoder. `hart.benchmark_report` prints the figures and draws the stage times.
 """
 from __future__ import annotations
 
@@ -32,6 +40,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from hart.benchmark_runs import run_options, transformer_for
+from hart.pruning import num_kept, pruned_scales
 
 PROMPTS = ("a red fox in the snow", "a lighthouse on a cliff at sunset, oil painting",
            "a bowl of ramen, studio photo", "an astronaut riding a horse on the moon")
@@ -74,8 +85,6 @@ CONFIGS: Dict[str, BenchConfig] = {
 }
 CONFIG_NAMES = (*CONFIGS, "bundled")
 
-
-# ---- building ------------------------------------------------------------------------------------
 
 def _word_tokenizer(texts: Sequence[str]):
     """A word-level tokenizer over the words of `texts` (tokenizer speed is not what is measured)."""
@@ -139,15 +148,16 @@ def build_pipeline(name: str, dtype: torch.dtype, device: torch.device, random_t
 
 
 def random_text_conditioning(batch: int, tokens: int, dim: int, device):
-    """Text features of the right shape, without a text model (float32, as `encode_prompt` returns)."""
+    """Text features of the right shape, without a text model (float32, as `encode_prompt` returns): random
+    for the first `RANDOM_TEXT_TOKENS` positions, then one random padding feature repeated, as a text
+    model gives every pad the same feature (hart/text_keys.py)."""
     from hart.text import TextConditioning
 
     features = torch.randn(batch, tokens, dim, generator=torch.Generator().manual_seed(0))
+    features[:, RANDOM_TEXT_TOKENS:] = features[:, -1:]
     mask = torch.arange(tokens).expand(batch, -1) < RANDOM_TEXT_TOKENS
     return TextConditioning(features.to(device), mask.to(device), (mask.cumsum(1) - 1).to(device))
 
-
-# ---- FLOPs ---------------------------------------------------------------------------------------
 
 def _cpu_sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
     return 2 * q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])  # Q K^T, then P V (torch lacks this CPU kernel)
@@ -159,30 +169,30 @@ def flop_counter() -> FlopCounterMode:
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
 
 
-def analytic_flops(t: dict, vae: dict) -> Dict[str, object]:
-    """Multiply-adds x 2 per image of `sample_scales` (guided: 2 rows per image, soft codes), from the configs."""
+def analytic_flops(t: dict, vae: dict, text_tokens: Optional[int] = None, keep: float = 1.0) -> Dict[str, object]:
+    """Multiply-adds x 2 per image of `sample_scales` (guided: 2 rows per image, soft codes), from the configs;
+    `text_tokens` after text-key compaction (None: all), `keep` the pruning fraction (blocks' branches only)."""
     from hart.models.transformer import swiglu_hidden
 
     C, V, Cv, T, pn = t["embed_dim"], t["vocab_size"], t["latent_channels"], t["context_tokens"], t["patch_nums"]
+    T, pruned = text_tokens or T, pruned_scales(pn, keep)
     F, W, P, S = swiglu_hidden(C, t["mlp_ratio"]), t["diff_width"], pn[-1], len(pn)
     per_token = 2 * (3 * C * C + C * C + 3 * C * F)  # qkv, proj, SwiGLU
     phi = 2 * P * P * Cv * Cv * 9 if vae["num_phi"] > 0 and abs(vae["phi_ratio"]) > 1e-6 else 0
     scales, seen = [], 0
     for si, p in enumerate(pn):
-        L = T if si == 0 else p * p
+        L = T if si == 0 else num_kept(p, keep) if si in pruned else p * p
         seen += L
         f = 2 * t["depth"] * (L * per_token + 4 * L * seen * C)  # blocks (attention)
         f += 2 * (2 * C * 2 * C + p * p * 2 * C * V) + p * p * 2 * V * Cv  # head (AdaLN, logits), soft codes
         if si == 0:
             f += 2 * T * 2 * t["context_dim"] * C + 2 * t["depth"] * 2 * C * 6 * C  # context_embed, blocks' AdaLN
-        f += phi + pn[si + 1] ** 2 * 2 * Cv * C if si < S - 1 else 2 * L * 2 * Cv * C  # next input / diffusion condition
+        f += phi + pn[si + 1] ** 2 * 2 * Cv * C if si < S - 1 else 2 * p * p * 2 * Cv * C  # next input / diffusion condition
         scales.append(f)
-    per_row = 2 * (256 * W + W * W + C * W + Cv * W + t["diff_depth"] * 5 * W * W + 2 * W * W + W * 2 * Cv)
-    diffusion = int(t["num_sampling_steps"]) * 2 * P * P * per_row
+    per_step = 2 * (256 * W + W * W + Cv * W + t["diff_depth"] * 5 * W * W + 2 * W * W + W * 2 * Cv)  # per row
+    diffusion = 2 * P * P * (int(t["num_sampling_steps"]) * per_step + 2 * C * W)  # condition embedded once
     return dict(transformer_scales=scales, transformer=sum(scales), diffusion=diffusion)
 
-
-# ---- timing --------------------------------------------------------------------------------------
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -214,6 +224,7 @@ class StageClock:
 
     def __init__(self, pipe, device: torch.device, text_fn: Optional[Callable] = None):
         self.pipe, self.device, self.text_fn = pipe, device, text_fn
+        self.call_options: Dict[str, object] = {}  # the run's sampling options (compact_text, prune)
         self.spans: Dict[str, tuple] = {}
         self.scale_ends: List[float] = []
 
@@ -249,7 +260,7 @@ class StageClock:
 
         start = self.now()
         self.pipe(prompt=prompts, generator=torch.Generator(self.device).manual_seed(0), output_type="pil",
-                  callback_on_step_end=on_scale, callback_on_step_end_tensor_inputs=())
+                  callback_on_step_end=on_scale, callback_on_step_end_tensor_inputs=(), **self.call_options)
         total = self.now() - start
         (t0, t1), (d0, d1), (c0, c1) = (self.spans[k] for k in ("text_encoding", "diffusion", "decoding"))
         ends = [t1, *self.scale_ends]
@@ -262,15 +273,19 @@ class StageClock:
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak of the process; Linux reports KiB
 
-
 def _count_flops(pipe, text_fn, device) -> Dict[str, object]:
-    """FLOPs per image: analytic for the transformer and diffusion, counted for text encoding and decoding."""
+    """FLOPs per image: analytic for the transformer and diffusion, counted for text encoding and decoding;
+    `compacted_text_tokens`: the first prompt's text positions after text-key compaction."""
+    from hart.text import TextConditioning
+    from hart.text_keys import compact_text
+
     tcfg = pipe.transformer.config
     flops = analytic_flops(tcfg, pipe.vae.config)
     with torch.no_grad():
         with flop_counter() as text:
-            if text_fn is None:
-                pipe.encode_prompt(list(PROMPTS[:1]), device)
+            cond = (text_fn or pipe.encode_prompt)(list(PROMPTS[:1]), device)
+        flops["compacted_text_tokens"] = compact_text(cond, TextConditioning.unconditional(
+            1, *cond.features_BTC.shape[1:], device=cond.features_BTC.device))[0].features_BTC.shape[1]
         with flop_counter() as decoder:
             P = tcfg["patch_nums"][-1]
             pipe.decode_latent(torch.zeros(1, tcfg["latent_channels"], P, P, device=device))
@@ -279,33 +294,51 @@ def _count_flops(pipe, text_fn, device) -> Dict[str, object]:
     return flops
 
 
-def _time_batch(clock: StageClock, batch: int, warmup: int, iters: int, flops: dict) -> dict:
-    """Median figures of `iters` calls at one batch size, after `warmup` calls (fractions of the peak: later)."""
+def _summary(timings: List[dict], batch: int, flops: dict) -> dict:
+    """Median figures of one run's timed calls (fractions of the peak: later)."""
+    med = {k: statistics.median(t[k] for t in timings) for k in timings[0] if k != "transformer_scales"}
+    med["transformer_scales"] = [statistics.median(s) for s in zip(*(t["transformer_scales"] for t in timings))]
+    latency = med.pop("total")
+    return dict(batch_size=batch, latency_s=latency, latency_s_all=[t["total"] for t in timings],
+                images_per_s=batch / latency, stages_s=med,
+                flops_per_image=dict(transformer=flops["transformer"], total=flops["total"]),
+                achieved_flops_per_s=dict(transformer=batch * flops["transformer"] / med["transformer"],
+                                          end_to_end=batch * flops["total"] / latency))
+
+
+def _time_batch(clock: StageClock, runs: List[tuple], batch: int, warmup: int, iters: int) -> List[dict]:
+    """Figures of each run `(options, transformer, flops)` at one batch size: `warmup` calls of each, then
+    `iters` rounds of one call per run, interleaved so that a busy moment of a shared machine hits every
+    run alike. Memory figures cover the batch size's calls of all runs together."""
     device, prompts = clock.device, [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     rss_before = _rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with clock.attached():
+
+    def call(options, transformer):
+        clock.pipe.transformer = transformer
+        clock.call_options = dict(compact_text=options["compact_text"], prune=options["prune"])
+        with clock.attached():
+            return clock.run(prompts)
+
+    for options, transformer, _ in runs:
         for _ in range(warmup):
-            clock.run(prompts)
-        timings = [clock.run(prompts) for _ in range(iters)]
-    med = {k: statistics.median(t[k] for t in timings) for k in timings[0] if k != "transformer_scales"}
-    med["transformer_scales"] = [statistics.median(s) for s in zip(*(t["transformer_scales"] for t in timings))]
-    latency = med.pop("total")
-    achieved = dict(transformer=batch * flops["transformer"] / med["transformer"],
-                    end_to_end=batch * flops["total"] / latency)
-    return dict(
-        batch_size=batch, latency_s=latency, latency_s_all=[t["total"] for t in timings],
-        images_per_s=batch / latency, stages_s=med,
-        peak_rss_mib=_rss_mib(), rss_increase_mib=_rss_mib() - rss_before,
-        cuda_max_allocated_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        achieved_flops_per_s=achieved)
+            call(options, transformer)
+    timings = [[] for _ in runs]
+    for _ in range(iters):
+        for timed, (options, transformer, _) in zip(timings, runs):
+            timed.append(call(options, transformer))
+    memory = dict(peak_rss_mib=_rss_mib(), rss_increase_mib=_rss_mib() - rss_before, cuda_max_allocated_mib=(
+        torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None))
+    return [dict(_summary(timed, batch, flops), **memory) for timed, (_, _, flops) in zip(timings, runs)]
 
 
 def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_sizes: Sequence[int] = (1,),
                   warmup: int = 1, iters: int = 3, random_text_features: bool = False,
-                  compile_model: bool = False) -> Dict[str, object]:
-    """All figures of one configuration, dtype and device, one run per batch size (schema: module docstring)."""
+                  compile_model: bool = False, *, compare: bool = False, int8: bool = False, prune: float = 1.0,
+                  compact_text: bool = True) -> Dict[str, object]:
+    """All figures of one configuration, dtype and device: one run per option set (`run_options`) and
+    batch size (schema: module docstring)."""
     from importlib.metadata import version
 
     if config not in CONFIG_NAMES:
@@ -323,11 +356,24 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
             return random_text_conditioning(len(prompts), tcfg["context_tokens"], tcfg["context_dim"], dev)
 
     flops, peak = _count_flops(pipe, text_fn, dev), matmul_peak(DTYPES[dtype], dev)
-    if compile_model:
-        for module in (*pipe.transformer.blocks, pipe.transformer.diffusion_head.net):
-            module.compile(dynamic=True)
-    clock = StageClock(pipe, dev, text_fn)
-    runs = [_time_batch(clock, batch, warmup, iters, flops) for batch in batch_sizes]
+    named = run_options(compare, dtype=dtype, device=dev, compile_model=compile_model, int8=int8, prune=prune,
+                        compact_text=compact_text)
+    made, plan = {}, []
+    for name, options in named:
+        text_tokens = flops["compacted_text_tokens"] if options["compact_text"] else None
+        run_flops = dict(flops, **analytic_flops(tcfg, pipe.vae.config, text_tokens, options["prune"]))
+        run_flops["total"] = sum(run_flops[k] for k in ("text_encoding", "transformer", "diffusion", "decoding"))
+        try:
+            plan.append((options, transformer_for(pipe, options, made), run_flops))
+        except ImportError as e:
+            raise BenchmarkError(f"--int8: {e}") from None
+    clock, runs, own = StageClock(pipe, dev, text_fn), [], pipe.transformer
+    for batch in batch_sizes:
+        figures = _time_batch(clock, plan, batch, warmup, iters)
+        for (name, options), run in zip(named, figures):
+            speedup = dict(speedup=figures[0]["latency_s"] / run["latency_s"]) if compare else {}
+            runs.append(dict(name=name, options=options, **speedup, **run))
+    pipe.transformer = own
     peak = max(peak, matmul_peak(DTYPES[dtype], dev), key=lambda p: p["flops_per_s"])
     for run in runs:
         run["fraction_of_matmul_peak"] = {k: v / peak["flops_per_s"] for k, v in run["achieved_flops_per_s"].items()}
@@ -339,62 +385,6 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
         config=config, dtype=dtype, device=str(dev),
         device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         torch_version=torch.__version__, hart_version=version("hart"), warmup=warmup, iters=iters,
-        compile=compile_model, text_features="random" if random_text_features else "text model",
+        compile=compile_model, compare=compare, text_features="random" if random_text_features else "text model",
         image_size=tcfg["patch_nums"][-1] * pipe.vae.downsample_factor, patch_nums=list(tcfg["patch_nums"]),
         build_s=build_s, parameters=params, matmul_peak=peak, flops_per_image=flops, runs=runs)
-
-
-def format_summary(result: Dict[str, object]) -> str:
-    """The figures of `run_benchmark` as text, one block per batch size."""
-    f, peak = result["flops_per_image"], result["matmul_peak"]
-    stages = ("text_encoding", "transformer", "diffusion", "decoding", "other")
-    lines = [f"{result['config']} ({result['image_size']} px, text: {result['text_features']}) {result['dtype']} on "
-             f"{result['device_name']}; built in {result['build_s']:.1f} s",
-             f"matmul peak {peak['flops_per_s'] / 1e12:.2f} TFLOP/s ({peak['size']}^2); GFLOP per image: "
-             + ", ".join(f"{k} {f[k] / 1e9:.1f}" for k in (*stages[:-1], "total"))]
-    for run in result["runs"]:
-        s, frac, cuda = run["stages_s"], run["fraction_of_matmul_peak"], run["cuda_max_allocated_mib"]
-        lines += [f"batch {run['batch_size']}: {run['latency_s']:.3f} s, {run['images_per_s']:.3g} images/s, peak RSS "
-                  f"{run['peak_rss_mib']:.0f} MiB" + (f", CUDA max allocated {cuda:.0f} MiB" if cuda else ""),
-                  "  stages (s): " + ", ".join(f"{k} {s[k]:.3f}" for k in stages),
-                  "  scales (ms): " + ", ".join(f"{p}x{p} {t * 1000:.1f}" for p, t in zip(result["patch_nums"],
-                                                                                   s["transformer_scales"])),
-                  f"  transformer {run['achieved_flops_per_s']['transformer'] / 1e12:.3g} TFLOP/s = "
-                  f"{100 * frac['transformer']:.1f}% of the matmul peak (end to end {100 * frac['end_to_end']:.1f}%)"]
-    return "\n".join(lines)
-
-
-_COLOURS = dict(text_encoding=(91, 143, 201), transformer=(235, 140, 52), diffusion=(98, 175, 92),
-                decoding=(196, 78, 82), other=(150, 150, 150))
-
-
-def write_chart(result: Dict[str, object], path) -> None:
-    """Horizontal bars of the median stage times, one panel per batch size (PIL only)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    rows_per_panel = 4 + len(result["runs"][0]["stages_s"]["transformer_scales"])
-    width, label_w, row_h, head_h = 900, 190, 18, 28
-    height = 10 + len(result["runs"]) * (head_h + rows_per_panel * row_h + 10)
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    y = 10
-    for run in result["runs"]:
-        s = run["stages_s"]
-        rows = [("text encoding", s["text_encoding"], "text_encoding")]
-        rows += [(f"transformer {p}x{p}" + (" + text" if i == 0 else ""), v, "transformer")
-                 for i, (p, v) in enumerate(zip(result["patch_nums"], s["transformer_scales"]))]
-        rows += [("residual diffusion", s["diffusion"], "diffusion"), ("decoding", s["decoding"], "decoding"),
-                 ("other", max(s["other"], 0.0), "other")]
-        draw.text((10, y), f"{result['config']} {result['dtype']} {result['device']} (text: {result['text_features']}), "
-                  f"batch {run['batch_size']}: {run['latency_s']:.3f} s, {run['images_per_s']:.3g} images/s", fill="black", font=font)
-        y += head_h
-        longest = max(v for _, v, _ in rows) or 1.0
-        for label, value, kind in rows:
-            draw.text((10, y + 3), label, fill="black", font=font)
-            bar = int((width - label_w - 110) * value / longest)
-            draw.rectangle((label_w, y + 2, label_w + max(bar, 1), y + row_h - 3), fill=_COLOURS[kind])
-            draw.text((label_w + bar + 6, y + 3), f"{value * 1000:.1f} ms", fill="black", font=font)
-            y += row_h
-        y += 10
-    image.save(path)

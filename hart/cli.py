@@ -81,7 +81,7 @@ def plan_from_args(args) -> dict:
     batches = [jobs[i:i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
     return dict(batches=batches, keep=None, settings=settings,
                 model=as_recorded(resolve_model(args.model)), text_encoder=as_recorded(args.text_encoder),
-                dtype=args.dtype, grid_columns=n if n > 1 else math.ceil(math.sqrt(len(jobs))))
+                dtype=args.dtype, int8=args.int8, grid_columns=n if n > 1 else math.ceil(math.sqrt(len(jobs))))
 
 
 def plan_from_png(args) -> dict:
@@ -101,10 +101,10 @@ def plan_from_png(args) -> dict:
         raise UsageError(f"--out: regenerating {png} into its own folder would overwrite it; choose another --out")
     batch = [Job(**job) for job in meta["batch"]]
     return dict(batches=[batch], keep={(meta["prompt_index"], meta["image_index"])},
-                settings={k: meta[k] for k in SAMPLING_DEFAULTS if k != "seed"},
+                settings={k: meta.get(k, SAMPLING_DEFAULTS[k]) for k in SAMPLING_DEFAULTS if k != "seed"},
                 model=args.model or meta["model"],
                 text_encoder=args.text_encoder if args.model else meta["text_encoder"],
-                dtype=args.dtype or meta["dtype"], grid_columns=1)
+                dtype=args.dtype or meta["dtype"], int8=args.int8 or meta.get("int8", False), grid_columns=1)
 
 
 def generate_batch(pipe, batch: List[Job], settings: dict, save_steps: bool):
@@ -121,7 +121,8 @@ def generate_batch(pipe, batch: List[Job], settings: dict, save_steps: bool):
     images = pipe(
         prompt=[job.prompt for job in batch], negative_prompt=None if negative is None else [negative] * len(batch),
         guidance_scale=settings["guidance_scale"], top_k=settings["top_k"], top_p=settings["top_p"],
-        more_smooth=settings["more_smooth"], generator=[torch.Generator().manual_seed(job.seed) for job in batch],
+        more_smooth=settings["more_smooth"], prune=settings["prune"], compact_text=settings["compact_text"],
+        generator=[torch.Generator().manual_seed(job.seed) for job in batch],
         callback_on_step_end=keep_preview if save_steps else None,
         callback_on_step_end_tensor_inputs=("preview",) if save_steps else (),
     ).images
@@ -176,10 +177,10 @@ def run_generate(args) -> int:
     total = sum(map(len, plan["batches"]))
     if state.num_processes > 1:  # only a lone process can ask at the terminal
         check_run_size(total, 0, args.yes, interactive=False)
-    pipe = load_pipeline(plan["model"], plan["text_encoder"], device, dtype)
+    pipe = load_pipeline(plan["model"], plan["text_encoder"], device, dtype, int8=plan["int8"])
     check_settings_fit(pipe, plan["settings"])
     common = dict(plan["settings"], model=plan["model"], text_encoder=plan["text_encoder"], dtype=dtype,
-                  hart_version=package_version())
+                  int8=plan["int8"], hart_version=package_version())
 
     written = []
     with state.split_between_processes(plan["batches"]) as my_batches:

@@ -20,7 +20,8 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 METADATA_KEY = "hart"  # PNG text chunk holding the JSON of everything needed to regenerate the image
 # Sampling flags and their values when not given (flags default to None so a replay can tell what was given).
 SAMPLING_DEFAULTS = dict(seed=limits.SEED, guidance_scale=limits.GUIDANCE_SCALE, top_k=None, top_p=None,
-                         more_smooth=limits.MORE_SMOOTH, negative_prompt=None)
+                         more_smooth=limits.MORE_SMOOTH, negative_prompt=None, prune=1.0, compact_text=True)
+DEFAULT_PRUNE_KEEP = 0.5  # a bare --prune; the same as hart.pruning.DEFAULT_KEEP (kept here: --help imports no torch)
 
 
 class UsageError(Exception):
@@ -169,7 +170,12 @@ def add_model_arguments(p, required: bool = False) -> None:
 
 def add_device_arguments(p) -> None:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=TORCH_DTYPES, help="weights dtype (default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--dtype", choices=["auto", *TORCH_DTYPES],
+                   help="weights dtype (default bf16 on cuda, fp32 on cpu); auto: bf16 where the CPU multiplies bf16 "
+                        "natively (AMX or AVX512-BF16), else fp32")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 weights and per-token int8 activations for the transformer blocks (needs torchao: "
+                        "pip install 'hart[int8]'); for CPUs without native bf16; changes images slightly")
 
 
 def add_sampling_arguments(p, what: str = "the images") -> None:
@@ -187,6 +193,13 @@ def add_sampling_arguments(p, what: str = "the images") -> None:
                    help="nucleus sampling threshold (default off)")
     p.add_argument("--more-smooth", action=argparse.BooleanOptionalAction,
                    help=f"soft codes (default {'on' if limits.MORE_SMOOTH else 'off'})")
+    p.add_argument("--prune", nargs="?", const=DEFAULT_PRUNE_KEEP, metavar="KEEP",
+                   type=checked(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+                   help=f"token pruning at the two largest scales: the fraction of tokens forwarded (bare --prune: "
+                        f"{DEFAULT_PRUNE_KEEP:g}; default 1, off); faster, changes images slightly")
+    p.add_argument("--compact-text", action=argparse.BooleanOptionalAction,
+                   help="attend to the prompt's distinct text positions plus one weighted padding key instead of "
+                        "all 300 (default on; the same images up to float rounding)")
 
 
 def sampling_settings(args) -> dict:
@@ -230,6 +243,12 @@ def device_and_dtype(device_arg: Optional[str], dtype_arg: Optional[str]):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
     dtype = dtype_arg or ("bf16" if device.type == "cuda" else "fp32")
+    if dtype == "auto":
+        from hart.device import auto_dtype
+
+        choice = auto_dtype(device)
+        print(f"--dtype auto: {choice.reason}", file=sys.stderr)
+        dtype = choice.name
     if dtype == "fp16" and device.type != "cuda":
         raise UsageError(f"--dtype fp16 needs a CUDA device (device is {device.type}); use fp32 or bf16")
     return state, device, dtype
@@ -261,9 +280,10 @@ def package_version() -> str:
 
 
 def load_pipeline(model: str, text_encoder: Optional[str] = None, device=None, dtype: str = "fp32",
-                  use_ema: bool = True):
+                  use_ema: bool = True, int8: bool = False):
     """HARTPipeline from any layout `hart.loading` reads (this package's `model_index.json`, a training run
-    folder's `pipeline/`, the official `llm/` + `tokenizer/`), with the command's flags named in errors."""
+    folder's `pipeline/`, the official `llm/` + `tokenizer/`), with the command's flags named in errors;
+    `int8` quantizes the transformer blocks (`HARTPipeline.quantize_int8`)."""
     import torch
 
     from hart import loading
@@ -288,11 +308,17 @@ def load_pipeline(model: str, text_encoder: Optional[str] = None, device=None, d
     torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
     if {pipe.transformer.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} != {torch_dtype}:
         pipe.to(torch_dtype)  # only when needed: diffusers 0.42 warns on every cast
-    return pipe.to(device) if device is not None else pipe
+    pipe = pipe.to(device) if device is not None else pipe
+    if int8:
+        try:
+            pipe.quantize_int8()
+        except ImportError as e:
+            raise UsageError(f"--int8: {e}") from None
+    return pipe
 
 
 def load_command_pipeline(args):
     """(pipeline, process state, device, dtype name, model) for a command's --model/--text-encoder/--device/--dtype."""
     model = resolve_model(args.model)
     state, device, dtype = device_and_dtype(args.device, args.dtype)
-    return load_pipeline(model, args.text_encoder, device, dtype), state, device, dtype, model
+    return load_pipeline(model, args.text_encoder, device, dtype, int8=args.int8), state, device, dtype, model

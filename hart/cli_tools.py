@@ -1,29 +1,32 @@
 """`hart benchmark` and `hart app`: the sub-commands around generation."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-from hart.cli_args import (NON_NEGATIVE_INT, PATH, POSITIVE_INT, UsageError, add_device_arguments, check_output_folder,
-                           device_and_dtype, save_output)
+from hart.cli_args import (DEFAULT_PRUNE_KEEP, NON_NEGATIVE_INT, PATH, POSITIVE_INT, UsageError, add_device_arguments,
+                           check_output_folder, checked, device_and_dtype, save_output)
 
 
 # ---- hart benchmark -------------------------------------------------------------------------------
 
 def run_benchmark(args) -> int:
     from hart import benchmark as bench
+    from hart.benchmark_report import format_summary, write_chart
 
     check_output_folder(Path(args.out))
     _, device, dtype = device_and_dtype(args.device, args.dtype)
     try:
         result = bench.run_benchmark(args.config, dtype, str(device), args.batch_size or [1], args.warmup, args.iters,
-                                     args.random_text_features, args.compile)
+                                     args.random_text_features, args.compile, compare=args.compare, int8=args.int8,
+                                     prune=args.prune, compact_text=args.compact_text)
     except bench.BenchmarkError as e:
         raise UsageError(str(e)) from None
     out = Path(args.out)
     save_output(lambda path: path.write_text(json.dumps(result, indent=2) + "\n"), out / "benchmark.json")
-    save_output(lambda path: bench.write_chart(result, path), out / "benchmark.png")
-    print(bench.format_summary(result))
+    save_output(lambda path: write_chart(result, path), out / "benchmark.png")
+    print(format_summary(result))
     print(f"hart benchmark: wrote {out / 'benchmark.json'} and {out / 'benchmark.png'}")
     return 0
 
@@ -44,6 +47,14 @@ def add_benchmark_command(subparsers) -> None:
     p.add_argument("--random-text-features", action="store_true",
                    help="skip the text model: random text features of the right shape")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and diffusion MLP")
+    p.add_argument("--prune", nargs="?", const=DEFAULT_PRUNE_KEEP, default=1.0, metavar="KEEP",
+                   type=checked(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+                   help=f"token pruning: the fraction kept at the two largest scales (bare: {DEFAULT_PRUNE_KEEP:g})")
+    p.add_argument("--compact-text", action=argparse.BooleanOptionalAction, default=True,
+                   help="exact text-key compaction (hart/text_keys.py; default on)")
+    p.add_argument("--compare", action="store_true",
+                   help="three runs in one process: plain, exact (text-key compaction; --compile if given) and fast "
+                        "(exact + --prune 0.5, + int8 where the CPU has no native bf16); speedups over plain")
     p.add_argument("--out", type=PATH, default="benchmark", help="output folder (default ./benchmark)")
     p.set_defaults(run=run_benchmark)
 

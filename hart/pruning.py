@@ -12,8 +12,10 @@ How the per-scale transformer step uses these functions (scale `si`, side `p`, C
 - Which scales: `pruned_scales(patch_nums, keep)`, the two largest (48 and 64 at 1024 px, 27 and 32
   at 512 px, 12 and 16 at 256 px, 11 and 16 for the bundled model); none when `keep` is 1. The one
   knob is `keep`, the fraction of tokens forwarded at each of those scales: off (1.0) by default,
-  `DEFAULT_KEEP` (0.5) when pruning is asked for without a value. Pruning the last scale needs
-  `num_maskgit_iters == 1` (MaskGIT already forwards a subset there).
+  `DEFAULT_KEEP` (0.5) when pruning is asked for without a value. Under MaskGIT
+  (`num_maskgit_iters > 1`) the last scale is left whole: its steps already forward subsets.
+- `hart.sampling.sample_scales` picks the pivotal tokens and passes them to
+  `HARTTransformer.scale_step(..., pivotal_Bk=...)`; the blocks' branches go through `BranchCache`.
 - At the scale before the first pruned one, the step keeps every block's two branch outputs
   (attention and SwiGLU, before the gates), `(2B, p_prev^2, C)` each: the cache.
 - At a pruned scale, once per scale: `idx_2Bk = pivotal_indices(input_BCpp, prev_input_BCqq, keep)
@@ -35,7 +37,7 @@ one choice per scale also keeps one gather of the RoPE angles and one set of cac
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -113,3 +115,33 @@ def restore_tokens(forwarded_BkC: torch.Tensor, idx_Bk: torch.Tensor, cached_BqC
         )
     full_BlC = upsample_tokens(cached_BqC.to(forwarded_BkC.dtype), side)
     return full_BlC.scatter(1, idx_Bk.unsqueeze(-1).expand(-1, -1, full_BlC.shape[-1]), forwarded_BkC)
+
+
+class BranchCache:
+    """The blocks' branch outputs at the previous scale, and the pivotal tokens of the current one.
+
+    Created by `HARTTransformer.prepare_inference` when pruning is on; each block's attention and
+    SwiGLU branch go through `run`. At a recording scale (`idx_Bk` None) a branch runs on every token;
+    at a pruned scale on the pivotal ones, the others restored from the recorded outputs. Either way
+    the full output is recorded for the next scale.
+    """
+
+    def __init__(self, record_from: int):
+        self.record_from = record_from  # the scale before the first pruned one
+        self.idx_Bk: Optional[torch.Tensor] = None
+        self.side = 0
+        self.outputs: Dict[Tuple[int, str], torch.Tensor] = {}
+
+    def start_scale(self, side: int, idx_Bk: Optional[torch.Tensor]) -> None:
+        if idx_Bk is not None and not self.outputs:
+            raise ValueError("a pruned scale needs the branch outputs of the scale before it: none were recorded")
+        self.side, self.idx_Bk = side, idx_Bk
+
+    def run(self, key: Tuple[int, str], h_BlC: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self.idx_Bk is None:
+            out_BlC = branch(h_BlC)
+        else:
+            out_BkC = branch(gather_tokens(h_BlC, self.idx_Bk))
+            out_BlC = restore_tokens(out_BkC, self.idx_Bk, self.outputs[key], self.side)
+        self.outputs[key] = out_BlC
+        return out_BlC

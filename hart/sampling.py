@@ -16,8 +16,11 @@ import torch
 from hart import limits, rng
 from hart.models.quantizer import area_down
 from hart.models.transformer import HARTTransformer
+from hart.pruning import check_keep, pivotal_indices, pruned_scales
 from hart.text import TextConditioning
+from hart.text_keys import compact_text
 
+COMPACT_TEXT = True  # exact (float rounding only) and faster: hart/text_keys.py, docs/benchmark.md
 Known = Optional[Tuple[torch.Tensor, torch.Tensor]]  # (codes, mask) imposed at one scale, or None
 
 
@@ -31,6 +34,12 @@ class SamplingOptions:
     more_smooth: the release's gumbel-softmax soft codes instead of hard codes.
     stale_last_scale_guidance: the release's last-scale weight `w (S-2)/(S-1)` (True) or the full `w`.
     num_maskgit_iters: MaskGIT steps at the last scale; 1 predicts all its tokens at once.
+    prune: the fraction of tokens the blocks' branches forward at the two largest scales, the others
+        restored from the scale before (hart/pruning.py); 1.0 (the default) is off, and
+        `hart.pruning.DEFAULT_KEEP` (0.5) the value the CLI's bare `--prune` gives. Changes images.
+        With `num_maskgit_iters` > 1 the last scale is not pruned (MaskGIT forwards subsets there).
+    compact_text: attend to each row's distinct text positions plus one weighted key for its padding
+        (hart/text_keys.py) instead of all 300 positions: the same images up to float rounding.
     """
 
     guidance_scale: float = limits.GUIDANCE_SCALE
@@ -39,11 +48,21 @@ class SamplingOptions:
     more_smooth: bool = limits.MORE_SMOOTH
     stale_last_scale_guidance: bool = limits.STALE_LAST_SCALE_GUIDANCE
     num_maskgit_iters: int = limits.NUM_MASKGIT_ITERS
+    prune: float = 1.0
+    compact_text: bool = COMPACT_TEXT
 
     def __post_init__(self):
         n = self.num_maskgit_iters
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"`num_maskgit_iters` must be a positive integer, got {n!r}.")
+        if isinstance(self.prune, bool):
+            raise ValueError(f"`prune` is the kept fraction of tokens in (0, 1], got {self.prune!r}.")
+        try:
+            check_keep(self.prune)
+        except ValueError as e:
+            raise ValueError(f"`prune`: {e}.") from None
+        if not isinstance(self.compact_text, bool):
+            raise ValueError(f"`compact_text` must be True or False, got {self.compact_text!r}.")
 
     def top_ks(self, num_scales: int) -> List[int]:
         if self.top_k is None:
@@ -188,12 +207,21 @@ def sample_scales(
         raise ValueError(f"unconditional batch {uncond.batch_size} != conditional batch {B}")
     top_ks = options.top_ks(S)
 
-    state = transformer.prepare_inference(TextConditioning(*(torch.cat(pair) for pair in zip(cond, uncond))))
+    key_bias_NT = None
+    if options.compact_text:
+        cond, uncond, key_bias_NT = compact_text(cond, uncond)
+    pruned = [si for si in pruned_scales(pn, options.prune) if si < S - 1 or options.num_maskgit_iters == 1]
+    state = transformer.prepare_inference(
+        TextConditioning(*(torch.cat(pair) for pair in zip(cond, uncond))),
+        text_key_bias_NT=key_bias_NT, record_from=pruned[0] - 1 if pruned else None,
+    )
     device = state.text_BTC.device
     codebook_VCv = quantizer.embedding.weight.float().to(device)
     f_hat = torch.zeros(B, codebook_VCv.shape[1], pn[-1], pn[-1], device=quantizer.embedding.weight.device)
-    tokens_BlCv = None
+    tokens_BlCv = input_BCpp = prev_input_BCqq = None
     for si, p in enumerate(pn):
+        # token pruning: the pivotal tokens are where this scale's input departs from the previous one's
+        pivotal_Bk = pivotal_indices(input_BCpp, prev_input_BCqq, options.prune).to(device) if si in pruned else None
         ratio = options.guidance_ratio(si, S)
         draw = dict(codebook_VCv=codebook_VCv, top_k=top_ks[si], top_p=options.top_p,
                     soft_ratio=ratio if options.more_smooth else None, generator=generator)
@@ -202,10 +230,10 @@ def sample_scales(
         if si == S - 1:
             f_hat, idx_Bl, logits_BlV = _last_scale(
                 transformer, state, tokens_BlCv, f_hat, t=t, known=known, forced=forced,
-                num_maskgit_iters=options.num_maskgit_iters, draw=draw,
+                num_maskgit_iters=options.num_maskgit_iters, draw=draw, pivotal_Bk=pivotal_Bk,
             )
         else:
-            _, logits_2BlV = transformer.scale_step(state, si, tokens_BlCv)
+            _, logits_2BlV = transformer.scale_step(state, si, tokens_BlCv, pivotal_Bk=pivotal_Bk)
             logits_BlV = forced.process_logits(si, _guide(logits_2BlV, t))
             idx_Bl, h_BlCv = _impose(known, *_draw_tokens(logits_BlV, **draw), codebook_VCv)
             h_BCvpp = h_BlCv.transpose(1, 2).reshape(B, -1, p, p).to(f_hat.device)
@@ -215,7 +243,8 @@ def sample_scales(
             return stage.f_hat_BChw
         f_hat = stage.f_hat_BChw
         if si < S - 1:  # one input row per image: both guidance rows read it (as released)
-            tokens_BlCv = area_down(f_hat, pn[si + 1]).flatten(2).transpose(1, 2).to(device)
+            prev_input_BCqq, input_BCpp = input_BCpp, area_down(f_hat, pn[si + 1])
+            tokens_BlCv = input_BCpp.flatten(2).transpose(1, 2).to(device)
     return f_hat
 
 
@@ -258,7 +287,7 @@ def _maskgit_steps(num_tokens: int, num_iters: int, batch: int, generator, devic
     return steps
 
 
-def _last_scale(transformer, state, tokens_BLCv, f_hat, *, t, known, forced, num_maskgit_iters, draw):
+def _last_scale(transformer, state, tokens_BLCv, f_hat, *, t, known, forced, num_maskgit_iters, draw, pivotal_Bk):
     """The last scale: tokens (optionally over MaskGIT steps) plus the residual diffusion.
 
     Returns the final f-hat, the scale's tokens and its guided logits (None after several steps)."""
@@ -270,7 +299,8 @@ def _last_scale(transformer, state, tokens_BLCv, f_hat, *, t, known, forced, num
     logits_BLV = None
     for pred_Bn in _maskgit_steps(P * P, num_maskgit_iters, B, draw["generator"], device):
         x_BnCv = tokens_BLCv.gather(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv))
-        hidden_2BnC, logits_2BnV = transformer.scale_step(state, si, x_BnCv, index_Bl=pred_Bn)
+        hidden_2BnC, logits_2BnV = transformer.scale_step(  # pruning: one step over the whole map
+            state, si, x_BnCv, index_Bl=None if pivotal_Bk is not None else pred_Bn, pivotal_Bk=pivotal_Bk)
         logits_BnV = forced.process_logits(si, _guide(logits_2BnV, t))
         step_known = None if known is None else tuple(k.to(device).gather(1, pred_Bn) for k in known)
         idx_Bn, h_BnCv = _impose(step_known, *_draw_tokens(logits_BnV, **draw), codebook_VCv)

@@ -13,7 +13,9 @@ from hart import limits, rng
 from hart.models.quantizer import area_down
 from hart.models.tokenizer import HybridTokenizer
 from hart.models.transformer import HARTTransformer
-from hart.sampling import ForcedTokens, SamplingOptions, StageOutput, sample_scales
+from hart.pruning import pruned_scales
+from hart.quantize import quantize_transformer_int8
+from hart.sampling import COMPACT_TEXT, ForcedTokens, SamplingOptions, StageOutput, sample_scales
 from hart.text import SYSTEM_PROMPT, TextConditioning, check_prompts, encode_prompts
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -138,8 +140,16 @@ class HARTPipeline(DiffusionPipeline):
         unknown = set(callback_on_step_end_tensor_inputs or ()) - set(CALLBACK_TENSORS)
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` has unknown names {sorted(unknown)}; allowed: {CALLBACK_TENSORS}.")
+        if options.prune < 1 and not pruned_scales(self.transformer.patch_nums, options.prune):
+            raise ValueError(f"`prune` needs at least three scales; this transformer has {self.transformer.patch_nums}.")
         rng.check_generator(generator, len(prompts) * num_images_per_prompt)
         return prompts, negatives
+
+    def quantize_int8(self) -> "HARTPipeline":
+        """int8 weights and per-token int8 activations for the transformer blocks (`hart.quantize`,
+        needs torchao), in place and irreversibly: for CPUs without native bf16. Returns the pipeline."""
+        quantize_transformer_int8(self.transformer.eval())
+        return self
 
     # ---- the pieces of a call ----------------------------------------------------------------
     def encode_prompt(
@@ -237,6 +247,8 @@ class HARTPipeline(DiffusionPipeline):
         max_sequence_length: Optional[int] = None,
         stale_last_scale_guidance: bool = limits.STALE_LAST_SCALE_GUIDANCE,
         num_maskgit_iters: int = limits.NUM_MASKGIT_ITERS,
+        prune: float = 1.0,
+        compact_text: bool = COMPACT_TEXT,
     ):
         r"""Generate images from text.
 
@@ -268,6 +280,11 @@ class HARTPipeline(DiffusionPipeline):
             stale_last_scale_guidance: reproduce the release's last-scale guidance weight
                 (`w (S-2)/(S-1)`, True) or use the full `w` (False).
             num_maskgit_iters: MaskGIT steps at the last scale (1, as released).
+            prune: the fraction of tokens forwarded at the two largest scales, the others restored from
+                the scale before (`hart.pruning`); 1.0 (default) is off, 0.5 the usual value. Faster,
+                changes images slightly; needs `num_maskgit_iters` 1.
+            compact_text: attend to each prompt's distinct text positions plus one weighted key for its
+                padding (`hart.text_keys`) instead of all of them: the same images up to float rounding.
 
         Returns:
             `ImagePipelineOutput` with `.images`, or a tuple `(images,)`.
@@ -276,6 +293,7 @@ class HARTPipeline(DiffusionPipeline):
         options = SamplingOptions(
             guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
             stale_last_scale_guidance=stale_last_scale_guidance, num_maskgit_iters=num_maskgit_iters,
+            prune=prune, compact_text=compact_text,
         )
         prompts, negatives = self.check_inputs(
             prompt, negative_prompt, num_images_per_prompt, options=options, output_type=output_type,

@@ -68,10 +68,46 @@ def test_analytic_flops_equal_the_counted_sampling():
     tcfg = dict(pipe.transformer.config)
     cond = bench.random_text_conditioning(1, tcfg["context_tokens"], tcfg["context_dim"], "cpu")
     with torch.no_grad(), bench.flop_counter() as counter:
-        sample_scales(pipe.transformer, pipe.vae.quantize, cond, more_smooth=True,
-                            generator=torch.Generator().manual_seed(0))
+        sample_scales(pipe.transformer, pipe.vae.quantize, cond, more_smooth=True, compact_text=False,
+                      generator=torch.Generator().manual_seed(0))
     flops = bench.analytic_flops(tcfg, dict(pipe.vae.config))
     assert counter.get_total_flops() == flops["transformer"] + flops["diffusion"]
+
+
+def test_analytic_flops_follow_text_compaction_and_pruning():
+    pipe = bench.build_pipeline("tiny", torch.float32, torch.device("cpu"), random_text_features=True)
+    tcfg = dict(pipe.transformer.config)
+    cond = bench.random_text_conditioning(1, tcfg["context_tokens"], tcfg["context_dim"], "cpu")
+    with torch.no_grad(), bench.flop_counter() as counter:
+        sample_scales(pipe.transformer, pipe.vae.quantize, cond, more_smooth=True, compact_text=True, prune=0.5,
+                      generator=torch.Generator().manual_seed(0))
+    # the random features repeat one padding feature, as a text model does: the real tokens plus one key
+    flops = bench.analytic_flops(tcfg, dict(pipe.vae.config), text_tokens=bench.RANDOM_TEXT_TOKENS + 1, keep=0.5)
+    assert counter.get_total_flops() == flops["transformer"] + flops["diffusion"]
+    assert flops["transformer"] < bench.analytic_flops(tcfg, dict(pipe.vae.config))["transformer"]
+
+
+def test_compare_times_plain_exact_and_fast_in_one_run(tmp_path, capsys):
+    assert main(["benchmark", "--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--compare", "--warmup", "0",
+                 "--iters", "1", "--random-text-features", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert result["compare"] is True
+    runs = {run["name"]: run for run in result["runs"]}
+    assert list(runs) == ["plain", "exact", "fast"]
+    plain, exact, fast = runs["plain"]["options"], runs["exact"]["options"], runs["fast"]["options"]
+    assert plain == dict(compact_text=False, prune=1.0, int8=False, compile=False)
+    assert exact == dict(plain, compact_text=True)
+    assert fast["compact_text"] and fast["prune"] == 0.5
+    assert runs["plain"]["speedup"] == 1.0
+    for run in runs.values():
+        assert run["speedup"] == pytest.approx(runs["plain"]["latency_s"] / run["latency_s"])
+        assert set(run["stages_s"]) >= {"text_encoding", "transformer", "diffusion", "decoding", "other"}
+        assert 0 < run["fraction_of_matmul_peak"]["transformer"]
+    # each run's share of the peak counts the work it does: fewer text keys, fewer tokens
+    assert runs["plain"]["flops_per_image"]["transformer"] > runs["exact"]["flops_per_image"]["transformer"] \
+        > runs["fast"]["flops_per_image"]["transformer"]
+    out = capsys.readouterr().out
+    assert "exact (" in out and "x plain" in out
 
 
 def test_bad_configuration_is_a_clear_error(tmp_path, capsys):

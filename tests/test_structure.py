@@ -145,7 +145,8 @@ def _every_argument(pipe):
         output_type="pt", return_dict=False, callback_on_step_end=lambda p, si, side, t: {},
         callback_on_step_end_tensor_inputs=["idx"], use_system_prompt=False,
         max_sequence_length=pipe.transformer.config.context_tokens,
-        stale_last_scale_guidance=not limits.STALE_LAST_SCALE_GUIDANCE, num_maskgit_iters=2,
+        stale_last_scale_guidance=not limits.STALE_LAST_SCALE_GUIDANCE, num_maskgit_iters=2, prune=0.5,
+        compact_text=not SamplingOptions().compact_text,
     )
     names = set(inspect.signature(HARTPipeline.__call__).parameters) - {"self", "prompt"}
     assert set(args) == names, "a new HARTPipeline.__call__ argument: add it here"

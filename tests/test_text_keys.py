@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hart.models.transformer as transformer_module
+from hart import sampling
 from hart.sampling import sample_scales
 from hart.text import TextConditioning
 from hart.text_keys import attention_bias, compact_text
@@ -83,45 +83,24 @@ def test_bad_inputs_fail_clearly():
 
 # ---- on the fixture model: the compacted text gives the same latent as the full 300 positions ----
 
-@pytest.fixture
-def with_key_bias(monkeypatch, fixture_pipe):
-    """Runs the fixture transformer with a text key bias, as the scale loop will once it is wired in."""
-    transformer = fixture_pipe.transformer
-    state = {"bias": None}
-    inner = transformer_module.attention
-
-    def biased(q, k, v, scale, mask_LL=None):
-        if state["bias"] is not None and mask_LL is None:
-            mask_LL = attention_bias(state["bias"], k.shape[2], q.dtype)
-        return inner(q, k, v, scale, mask_LL)
-
-    def embed_any_length(context_BTC):
-        return transformer.context_embed(transformer.context_norm(context_BTC.to(transformer.context_embed.weight.dtype)))
-
-    monkeypatch.setattr(transformer_module, "attention", biased)
-    monkeypatch.setattr(transformer, "embed_context", embed_any_length)
-    return state
-
-
-def _sample(pipe, cond, uncond, seed=0):
+def _sample(pipe, cond, uncond, seed=0, **options):
     """(latent, per-scale token maps, per-scale guided logits) of one seeded sampling call."""
     g = [torch.Generator().manual_seed(seed + i) for i in range(cond.batch_size)]
     stages = []
     latent = sample_scales(pipe.transformer, pipe.vae.quantize, cond, uncond, guidance_scale=4.5, generator=g,
-                           more_smooth=True, callback=stages.append)
+                           more_smooth=True, callback=stages.append, **options)
     return latent, [s.idx_Bl for s in stages], [s.logits_BlV for s in stages]
 
 
 @pytest.mark.parametrize("negative", [False, True])
-def test_compacted_text_gives_the_same_tokens_latent_and_image(fixture_pipe, with_key_bias, negative):
+def test_compacted_text_gives_the_same_tokens_latent_and_image(fixture_pipe, negative):
     pipe = fixture_pipe
     cond = pipe.encode_prompt(["a red cube on a table", "two circles"])
     T, D = cond.features_BTC.shape[1:]
     uncond = pipe.encode_prompt(["blurry", "blurry"]) if negative else TextConditioning.unconditional(2, T, D, "cpu")
-    full, full_idx, full_logits = _sample(pipe, cond, uncond)
-    c, u, with_key_bias["bias"] = compact_text(cond, uncond)
-    assert c.features_BTC.shape[1] < T // 10  # the fixture's prompts have 6 and 2 tokens of 300
-    compact, compact_idx, compact_logits = _sample(pipe, c, u)
+    assert compact_text(cond, uncond)[0].features_BTC.shape[1] < T // 10  # the prompts have 6 and 2 tokens of 300
+    full, full_idx, full_logits = _sample(pipe, cond, uncond, compact_text=False)
+    compact, compact_idx, compact_logits = _sample(pipe, cond, uncond, compact_text=True)
     # The same up to float32 rounding (the softmax sums fewer, weighted terms): a few ulps in the logits
     # (|logits| ~ 30) at scale 0, growing through the scales and the gumbel softmax at tau 0.005.
     for si, (a, b) in enumerate(zip(compact_idx, full_idx)):
@@ -132,12 +111,17 @@ def test_compacted_text_gives_the_same_tokens_latent_and_image(fixture_pipe, wit
     torch.testing.assert_close(pipe.decode_latent(compact), pipe.decode_latent(full), rtol=1e-3, atol=1e-3)
 
 
-def test_cutting_the_padding_without_the_bias_changes_the_image(fixture_pipe, with_key_bias):
+def test_cutting_the_padding_without_the_bias_changes_the_image(fixture_pipe, monkeypatch):
     """Why the bias: the released model attends to its padding, so plain trimming is not exact."""
     pipe = fixture_pipe
     cond = pipe.encode_prompt(["a red cube on a table", "two circles"])
     T, D = cond.features_BTC.shape[1:]
-    full = _sample(pipe, cond, TextConditioning.unconditional(2, T, D, "cpu"))[0]
+    uncond = TextConditioning.unconditional(2, T, D, "cpu")
+    full = _sample(pipe, cond, uncond, compact_text=False)[0]
     n = int(cond.mask_BT.sum(1).max())
-    cut = TextConditioning(*(t[:, :n] for t in cond))
-    assert (_sample(pipe, cut, TextConditioning.unconditional(2, n, D, "cpu"))[0] - full).abs().max() > 0.1
+
+    def cut_without_bias(c, u):
+        return TextConditioning(*(t[:, :n] for t in c)), TextConditioning(*(t[:, :n] for t in u)), torch.zeros(4, n)
+
+    monkeypatch.setattr(sampling, "compact_text", cut_without_bias)
+    assert (_sample(pipe, cond, uncond, compact_text=True)[0] - full).abs().max() > 0.1

@@ -1,8 +1,9 @@
-"""Scaled dot-product attention: torch SDPA everywhere, xformers on CUDA when it is installed."""
+"""Scaled dot-product attention (torch SDPA everywhere, xformers on CUDA when it is installed) and the
+inference KV cache."""
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,41 @@ def _xformers_ops():
 def attention(
     q_BHLd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor, scale: float, mask_LL: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Attention of q over k/v; `mask_LL` is a boolean (L, S) "may attend" mask or None (no mask)."""
+    """Attention of q over k/v; `mask_LL` is a boolean "may attend" mask or an additive one in q's dtype,
+    broadcastable to (B, H, L, S), or None (no mask)."""
     if mask_LL is None and q_BHLd.is_cuda and _HAS_XFORMERS and q_BHLd.dtype in (torch.float16, torch.bfloat16):
         out = _xformers_ops().memory_efficient_attention(
             q_BHLd.transpose(1, 2), k_BHSd.transpose(1, 2), v_BHSd.transpose(1, 2), scale=scale
         )
         return out.transpose(1, 2)
     return F.scaled_dot_product_attention(q_BHLd, k_BHSd, v_BHSd, attn_mask=mask_LL, scale=scale)
+
+
+class KVCache:
+    """Per-layer keys and values (after RoPE) of the scales run so far in one sampling call.
+
+    Buffers for the whole sequence are allocated at the first call, so each scale writes in place
+    instead of re-copying every earlier scale.
+    """
+
+    def __init__(self, depth: int, max_len: int):
+        self.max_len = max_len
+        self.k: List[Optional[torch.Tensor]] = [None] * depth
+        self.v: List[Optional[torch.Tensor]] = [None] * depth
+        self.len = [0] * depth
+
+    # Kept out of torch.compile graphs: tracing it would guard on the cache's Python state (allocated
+    # or not, filled length), so every scale of every layer would compile again.
+    @torch.compiler.disable
+    def extend(self, layer: int, k_BHld: torch.Tensor, v_BHld: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is None:
+            B, H, _, d = k_BHld.shape
+            self.k[layer] = k_BHld.new_empty(B, H, self.max_len, d)
+            self.v[layer] = v_BHld.new_empty(B, H, self.max_len, d)
+        start, end = self.len[layer], self.len[layer] + k_BHld.shape[2]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} positions")
+        self.k[layer][:, :, start:end] = k_BHld
+        self.v[layer][:, :, start:end] = v_BHld
+        self.len[layer] = end
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

@@ -18,9 +18,12 @@ from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
-from hart.models.attention import attention
+from hart.models.attention import KVCache, attention
 from hart.models.diffusion import DiffusionHead
+from hart.models.rope import Rope, apply_rope, image_positions
+from hart.pruning import BranchCache
 from hart.text import TextConditioning
+from hart.text_keys import attention_bias
 
 
 class RMSNorm(nn.Module):
@@ -35,92 +38,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight.to(x.dtype) * y.to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x_BHLd: torch.Tensor, cos_BLd: torch.Tensor, sin_BLd: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos_BLd.unsqueeze(1).to(x_BHLd.dtype), sin_BLd.unsqueeze(1).to(x_BHLd.dtype)
-    return x_BHLd * cos + rotate_half(x_BHLd) * sin
-
-
-class Rope:
-    """Rotary angles: 1-D for text tokens, the reference's 2-D variant for image tokens.
-
-    The 2-D angles are `[a*g, a*g, b*g, b*g]` in four blocks and are applied with the same
-    rotate-half as 1-D, so dim d pairs with d + hd/2, which carries the other axis' angle. That is
-    not a true rotation, but the released weights were trained with it (docs/architecture.md).
-    """
-
-    def __init__(self, head_dim: int, base: float):
-        self.head_dim = head_dim
-        self.inv_freq_1d = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        half = head_dim // 2
-        self.inv_freq_2d = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))
-
-    def text(self, pos_BT: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        ang = pos_BT.float().unsqueeze(-1) * self.inv_freq_1d.to(pos_BT.device, non_blocking=True)
-        ang = torch.cat([ang, ang], dim=-1)
-        return ang.cos(), ang.sin()
-
-    def image(self, a_Bl: torch.Tensor, b_Bl: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        g = self.inv_freq_2d.to(a_Bl.device)
-        ang_a, ang_b = a_Bl.unsqueeze(-1) * g, b_Bl.unsqueeze(-1) * g
-        ang = torch.cat([ang_a, ang_a, ang_b, ang_b], dim=-1)
-        return ang.cos(), ang.sin()
-
-
-def image_positions(
-    side: int, final_side: int, offset_B: torch.Tensor, index_Bl: Optional[torch.Tensor] = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """2-D RoPE coordinates of the tokens of one `side` x `side` scale (row-major).
-
-    Coordinates live on the final grid: `(r / side) * final_side`, divided before multiplying, in
-    fp32, plus the row's last text position on both axes, as released. `index_Bl` selects tokens.
-    """
-    k = torch.arange(side * side, device=offset_B.device)
-    r = torch.div(k, side, rounding_mode="floor").float()
-    c = (k % side).float()
-    a = (r / side) * final_side
-    b = (c / side) * final_side
-    a_Bl = a.unsqueeze(0) + offset_B.float().unsqueeze(1)
-    b_Bl = b.unsqueeze(0) + offset_B.float().unsqueeze(1)
-    if index_Bl is not None:
-        a_Bl, b_Bl = a_Bl.gather(1, index_Bl), b_Bl.gather(1, index_Bl)
-    return a_Bl, b_Bl
-
-
-class KVCache:
-    """Per-layer keys and values (after RoPE) of the scales run so far in one sampling call.
-
-    Buffers for the whole sequence are allocated at the first call, so each scale writes in place
-    instead of re-copying every earlier scale.
-    """
-
-    def __init__(self, depth: int, max_len: int):
-        self.max_len = max_len
-        self.k: List[Optional[torch.Tensor]] = [None] * depth
-        self.v: List[Optional[torch.Tensor]] = [None] * depth
-        self.len = [0] * depth
-
-    # Kept out of torch.compile graphs: tracing it would guard on the cache's Python state (allocated
-    # or not, filled length), so every scale of every layer would compile again.
-    @torch.compiler.disable
-    def extend(self, layer: int, k_BHld: torch.Tensor, v_BHld: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.k[layer] is None:
-            B, H, _, d = k_BHld.shape
-            self.k[layer] = k_BHld.new_empty(B, H, self.max_len, d)
-            self.v[layer] = v_BHld.new_empty(B, H, self.max_len, d)
-        start, end = self.len[layer], self.len[layer] + k_BHld.shape[2]
-        if end > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} positions")
-        self.k[layer][:, :, start:end] = k_BHld
-        self.v[layer][:, :, start:end] = v_BHld
-        self.len[layer] = end
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class SelfAttention(nn.Module):
@@ -182,12 +99,19 @@ class AdaLNBlock(nn.Module):
         """`(B, 1, 6, C)` gates, scales and shifts: text only, so computed once per sampling call."""
         return self.ada_lin(cond_BD).view(cond_BD.shape[0], 1, 6, -1)
 
-    def forward(self, x_BLC, ada_B16C, rope_cos_sin, mask_LL=None, *, cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x_BLC, ada_B16C, rope_cos_sin, mask_LL=None, *, cache: Optional[KVCache] = None, layer: int = 0,
+                branches: Optional[BranchCache] = None):
+        """`branches` (token pruning) runs both branches on its pivotal tokens only; the residual stream,
+        norms and modulation stay full size."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B16C.to(x_BLC.dtype).unbind(2)
+
+        def attn(h):
+            return self.attn(h, rope_cos_sin, mask_LL, cache=cache, layer=layer)
+
         h = self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1
-        x_BLC = x_BLC + gamma1 * self.attn(h, rope_cos_sin, mask_LL, cache=cache, layer=layer)
+        x_BLC = x_BLC + gamma1 * (attn(h) if branches is None else branches.run((layer, "attn"), h, attn))
         h = self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2
-        return x_BLC + gamma2 * self.ffn(h)
+        return x_BLC + gamma2 * (self.ffn(h) if branches is None else branches.run((layer, "ffn"), h, self.ffn))
 
 
 class AdaLNHead(nn.Module):
@@ -215,6 +139,8 @@ class InferenceState:
     head_cond_BD: torch.Tensor
     offset_B: torch.Tensor  # each row's last text position: where the image positions start
     cache: KVCache
+    text_key_bias_NT: Optional[torch.Tensor] = None  # compacted text (hart.text_keys): its key bias
+    branches: Optional[BranchCache] = None  # token pruning: recorded and restored branch outputs
 
 
 class HARTTransformer(ModelMixin, ConfigMixin):
@@ -271,9 +197,11 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         return tuple(self.config.patch_nums)
 
     # ---- conditioning and blocks, shared by training and inference ---------------------------
-    def _embed_context(self, context_BTC: torch.Tensor) -> torch.Tensor:
-        """Text features -> `cond_BTD`: the text input tokens and the AdaLN conditioning source."""
-        if context_BTC.shape[1:] != (self.config.context_tokens, self.config.context_dim):
+    def _embed_context(self, context_BTC: torch.Tensor, compacted: bool = False) -> torch.Tensor:
+        """Text features -> `cond_BTD`: the text input tokens and the AdaLN conditioning source.
+        `compacted` text (hart.text_keys) may have fewer positions than the model's context."""
+        T = context_BTC.shape[1] if compacted and context_BTC.shape[1] <= self.config.context_tokens else None
+        if context_BTC.shape[1:] != (T or self.config.context_tokens, self.config.context_dim):
             raise ValueError(
                 f"text features must have shape (B, {self.config.context_tokens}, {self.config.context_dim}), "
                 f"got {tuple(context_BTC.shape)}: is the text encoder the one this model was trained with?"
@@ -289,14 +217,15 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         m = mask_BT.to(cond_BTD.dtype).unsqueeze(-1)
         return (cond_BTD * m).sum(1) / m.sum(1).clamp(min=1), cond_max
 
-    def _run_blocks(self, x_BLC, modulations, rope_cos_sin, mask_LL=None, *, cache: Optional[KVCache] = None):
+    def _run_blocks(self, x_BLC, modulations, rope_cos_sin, mask_LL=None, *, cache: Optional[KVCache] = None,
+                    branches: Optional[BranchCache] = None):
         for i, (block, ada_B16C) in enumerate(zip(self.blocks, modulations)):
             if self.gradient_checkpointing and self.training:
                 x_BLC = torch.utils.checkpoint.checkpoint(
                     block, x_BLC, ada_B16C, rope_cos_sin, mask_LL, use_reentrant=False
                 )
             else:
-                x_BLC = block(x_BLC, ada_B16C, rope_cos_sin, mask_LL, cache=cache, layer=i)
+                x_BLC = block(x_BLC, ada_B16C, rope_cos_sin, mask_LL, cache=cache, layer=i, branches=branches)
         return x_BLC
 
     def _logits(self, hidden_BLC: torch.Tensor, head_cond_BD: torch.Tensor) -> torch.Tensor:
@@ -357,10 +286,17 @@ class HARTTransformer(ModelMixin, ConfigMixin):
     # Model offload (diffusers' enable_model_cpu_offload) moves a model to the device when its
     # `forward` runs; `apply_forward_hook` gives these entry points the same hook.
     @apply_forward_hook
-    def prepare_inference(self, text: TextConditioning) -> InferenceState:
+    def prepare_inference(
+        self, text: TextConditioning, *, text_key_bias_NT: Optional[torch.Tensor] = None, record_from: Optional[int] = None,
+    ) -> InferenceState:
         """Everything the scales of one sampling call share: the text tokens (scale 0's input), the
-        AdaLN modulations (they depend on the text only) and an empty KV cache."""
-        cond_BTD = self._embed_context(text.features_BTC)
+        AdaLN modulations (they depend on the text only) and an empty KV cache.
+
+        `text_key_bias_NT`: the text was compacted by `hart.text_keys.compact_text`, which gave this
+        key bias. `record_from`: token pruning is on; the scales from this one on record their
+        blocks' branch outputs (`hart.pruning.BranchCache`).
+        """
+        cond_BTD = self._embed_context(text.features_BTC, compacted=text_key_bias_NT is not None)
         cond_blocks, head_cond_BD = self._pool_condition(cond_BTD, text.mask_BT)
         return InferenceState(
             text_BTC=cond_BTD + self.lvl_embed.weight[0],
@@ -369,12 +305,14 @@ class HARTTransformer(ModelMixin, ConfigMixin):
             head_cond_BD=head_cond_BD,
             offset_B=text.position_ids_BT[:, -1],
             cache=KVCache(len(self.blocks), self.config.context_tokens + sum(p * p for p in self.patch_nums[1:])),
+            text_key_bias_NT=text_key_bias_NT,
+            branches=None if record_from is None else BranchCache(record_from),
         )
 
     @apply_forward_hook
     def scale_step(
         self, state: InferenceState, si: int, tokens_BlCv: Optional[torch.Tensor] = None, *,
-        index_Bl: Optional[torch.Tensor] = None,
+        index_Bl: Optional[torch.Tensor] = None, pivotal_Bk: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Run scale `si` against the KV cache (scales 0..si-1 must have run): `(hidden_BlC, logits_BlV)`.
 
@@ -382,17 +320,36 @@ class HARTTransformer(ModelMixin, ConfigMixin):
         is returned. Scale si >= 1 reads `tokens_BlCv`, f-hat area-downsampled to p x p (latent channels),
         at the positions `index_Bl` of its row-major map (None: all, in order). Every text row of an
         image (conditional and unconditional under guidance) reads that image's one token row, as released.
+        `pivotal_Bk` (token pruning, the whole map given): only these tokens run the blocks' branches.
         """
         if si == 0:
-            hidden_BLC = self._run_blocks(state.text_BTC, state.modulations, state.text_rope, cache=state.cache)
-            hidden_BlC = hidden_BLC[:, -1:]
-        else:
-            rows, B = state.offset_B.shape[0], tokens_BlCv.shape[0]
-            if rows % B:
-                raise ValueError(f"{B} token rows for {rows} text rows: give one per image or one per text row")
-            x_BlC = self.word_embed(tokens_BlCv.to(self.word_embed.weight.dtype)) + self.lvl_embed.weight[si]
-            x_BlC = x_BlC.repeat(rows // B, 1, 1)
-            index_Bl = None if index_Bl is None else index_Bl.repeat(rows // B, 1)
-            positions = image_positions(self.patch_nums[si], self.patch_nums[-1], state.offset_B, index_Bl)
-            hidden_BlC = self._run_blocks(x_BlC, state.modulations, self.rope.image(*positions), cache=state.cache)
+            mask = self._key_bias(state, state.text_BTC.shape[1])
+            hidden_BLC = self._run_blocks(state.text_BTC, state.modulations, state.text_rope, mask, cache=state.cache)
+            return hidden_BLC[:, -1:], self._logits(hidden_BLC[:, -1:], state.head_cond_BD)
+        rows, B = state.offset_B.shape[0], tokens_BlCv.shape[0]
+        if rows % B:
+            raise ValueError(f"{B} token rows for {rows} text rows: give one per image or one per text row")
+        x_BlC = self.word_embed(tokens_BlCv.to(self.word_embed.weight.dtype)) + self.lvl_embed.weight[si]
+        x_BlC = x_BlC.repeat(rows // B, 1, 1)
+        # branch outputs are recorded (and restored) over whole token maps only: not at MaskGIT steps
+        whole = index_Bl is None and state.branches is not None and si >= state.branches.record_from
+        branches = state.branches if whole else None
+        if pivotal_Bk is not None:
+            if branches is None or index_Bl is not None:
+                raise ValueError("pivotal tokens need pruning set up in prepare_inference and the whole token map")
+            index_Bl = pivotal_Bk
+        index_Bl = None if index_Bl is None else index_Bl.repeat(rows // B, 1)
+        if branches is not None:
+            branches.start_scale(self.patch_nums[si], index_Bl if pivotal_Bk is not None else None)
+        positions = image_positions(self.patch_nums[si], self.patch_nums[-1], state.offset_B, index_Bl)
+        mask = self._key_bias(state, x_BlC.shape[1] if index_Bl is None else index_Bl.shape[1])
+        hidden_BlC = self._run_blocks(
+            x_BlC, state.modulations, self.rope.image(*positions), mask, cache=state.cache, branches=branches
+        )
         return hidden_BlC, self._logits(hidden_BlC, state.head_cond_BD)
+
+    def _key_bias(self, state: InferenceState, new_keys: int) -> Optional[torch.Tensor]:
+        """The additive attention mask of compacted text over the cache after `new_keys` join it."""
+        if state.text_key_bias_NT is None:
+            return None
+        return attention_bias(state.text_key_bias_NT, state.cache.len[0] + new_keys, state.text_BTC.dtype)

@@ -1,0 +1,131 @@
+"""The scale loop's speed options: exact text-key compaction and cached token pruning."""
+import pytest
+import torch
+
+from hart.loading import load_official_tokenizer, load_official_transformer
+from hart.pruning import num_kept, pruned_scales
+from hart.sampling import SamplingOptions, sample_scales
+from hart.text import TextConditioning
+from tests.utils import assert_close
+
+
+@pytest.fixture(scope="module")
+def models(fixtures):
+    return load_official_transformer(fixtures / "ckpt" / "llm"), load_official_tokenizer(fixtures / "ckpt" / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def cond(recorded):
+    inputs = recorded("generation/inputs")
+    return TextConditioning(inputs["label_B"][:2], inputs["context_mask"][:2], inputs["context_position_ids"][:2])
+
+
+def _sample(models, cond, seed=0, **options):
+    transformer, vae = models
+    return sample_scales(transformer, vae.quantize, cond, guidance_scale=4.5,
+                         generator=torch.Generator().manual_seed(seed), **options)
+
+
+def test_compacted_text_gives_the_same_latent(models, cond):
+    assert cond.mask_BT.sum(1).max() < cond.mask_BT.shape[1]  # the fixture prompts are padded
+    full = _sample(models, cond, compact_text=False)
+    compact = _sample(models, cond, compact_text=True)
+    assert_close(compact, full, 1e-4, "f_hat")
+
+
+def test_pruning_that_keeps_every_token_changes_nothing(models, cond):
+    """With every token pivotal the pruned scales run through gather, restore and the branch cache,
+    and must give the unpruned latent: the bookkeeping (indices, RoPE, KV cache) is right."""
+    transformer, _ = models
+    keep = 0.999
+    assert pruned_scales(transformer.patch_nums, keep)
+    assert all(num_kept(p, keep) == p * p for p in transformer.patch_nums)
+    assert_close(_sample(models, cond, prune=keep), _sample(models, cond), 1e-4, "f_hat")
+
+
+def test_pruning_forwards_only_the_kept_tokens(models, cond, monkeypatch):
+    transformer, _ = models
+    pn, keep = transformer.patch_nums, 0.5
+    pruned = pruned_scales(pn, keep)
+    seen = []
+    original = transformer.blocks[0].attn.forward
+    monkeypatch.setattr(transformer.blocks[0].attn, "forward",
+                        lambda x, *a, **k: seen.append(x.shape[1]) or original(x, *a, **k))
+    latent = _sample(models, cond, prune=keep)
+    assert seen[0] < cond.mask_BT.shape[1]  # text compaction is on by default: fewer text positions
+    assert seen[1:] == [num_kept(p, keep) if si in pruned else p * p for si, p in enumerate(pn) if si > 0]
+    unpruned = _sample(models, cond)
+    assert latent.shape == unpruned.shape and torch.isfinite(latent).all()
+    assert not torch.equal(latent, unpruned)  # half the tokens at the largest scales: a different image
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(prune=0.0), "prune"), (dict(prune=1.5), "prune"), (dict(prune=True), "prune"),
+    (dict(prune="0.5"), "prune"),
+    (dict(compact_text=1), "compact_text"),
+])
+def test_bad_speed_options_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingOptions(**settings)
+
+
+def test_pruning_under_maskgit_leaves_the_last_scale_whole(models, cond, monkeypatch):
+    transformer, _ = models
+    pn, keep = transformer.patch_nums, 0.5
+    seen = []
+    original = transformer.blocks[0].ffn.forward
+    monkeypatch.setattr(transformer.blocks[0].ffn, "forward", lambda x: seen.append(x.shape[1]) or original(x))
+    _sample(models, cond, prune=keep, num_maskgit_iters=2)
+    assert seen[len(pn) - 2] == num_kept(pn[-2], keep)  # the second largest scale is pruned
+    assert sum(seen[len(pn) - 1:]) == pn[-1] ** 2  # the last scale's MaskGIT steps forward every token once
+
+
+def test_generate_flags_reach_the_pipeline_and_the_metadata(fixtures, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from hart.cli import main
+    from hart.cli_args import METADATA_KEY
+    from hart.device import auto_dtype
+
+    model = ["--model", str(fixtures / "ckpt"), "--text-encoder", str(fixtures / "ckpt" / "text_encoder")]
+    out = tmp_path / "out"
+    assert main(["generate", "a cat", "--prune", "--no-compact-text", "--dtype", "auto", "--device", "cpu",
+                 "--out", str(out), *model]) == 0
+    assert f"--dtype auto: {auto_dtype('cpu').reason}" in capsys.readouterr().err
+    meta = json.loads(Image.open(out / "00000_00.png").text[METADATA_KEY])
+    assert (meta["prune"], meta["compact_text"], meta["dtype"], meta["int8"]) == (0.5, False, auto_dtype("cpu").name, False)
+    again = tmp_path / "again"
+    assert main(["generate", "--from-png", str(out / "00000_00.png"), "--out", str(again)]) == 0
+    assert Image.open(again / "00000_00.png").tobytes() == Image.open(out / "00000_00.png").tobytes()
+    assert main(["generate", "a cat", "--prune", "0", "--out", str(tmp_path / "bad"), *model]) == 2
+    assert "--prune" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_int8_flag_quantizes_or_names_the_missing_extra(fixtures, tmp_path, capsys):
+    import importlib.util
+    import json
+
+    from PIL import Image
+
+    from hart.cli import main
+    from hart.cli_args import METADATA_KEY
+
+    model = ["--model", str(fixtures / "ckpt"), "--text-encoder", str(fixtures / "ckpt" / "text_encoder")]
+    out = tmp_path / "out"
+    status = main(["generate", "a cat", "--int8", "--device", "cpu", "--out", str(out), *model])
+    if importlib.util.find_spec("torchao") is None:
+        assert status == 2 and "--int8: int8 weights need torchao: pip install" in capsys.readouterr().err
+    else:
+        assert status == 0 and json.loads(Image.open(out / "00000_00.png").text[METADATA_KEY])["int8"] is True
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """cli_args keeps its own copies (`hart --help` imports no torch): they must not drift."""
+    from hart.cli_args import DEFAULT_PRUNE_KEEP, SAMPLING_DEFAULTS
+    from hart.pruning import DEFAULT_KEEP
+
+    defaults = SamplingOptions()
+    assert (SAMPLING_DEFAULTS["prune"], SAMPLING_DEFAULTS["compact_text"]) == (defaults.prune, defaults.compact_text)
+    assert DEFAULT_PRUNE_KEEP == DEFAULT_KEEP
