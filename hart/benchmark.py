@@ -66,7 +66,7 @@ _QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, 
                    num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
 _SCALES_256 = (1, 2, 3, 4, 5, 7, 9, 12, 16)
 _SCALES_512, _SCALES_1024 = (*_SCALES_256, 21, 27, 32), (*_SCALES_256, 21, 27, 36, 48, 64)
-# The released 0.7B architecture (spec section 7; num_heads presumed 24, head dim 64).
+# The released 0.7B architecture (num_heads presumed 24, head dim 64: no shape depends on it).
 _HART_0_7B = dict(context_tokens=300, context_dim=1536, embed_dim=1536, depth=16, num_heads=24, vocab_size=4096,
                   latent_channels=32, use_context_norm=True, diff_width=1024, diff_depth=6)
 CONFIGS: Dict[str, BenchConfig] = {
@@ -189,8 +189,10 @@ def analytic_flops(t: dict, vae: dict, text_tokens: Optional[int] = None, keep: 
             f += 2 * T * 2 * t["context_dim"] * C + 2 * t["depth"] * 2 * C * 6 * C  # context_embed, blocks' AdaLN
         f += phi + pn[si + 1] ** 2 * 2 * Cv * C if si < S - 1 else 2 * p * p * 2 * Cv * C  # next input / diffusion condition
         scales.append(f)
-    per_step = 2 * (256 * W + W * W + Cv * W + t["diff_depth"] * 5 * W * W + 2 * W * W + W * 2 * Cv)  # per row
-    diffusion = 2 * P * P * (int(t["num_sampling_steps"]) * per_step + 2 * C * W)  # condition embedded once
+    # per row and step: timestep and condition embeddings (both at every step, as the head computes them),
+    # input, blocks, output
+    per_row = 2 * (256 * W + W * W + C * W + Cv * W + t["diff_depth"] * 5 * W * W + 2 * W * W + W * 2 * Cv)
+    diffusion = int(t["num_sampling_steps"]) * 2 * P * P * per_row
     return dict(transformer_scales=scales, transformer=sum(scales), diffusion=diffusion)
 
 
@@ -334,8 +336,8 @@ def _time_batch(clock: StageClock, runs: List[tuple], batch: int, warmup: int, i
 
 
 def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_sizes: Sequence[int] = (1,),
-                  warmup: int = 1, iters: int = 3, random_text_features: bool = False,
-                  compile_model: bool = False, *, compare: bool = False, int8: bool = False, prune: float = 1.0,
+                  warmup: int = 1, iters: int = 3, *, random_text_features: bool = False,
+                  compile_model: bool = False, compare: bool = False, int8: bool = False, prune: float = 1.0,
                   compact_text: bool = True) -> Dict[str, object]:
     """All figures of one configuration, dtype and device: one run per option set (`run_options`) and
     batch size (schema: module docstring)."""

@@ -19,7 +19,8 @@ def run_benchmark(args) -> int:
     _, device, dtype = device_and_dtype(args.device, args.dtype)
     try:
         result = bench.run_benchmark(args.config, dtype, str(device), args.batch_size or [1], args.warmup, args.iters,
-                                     args.random_text_features, args.compile, compare=args.compare, int8=args.int8,
+                                     random_text_features=args.random_text_features, compile_model=args.compile,
+                                     compare=args.compare, int8=args.int8,
                                      prune=args.prune, compact_text=args.compact_text)
     except bench.BenchmarkError as e:
         raise UsageError(str(e)) from None

@@ -1,7 +1,7 @@
 """Only real text keys: the text prefix without its duplicate padding positions, exactly.
 
 HART attends over all `context_tokens` (300) text positions, padding included: the released model
-never masks padding in attention, and max pooling reads it too (spec 2.4, 2.5 and 8). So simply
+never masks padding in attention, and max pooling reads it too (docs/architecture.md). So simply
 cutting the padding changes every image. But the padding positions of a row are *duplicates*: the
 text encoder gives every pad the same feature (checked with the fixture's Qwen2 under transformers 5;
 where an encoder does not, nothing is found to merge and nothing changes), and every pad has the same
