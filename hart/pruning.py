@@ -105,6 +105,8 @@ def gather_tokens(x_BlC: torch.Tensor, idx_Bk: torch.Tensor) -> torch.Tensor:
     return x_BlC.gather(1, idx_Bk.unsqueeze(-1).expand(-1, -1, x_BlC.shape[-1]))
 
 
+# Eager inside compiled blocks: area upsampling of a scale whose side is symbolic does not trace.
+@torch.compiler.disable
 def restore_tokens(forwarded_BkC: torch.Tensor, idx_Bk: torch.Tensor, cached_BqC: torch.Tensor, side: int) -> torch.Tensor:
     """The full `(B, side^2, C)` branch output: the previous scale's cached output upsampled, with the
     forwarded tokens written over it at `idx_Bk`."""

@@ -102,4 +102,5 @@ def test_gpu_check_script_falls_back_to_the_cpu(tmp_path):
     assert "no CUDA device" in proc.stdout and "not GPU figures" in proc.stdout
     result = json.loads((out / "benchmark.json").read_text())
     assert result["config"] == "tiny" and result["device"] == "cpu"
-    assert [r["batch_size"] for r in result["runs"]] == [1, 8]
+    assert sorted((r["name"], r["batch_size"]) for r in result["runs"]) == [
+        (name, b) for name in ("exact", "fast", "plain") for b in (1, 8)]  # --compare: compiled, pruned
