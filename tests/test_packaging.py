@@ -1,4 +1,5 @@
 """What `pip install .` puts into site-packages: one `hart` package, nothing top-level beside it."""
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -8,8 +9,14 @@ from tests.utils import REPO_ROOT
 
 def test_wheel_installs_only_the_hart_package(tmp_path):
     # The wheel is what `pip install .` unpacks into site-packages: its top-level names are the result.
+    # Built from a copy, so that the build's own folders (build/, *.egg-info) stay out of the repository.
+    source = tmp_path / "source"
+    for name in ("hart", "pipelines", "app"):
+        shutil.copytree(REPO_ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(REPO_ROOT)], check=True, capture_output=True)
+                    "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("hart-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
