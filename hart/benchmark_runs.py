@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 from typing import List
 
 import torch
@@ -20,7 +21,9 @@ def run_options(compare: bool, *, dtype: str, device: torch.device, compile_mode
         return [("single", options)]
     exact = dict(plain, compact_text=True, compile=compile_model)
     # int8 pays where bf16 does not: CPUs whose auto dtype is fp32 (hart.device), or when asked for
-    int8_fast = int8 or (device.type == "cpu" and dtype == "fp32" and auto_dtype(device).name == "fp32")
+    # (auto only where torchao, the optional `int8` extra, is installed)
+    int8_fast = int8 or (device.type == "cpu" and dtype == "fp32" and auto_dtype(device).name == "fp32"
+                         and importlib.util.find_spec("torchao") is not None)
     return [("plain", plain), ("exact", exact), ("fast", dict(exact, prune=DEFAULT_KEEP, int8=int8_fast))]
 
 
