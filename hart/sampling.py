@@ -237,7 +237,7 @@ def sample_scales(
             logits_BlV = forced.process_logits(si, _guide(logits_2BlV, t))
             idx_Bl, h_BlCv = _impose(known, *_draw_tokens(logits_BlV, **draw), codebook_VCv)
             h_BCvpp = h_BlCv.transpose(1, 2).reshape(B, -1, p, p).to(f_hat.device)
-            f_hat, _ = quantizer.next_scale_input(si, pn, f_hat, h_BCvpp)
+            f_hat = quantizer.add_scale(si, pn, f_hat, h_BCvpp)  # the next input is pooled after the callback
         stage = StageOutput(si, idx_Bl, logits_BlV, f_hat)
         if callback is not None and callback(stage) is False:
             return stage.f_hat_BChw

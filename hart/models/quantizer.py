@@ -112,7 +112,7 @@ class MultiScaleQuantizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, f_BChw: torch.Tensor, patch_nums: Sequence[int]) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """Hybrid encode (§1.6.2): per-scale codes plus the continuous residual (B, P*P, Cvae).
+        """Hybrid encode: per-scale codes plus the continuous residual (B, P*P, Cvae).
 
         The residual is `f - f_hat_discrete` under the inference rule (no phi at the last scale).
         """
@@ -128,7 +128,7 @@ class MultiScaleQuantizer(nn.Module):
         return idx_list, rest_BLC - self.embedding(idx_list[-1])
 
     def _var_walk(self, f_BChw: torch.Tensor, patch_nums: Sequence[int]):
-        """The plain VAR walk (§1.6.1, phi at every scale): per scale, the pooled residual the lookup
+        """The plain VAR walk (phi at every scale): per scale, the pooled residual the lookup
         sees and its codes."""
         P, S = self._check_latent(f_BChw, patch_nums), len(patch_nums)
         rest_BChw = f_BChw.detach()
@@ -140,23 +140,24 @@ class MultiScaleQuantizer(nn.Module):
 
     @torch.no_grad()
     def encode_var(self, f_BChw: torch.Tensor, patch_nums: Sequence[int]) -> List[torch.Tensor]:
-        """Plain VAR encode (§1.6.1): phi at every scale, including the last."""
+        """Plain VAR encode: phi at every scale, including the last."""
         return [idx_Bl for _, idx_Bl in self._var_walk(f_BChw, patch_nums)]
 
     # ---------------------------------------------------------------- decoders
-    def _accumulate(self, si: int, patch_nums: Sequence[int], f_hat_BChw: torch.Tensor, h_BChw: torch.Tensor):
+    def add_scale(self, si: int, patch_nums: Sequence[int], f_hat_BChw: torch.Tensor, h_BChw: torch.Tensor):
+        """f_hat plus scale si's codes `h` (B, Cvae, p, p), upsampled and refined by phi."""
         return f_hat_BChw + self.apply_phi(bicubic_up(h_BChw, patch_nums[-1]), si, len(patch_nums))
 
     def next_scale_input(self, si: int, patch_nums: Sequence[int], f_hat_BChw: torch.Tensor,
                          h_BChw: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """AR step for si <= S-2 (§1.6.4): add scale si to f_hat, return it and the next scale's input."""
+        """AR step for si <= S-2: add scale si to f_hat, return it and the next scale's input."""
         if not 0 <= si < len(patch_nums) - 1:
             raise ValueError(f"next_scale_input covers scales 0..{len(patch_nums) - 2}, got si={si}")
-        f_hat_BChw = self._accumulate(si, patch_nums, f_hat_BChw, h_BChw)
+        f_hat_BChw = self.add_scale(si, patch_nums, f_hat_BChw, h_BChw)
         return f_hat_BChw, area_down(f_hat_BChw, patch_nums[si + 1])
 
     def teacher_forcing_input(self, idx_list: Sequence[torch.Tensor], patch_nums: Sequence[int]) -> torch.Tensor:
-        """Inputs of scales 1..S-1 built from ground-truth codes (§1.6.3): (B, L-1, Cvae) float32."""
+        """Inputs of scales 1..S-1 built from ground-truth codes: (B, L-1, Cvae) float32."""
         if len(idx_list) != len(patch_nums):
             raise ValueError(f"got {len(idx_list)} scales of codes for {len(patch_nums)} patch_nums")
         B, P = idx_list[0].shape[0], patch_nums[-1]
@@ -178,7 +179,7 @@ class MultiScaleQuantizer(nn.Module):
         B, P = idx_list[0].shape[0], patch_nums[-1]
         f_hat_BChw = self.embedding.weight.new_zeros(B, self.Cvae, P, P, dtype=torch.float32)
         for si in range(len(patch_nums) - 1):
-            f_hat_BChw = self._accumulate(si, patch_nums, f_hat_BChw, self.embed(idx_list[si]))
+            f_hat_BChw = self.add_scale(si, patch_nums, f_hat_BChw, self.embed(idx_list[si]))
         f_hat_BChw = f_hat_BChw + self.embed(idx_list[-1])
         if residual_BLC is not None:
             f_hat_BChw = f_hat_BChw + residual_BLC.transpose(1, 2).reshape(B, self.Cvae, P, P)
@@ -187,7 +188,7 @@ class MultiScaleQuantizer(nn.Module):
     # ---------------------------------------------------------------- training
     def forward(self, f_BChw: torch.Tensor, patch_nums: Sequence[int],
                 skip_continuous: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokenizer training forward (§1.7): straight-through f_hat, VQ loss, per-scale code hits (S, V).
+        """Tokenizer training forward: straight-through f_hat, VQ loss, per-scale code hits (S, V).
 
         Unlike `encode`, phi is applied at the last scale too (the reference's training rule).
         """
