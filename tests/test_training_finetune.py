@@ -15,6 +15,7 @@ from hart.models.transformer import HARTTransformer
 from hart.text import SYSTEM_PROMPT
 from hart.training.cache import CacheMismatchError, CacheSpec, CachedExamples, build_cache, read_cache_info
 from hart.training.checkpoint import CheckpointError, CheckpointManager
+from hart.training.checks import LORA_GROUP_NAMES
 from hart.training.data import ImageCaptionFolder
 from hart.training.ema import EMA
 from hart.training.encoding import encode_examples
@@ -187,7 +188,7 @@ def test_checkpoint_manager_keeps_the_last_n_and_one_history(tmp_path):
 def test_lora_finetune_lowers_loss_and_merges_into_the_export(fixture_pipe, base, cache_dir, tmp_path):
     from hart import HARTPipeline
 
-    result = finetune(config(base, cache_dir, tmp_path, lr=1e-2, lora_rank=8, lora_diffusion_head=True,
+    result = finetune(config(base, cache_dir, tmp_path, lr=1e-2, lora_rank=8, lora_targets=("attention", "mlp", "diffusion"),
                              checkpoint_every=20))
     first, last = _first_last(read_metrics(result.log_path), "loss")
     assert last < first - 1.0, (first, last)
@@ -257,7 +258,7 @@ def test_lora_reaches_every_projection_and_merges_exactly():
     torch.manual_seed(0)
     model = HARTTransformer(patch_nums=(1, 2), context_tokens=4, context_dim=8, embed_dim=16, depth=1, num_heads=2,
                             vocab_size=32, latent_channels=4, diff_width=16, diff_depth=1)
-    targets = add_lora(model, rank=2, alpha=4, diffusion_head=True)
+    targets = add_lora(model, rank=2, alpha=4, groups=LORA_GROUP_NAMES)
     assert {"blocks.0.attn.qkv_proj", "blocks.0.attn.proj", "blocks.0.ffn.gate_proj"} <= set(targets)
     for name, p in model.named_parameters():
         if "lora_B" in name:

@@ -24,6 +24,10 @@ RUN_ENTRIES = ("checkpoints", "logs", "validation", "pipeline", "pipeline.tmp", 
                ".tmp-tokenizer")
 
 
+# the groups of layers LoRA can adapt (their layer patterns: `hart.training.lora.LORA_GROUPS`)
+LORA_GROUP_NAMES = ("attention", "mlp", "modulation", "context", "head", "diffusion")
+
+
 class SettingError(ValueError):
     """A training setting (a flag, or a config field given from Python) that cannot be used."""
 
@@ -53,6 +57,8 @@ _COMMON = dict(
 FINETUNE_RULES = dict(
     _COMMON, text_encoder=PATH, cache_dir=PATH, cache_dtype=one_of("float32", "bfloat16", "float16"),
     cond_drop_rate=FRACTION, ema_decay=DECAY, lora_rank=NON_NEGATIVE_INT, lora_alpha=POSITIVE_NUMBER,
+    lora_targets=one_of(*LORA_GROUP_NAMES), adapt_tokenizer=one_of("auto", "always", "never"),
+    tokenizer_steps=POSITIVE_INT,
     validation_prompts=TEXT, validation_every=NON_NEGATIVE_INT, validation_guidance=GUIDANCE,
     export_weights=one_of("ema", "raw"),
 )

@@ -43,7 +43,9 @@ class FinetuneConfig:
     ema_decay: float = 0.9999  # 0 disables the EMA
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: Optional[float] = None  # None: equal to the rank
-    lora_diffusion_head: bool = False
+    lora_targets: Tuple[str, ...] = ("attention", "mlp", "modulation", "head")
+    adapt_tokenizer: str = "auto"  # "auto": when the user's images reconstruct 3 dB worse than the world's; "always", "never"
+    tokenizer_steps: int = 200  # decoder training steps when adapting
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -59,8 +61,8 @@ class FinetuneConfig:
         check_settings(self, FINETUNE_RULES)
         require(bool(self.data_dir or self.cache_dir), "give --data_dir (the images), or a --cache_dir holding a cache")
         require(self.cache_dir is not None or not self.cache_only, "--cache_only needs --cache_dir (where to build it)")
-        require(bool(self.lora_rank) or (self.lora_alpha is None and not self.lora_diffusion_head),
-                "--lora_alpha and --lora_diffusion_head configure LoRA: give --lora_rank too")
+        require(bool(self.lora_rank) or self.lora_alpha is None, "--lora_alpha configures LoRA: give --lora_rank too")
+        require(bool(self.lora_targets), "--lora_targets needs at least one group")
         require(not (self.overwrite and self.resume), _RESUME_OR_OVERWRITE)
 
 

@@ -23,10 +23,11 @@ from hart.training.lora import add_lora, lora_state_dict, merge_lora
 logger = logging.getLogger(__name__)
 
 
-def export_pipeline(accelerator, objective, ema, cfg, out_dir) -> Optional[Path]:
+def export_pipeline(accelerator, objective, ema, cfg, out_dir, *, vae=None) -> Optional[Path]:
     """Write the pipeline to `out_dir` (atomically); every process calls this, the main one writes.
 
-    `ema`: the averaged weights to export, or None for the trained weights as they are.
+    `ema`: the averaged weights to export, or None for the trained weights as they are; `vae`: the image
+    tokenizer to export (the run's adapted one), None for the base pipeline's.
     """
     with ema.swapped() if ema is not None else nullcontext():
         state_dict = accelerator.get_state_dict(objective)  # gathers FSDP shards (a collective)
@@ -40,7 +41,7 @@ def export_pipeline(accelerator, objective, ema, cfg, out_dir) -> Optional[Path]
         transformer = HARTTransformer.from_config(trained.config)
         if cfg.lora_rank:
             with torch.random.fork_rng(devices=[]):
-                add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_diffusion_head)
+                add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_targets)
             transformer.load_state_dict(state_dict)
             adapters = lora_state_dict(transformer)
             merge_lora(transformer)
@@ -49,7 +50,8 @@ def export_pipeline(accelerator, objective, ema, cfg, out_dir) -> Optional[Path]
         transformer.requires_grad_(True).eval()
 
         base = HARTPipeline.from_folder(cfg.pretrained, cfg.text_encoder)
-        pipe = type(base)(tokenizer=base.tokenizer, text_encoder=base.text_encoder, transformer=transformer, vae=base.vae)
+        pipe = type(base)(tokenizer=base.tokenizer, text_encoder=base.text_encoder, transformer=transformer,
+                          vae=base.vae if vae is None else vae)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:

@@ -37,6 +37,8 @@ from hart.training.encoding import encode_examples, loss_inputs
 from hart.training.export import export_pipeline
 from hart.training.lora import add_lora, unused_adapters
 from hart.training.objective import hart_loss
+from hart.training.tokenizer_adapt import (TokenizerCheck, adapt_decoder, needs_adapting, reconstruction_psnr,
+                                           world_images)
 from hart.training.runtime import (MetricsLog, StopRequest, any_process, full_parameters,
                                    mean_over_processes, report_step, sum_over_processes, warmup_cosine)
 from hart.training.sampler import ResumableBatchSampler, check_enough_samples
@@ -46,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 METRICS = ["loss", "token_loss", "diffusion_loss", "lr", "grad_norm", "epoch", "images_seen", "images_per_sec"]
 # settings a resumed run must share with the checkpoint (they decide the data order and the state shapes)
-RESUME_KEYS = ("batch_size", "grad_accum", "seed", "lora_rank", "lora_diffusion_head", "ema_decay")
+RESUME_KEYS = ("batch_size", "grad_accum", "seed", "lora_rank", "lora_targets", "ema_decay")
 
 
 @dataclasses.dataclass
@@ -142,7 +144,7 @@ class _Run:
         if cfg.lora_rank:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)  # the adapters' initialisation
-                self.lora_targets = add_lora(tr, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_diffusion_head)
+                self.lora_targets = add_lora(tr, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_targets)
         tr.to(self.device).train()
         params = [p for p in tr.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -165,6 +167,36 @@ class _Run:
             "trainable_parameters": sum(p.numel() for p in self.objective.parameters() if p.requires_grad),
             "lora_layers": len(self.lora_targets), "config": dataclasses.asdict(self.cfg),
         }
+
+    def _check_tokenizer(self) -> Optional[TokenizerCheck]:
+        """Measure the tokenizer on the user's images and adapt its decoder when they fall short
+        (`hart.training.tokenizer_adapt`); the adapted one is used for validation and exported. Only
+        the main process decodes, so only it adapts. Returns the check when it adapted now."""
+        cfg, saved = self.cfg, self.out / "tokenizer"
+        if cfg.resume and (saved / "check.json").exists():  # adapted when the run started
+            self.vae.load_state_dict(type(self.vae).from_pretrained(saved).state_dict())
+            logger.info("%s (kept from the run's start)", TokenizerCheck.load(saved / "check.json").summary())
+            return None
+        if not self.acc.is_main_process or cfg.adapt_tokenizer == "never":
+            return None
+        if cfg.data_dir is None:
+            logger.info("tokenizer not checked: the run reads a cache, which holds no pixels")
+            return None
+        folder = ImageCaptionFolder(cfg.data_dir, self.resolution, crop="center", flip=False, seed=cfg.seed,
+                                    min_size=cfg.min_image_size)
+        user = torch.stack([folder[(0, i)]["pixel_values"] for i in range(min(len(folder), 256))])
+        world = world_images(model_world(cfg.pretrained))
+        check = TokenizerCheck(reconstruction_psnr(self.vae, user),
+                               None if world is None else reconstruction_psnr(self.vae, world))
+        if not needs_adapting(check, cfg.adapt_tokenizer):
+            logger.info("%s: kept as it is", check.summary())
+            return None
+        adapt_decoder(self.vae, user, world, cfg.tokenizer_steps, cfg.seed)
+        check.adapted, check.steps = True, cfg.tokenizer_steps
+        check.adapted_user_psnr = reconstruction_psnr(self.vae, user)
+        check.adapted_reference_psnr = None if world is None else reconstruction_psnr(self.vae, world)
+        logger.info("%s", check.summary())
+        return check
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _train_state(self) -> dict:
@@ -242,6 +274,7 @@ class _Run:
         log_path = self.out / "logs" / "metrics.csv"
         if cfg.cache_only:
             return FinetuneResult(0, False, None, log_path, self.dataset.report)
+        adapted = self._check_tokenizer()
         self._model()
         if cfg.resume:
             self.resume(manager)
@@ -254,6 +287,9 @@ class _Run:
                 logger.warning("--overwrite: moved the earlier run in %s to %s", self.out, aside)
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "run_info.json").write_text(json.dumps(self._run_info(), indent=1, default=str))
+            if adapted is not None:
+                self.vae.save_pretrained(self.out / "tokenizer")
+                adapted.save(self.out / "tokenizer" / "check.json")
         acc.wait_for_everyone()
         log = MetricsLog(log_path, METRICS, self.step if cfg.resume else None,
                          self.out / "logs" / "tensorboard" if cfg.tensorboard else None) if acc.is_main_process else None
@@ -300,7 +336,8 @@ class _Run:
     def export(self) -> Optional[Path]:
         use_ema = self.ema is not None and self.cfg.export_weights == "ema"
         try:
-            return export_pipeline(self.acc, self.objective, self.ema if use_ema else None, self.cfg, self.out / "pipeline")
+            return export_pipeline(self.acc, self.objective, self.ema if use_ema else None, self.cfg, self.out / "pipeline",
+                                   vae=self.vae)
         except Exception as e:
             if not out_of_space(e):
                 raise

@@ -1,4 +1,10 @@
-"""LoRA adapters (peft) on HART's attention and MLP projections, and merging them back.
+"""LoRA adapters (peft) on chosen groups of HART's linear layers, and merging them back.
+
+The groups (`LORA_GROUPS`): `attention` (every block's qkv and output projections), `mlp` (every
+block's gated MLP), `modulation` (the AdaLN layers that turn the pooled text condition into every
+block's scales and shifts, and the head norm's), `context` (the projection of the text features
+into the transformer), `head` (the token classifier) and `diffusion` (every linear layer of the
+residual diffusion head).
 
 `add_lora` injects adapters in place, so the transformer keeps its class and methods (the sampler
 and the objective call them directly). `merge_lora` folds them into the base weights and removes
@@ -7,30 +13,39 @@ the adapter layers, giving a plain `HARTTransformer` state dict again.
 from __future__ import annotations
 
 import re
-from typing import List
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-BLOCK_TARGETS = r"blocks\.\d+\.(attn\.(qkv_proj|proj)|ffn\.(gate_proj|up_proj|down_proj))"
-DIFFUSION_HEAD_TARGETS = r"diffusion_head\.net\..*"
+LORA_GROUPS = {
+    "attention": r"blocks\.\d+\.attn\.(qkv_proj|proj)",
+    "mlp": r"blocks\.\d+\.ffn\.(gate_proj|up_proj|down_proj)",
+    "modulation": r"(blocks\.\d+|head_nm)\.ada_lin\.\d+",
+    "context": r"context_embed",
+    "head": r"head",
+    "diffusion": r"diffusion_head\.net\..*",
+}
 
 
-def lora_target_names(model: nn.Module, diffusion_head: bool) -> List[str]:
-    """Full names of the linear layers that get adapters."""
-    pattern = re.compile(BLOCK_TARGETS + (f"|{DIFFUSION_HEAD_TARGETS}" if diffusion_head else ""))
+def lora_target_names(model: nn.Module, groups: Sequence[str]) -> List[str]:
+    """Full names of the linear layers of `groups` (names of `LORA_GROUPS`)."""
+    unknown = [g for g in groups if g not in LORA_GROUPS]
+    if unknown or not groups:
+        raise ValueError(f"unknown LoRA target group(s) {unknown or list(groups)}; expected some of {', '.join(LORA_GROUPS)}")
+    pattern = re.compile("|".join(LORA_GROUPS[g] for g in groups))
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, diffusion_head: bool = False) -> List[str]:
+def add_lora(model: nn.Module, rank: int, alpha: float, groups: Sequence[str]) -> List[str]:
     """Freeze `model` and add rank-`rank` adapters in place; returns the adapted layer names.
 
     The adapters' random initialisation uses the global torch generator: seed it (or wrap the call
     in `torch.random.fork_rng`) for a reproducible start.
     """
-    targets = lora_target_names(model, diffusion_head)
+    targets = lora_target_names(model, groups)
     if not targets:
         raise ValueError("no linear layer of the model matches the LoRA targets")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)

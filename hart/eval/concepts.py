@@ -1,0 +1,102 @@
+"""A detector for the new concepts of `hart.data.concepts`: does an image show a `colour` star (or ring)?
+
+Pixels are labelled with their nearest colour among the world's (palette and grey) and the concept's
+colour, as ShapesEval does, after the same median filter; the concept colour's mask is opened and
+split into components of at least `MIN_AREA` pixels. A component is a **ring** when the pixels it
+encloses (not reachable from outside its bounding box) are at least `RING_HOLE` of its filled area;
+a **star** when it has no such hole and its outline has at least five points (peaks of the distance
+from its centroid to its edge, by angle: a star has five, a triangle three, a square four, a circle
+none). Blurred generated shapes keep their peaks where a fill-ratio test fails: the tokenizer's
+reconstructions of stars cover 0.8 to 0.95 of their convex hull, as much as blurred triangles.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import numpy as np
+
+from hart.data.shapes import BACKGROUNDS, IMAGE_SIZE
+from hart.eval.shapes_eval import (COLOUR_TOLERANCE, MIN_AREA, ImageLike, _neighbourhood, _to_rgb,
+                                   connected_components)
+
+RING_HOLE = 0.12  # enclosed share of the filled area that makes a ring
+STAR_POINTS = 5  # least number of points (outward peaks of the outline) that makes a star
+POINT_PROMINENCE = 0.12  # how far a point stands out, as a share of the mean radius
+ANGLE_BINS = 72  # 5 degree sectors of the outline
+MAX_ASPECT = 1.6  # bounding boxes more elongated than this are no concept object
+
+
+def _outline_radii(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Distance from the centroid to the farthest pixel corner in each angular sector, lightly smoothed."""
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    px = np.concatenate([xs + dx for dx in (0, 1) for _ in (0, 1)])
+    py = np.concatenate([ys + dy for _ in (0, 1) for dy in (0, 1)])
+    sector = ((np.arctan2(py - cy, px - cx) + np.pi) / (2 * np.pi) * ANGLE_BINS).astype(int) % ANGLE_BINS
+    radii = np.zeros(ANGLE_BINS)
+    np.maximum.at(radii, sector, np.hypot(px - cx, py - cy))
+    for i in np.flatnonzero(radii == 0):  # a sector without a corner (tiny objects)
+        radii[i] = max(radii[i - 1], radii[(i + 1) % ANGLE_BINS])
+    kernel = np.array([1, 2, 3, 2, 1], dtype=np.float64) / 9
+    return np.convolve(np.concatenate([radii[-2:], radii, radii[:2]]), kernel, "valid")
+
+
+def count_points(xs: np.ndarray, ys: np.ndarray) -> int:
+    """Outward peaks of the outline standing out by `POINT_PROMINENCE` from the lowest radius within a
+    fifth of a turn on both sides: a star has 5, a triangle 3, a square 4, a circle none."""
+    radii = _outline_radii(xs, ys)
+    n, reach, least = len(radii), len(radii) // 5, POINT_PROMINENCE * radii.mean()
+    points = 0
+    for i in range(n):
+        if radii[i] >= radii[i - 1] and radii[i] > radii[(i + 1) % n]:
+            left = min(radii[(i - j) % n] for j in range(1, reach + 1))
+            right = min(radii[(i + j) % n] for j in range(1, reach + 1))
+            points += radii[i] - max(left, right) >= least
+    return points
+
+
+def _enclosed(mask: np.ndarray) -> int:
+    """Pixels of the box not in `mask` and not connected to the box's border around it."""
+    outside = np.pad(~mask, 1, constant_values=True)  # a free frame around the box
+    labels, _ = connected_components(outside)
+    reachable = labels == labels[0, 0]
+    return int(np.count_nonzero(outside & ~reachable))
+
+
+def classify(mask: np.ndarray) -> str:
+    """"ring", "star" or "other" for one component's mask cut to its bounding box."""
+    h, w = mask.shape
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        return "other"
+    area = int(mask.sum())
+    hole = _enclosed(mask)
+    if hole >= RING_HOLE * (area + hole):
+        return "ring"
+    ys, xs = np.nonzero(mask)
+    return "star" if count_points(xs, ys) >= STAR_POINTS else "other"
+
+
+def find_concepts(image: ImageLike, rgb: Sequence[int]) -> List[str]:
+    """The kinds ("ring", "star", "other") of the objects of colour `rgb` in the image."""
+    colours = [tuple(c) for c in BACKGROUNDS.values()]
+    if tuple(rgb) not in colours:
+        colours.append(tuple(rgb))
+    target = colours.index(tuple(rgb))
+    palette = np.array(colours, dtype=np.float32)
+    pixels = _to_rgb(image).reshape(-1, 3)
+    dist2 = (pixels * pixels).sum(1, keepdims=True) - 2 * pixels @ palette.T + (palette * palette).sum(1)
+    mask = ((dist2.argmin(1) == target) & (dist2[:, target] <= COLOUR_TOLERANCE ** 2)).reshape(IMAGE_SIZE, IMAGE_SIZE)
+    if mask.sum() < MIN_AREA:
+        return []
+    mask = _neighbourhood(_neighbourhood(mask, np.logical_and), np.logical_or)
+    labels, n = connected_components(mask)
+    kinds = []
+    for k in range(1, n + 1):
+        ys, xs = np.nonzero(labels == k)
+        if len(xs) >= MIN_AREA:
+            kinds.append(classify(labels[ys.min():ys.max() + 1, xs.min():xs.max() + 1] == k))
+    return kinds
+
+
+def shows_concept(image: ImageLike, shape: str, rgb: Sequence[int]) -> bool:
+    """True when the image holds at least one `rgb`-coloured `shape` ("star" or "ring")."""
+    return shape in find_concepts(image, rgb)
