@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from hart.cli_args import PATH, POSITIVE_INT, UsageError, check_output_folder, checked
+from hart.data.shapes import CATEGORIES
+from hart.data.shapes_dataset import EVAL_PER_CATEGORY
 from hart.limits import MAX_GUIDANCE_SCALE
 
 # Generators are seeded with seed * 1_000_003 + process index, which must stay a 64-bit seed.
 MAX_TRAIN_SEED = 2**32 - 1
 # What the training programs write into --output_dir; any of them there means an earlier run.
 RUN_ENTRIES = ("checkpoints", "logs", "validation", "pipeline", "pipeline.tmp", "run_info.json", "tokenizer",
-               ".tmp-tokenizer")
+               ".tmp-tokenizer", "prior", "prior.partial")
+MAX_WORLD_PROMPTS = EVAL_PER_CATEGORY * len(CATEGORIES)  # the committed ShapesEval set's size
 
 
 class SettingError(ValueError):
@@ -37,6 +40,7 @@ POSITIVE_NUMBER = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite
 NON_NEGATIVE_NUMBER = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 FRACTION = checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 DECAY = checked(float, lambda v: 0 <= v < 1, "a number from 0 up to, not including, 1 (0 disables it)")
+WORLD_PROMPTS = checked(int, lambda v: 0 <= v <= MAX_WORLD_PROMPTS, f"a whole number from 0 to {MAX_WORLD_PROMPTS}")
 SEED = checked(int, lambda v: 0 <= v <= MAX_TRAIN_SEED, f"a whole number from 0 to {MAX_TRAIN_SEED}")
 GUIDANCE = checked(float, lambda v: 0 <= v <= MAX_GUIDANCE_SCALE, f"a number from 0 to {MAX_GUIDANCE_SCALE:g}")
 TEXT = checked(str, lambda v: v.strip() != "", "a non-empty text")
@@ -54,7 +58,8 @@ FINETUNE_RULES = dict(
     _COMMON, text_encoder=PATH, cache_dir=PATH, cache_dtype=one_of("float32", "bfloat16", "float16"),
     cond_drop_rate=FRACTION, ema_decay=DECAY, lora_rank=NON_NEGATIVE_INT, lora_alpha=POSITIVE_NUMBER,
     validation_prompts=TEXT, validation_every=NON_NEGATIVE_INT, validation_guidance=GUIDANCE,
-    export_weights=one_of("ema", "raw"),
+    validation_world_prompts=WORLD_PROMPTS, export_weights=one_of("ema", "raw"), prior_ratio=DECAY,
+    prior_images=POSITIVE_INT, prior_prompts=PATH,
 )
 TOKENIZER_RULES = dict(
     _COMMON, model_config=PATH, trainable=one_of("all", "decoder"), recon_weight=NON_NEGATIVE_NUMBER,
@@ -172,6 +177,10 @@ def check_finetune_folders(cfg) -> None:
         return
     check_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite, cfg.pretrained)
     _check_common(cfg)
+    if cfg.prior_ratio:
+        from hart.training.prior import check_prior_source
+
+        check_prior_source(cfg)
 
 
 def check_tokenizer_folders(cfg) -> None:

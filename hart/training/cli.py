@@ -111,6 +111,13 @@ def finetune_parser() -> argparse.ArgumentParser:
     flag(g, "--lora_rank", help="0: full fine-tuning")
     flag(g, "--lora_alpha", help="default: the rank")
     flag(g, "--lora_diffusion_head", action="store_true", help="adapters in the diffusion head too")
+    g = p.add_argument_group("prior preservation")
+    flag(g, "--prior_ratio",
+         help="fraction of the training images that are prior samples of the base model's world (0: off)")
+    flag(g, "--prior_images", help="how many prior samples to make (once, into OUTPUT/prior/)")
+    flag(g, "--prior_prompts",
+         help="a file of prompts, one per line, for the base model to draw the prior samples from "
+              "(needed when the model declares no world)")
     g = p.add_argument_group("checkpoints and feedback")
     flag(g, "--checkpoint_every")
     flag(g, "--keep_checkpoints")
@@ -121,6 +128,9 @@ def finetune_parser() -> argparse.ArgumentParser:
          help="a prompt for the validation grid (repeat the flag for several)")
     flag(g, "--validation_every", help="steps between validation grids (0: at the end)")
     flag(g, "--validation_guidance")
+    flag(g, "--validation_world_prompts",
+         help="with a model of the shapes world: ShapesEval prompts scored at each validation and at step 0, "
+              "logged as old_world_score (0: none)")
     flag(g, "--tensorboard", action="store_true", help="also log to TensorBoard (needs `tensorboard`)")
     flag(g, "--export_weights", choices=("ema", "raw"))
     return config_defaults(p, FinetuneConfig)
