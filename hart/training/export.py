@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from hart.loading import detect_layout
 from hart.models.transformer import HARTTransformer
 from hart.pipelines import HARTPipeline
+from hart.training.checks import WORLD_FILE
 from hart.training.lora import add_lora, lora_state_dict, merge_lora
-from hart.training.prior import WORLD_FILE
 
 logger = logging.getLogger(__name__)
 

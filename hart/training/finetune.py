@@ -29,7 +29,7 @@ from hart.text import SYSTEM_PROMPT, encode_prompts, split_words
 from hart.training.cache import CacheSpec, CachedExamples, build_cache
 from hart.training.checkpoint import (CheckpointError, CheckpointManager, describe_mismatch, load_train_state,
                                       load_training_files, out_of_space, save_training_files, space_error)
-from hart.training.checks import check_finetune_folders, move_earlier_run_aside
+from hart.training.checks import check_finetune_folders, model_world, move_earlier_run_aside, prior_recipe
 from hart.training.config import FinetuneConfig
 from hart.training.data import DataError, ImageCaptionFolder, SkipReport
 from hart.training.ema import EMA, local_part
@@ -38,8 +38,7 @@ from hart.training.export import export_pipeline
 from hart.training.heldout import WorldCheck, report as validation_report
 from hart.training.lora import add_lora, unused_adapters
 from hart.training.objective import hart_loss
-from hart.training.prior import (MixedBatchSampler, MixedExamples, describe as describe_prior, make_prior_folder,
-                                 model_world, prior_examples, prior_recipe)
+from hart.training.prior import MixedBatchSampler, MixedExamples, describe as describe_prior, make_prior_folder, prior_examples
 from hart.training.runtime import (MetricsLog, StopRequest, any_process, full_parameters,
                                    mean_over_processes, report_step, sum_over_processes, warmup_cosine)
 from hart.training.sampler import ResumableBatchSampler, check_enough_samples

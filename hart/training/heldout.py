@@ -1,6 +1,6 @@
 """The held-out check of fine-tuning: does the model still draw its old world?
 
-When the base model declares the shapes world (`hart.training.prior.model_world`), every validation
+When the base model declares the shapes world (`hart.training.checks.model_world`), every validation
 (every `--validation_every` steps and at the end) and once at step 0, for the comparison, samples
 `--validation_world_prompts K` prompts of the committed ShapesEval set with the current (EMA)
 weights, one seed each (`seed + i` for prompt `i`), and scores them (`hart.eval.shapes_eval`). The

@@ -1,11 +1,12 @@
 """Prior preservation: training batches mix the user's images with captioned images of the base model's
 own world, so a fine-tune that teaches a new concept keeps drawing what the model drew before.
 
-`--prior_ratio R` makes a fraction R of every image slot a prior sample (0: off). The prior samples,
+`--prior_ratio R` makes a fraction R of the image slots a prior sample (0: off). The prior samples,
 `--prior_images N` of them, are made once before training into `OUTPUT/prior/` (an image folder with
 `metadata.jsonl`, as `hart.training.data` reads) and reused by a resumed run:
 
-- with `--prior_prompts FILE` (one prompt per line), the base model draws them (guidance
+- with `--prior_prompts FILE` (one prompt per line; used even where the model declares a world), the
+  base model draws them (guidance
   `hart.limits.GUIDANCE_SCALE`, as the pipeline by default), prompt after prompt in turn, image `i`
   from the seed `seed + i`;
 - otherwise from the world the model declares (`"world": "shapes"` in its folder's `bundled.json`):
@@ -17,8 +18,8 @@ is refused. Prior images are used at the model's resolution, centre crop, never 
 contradicts captions that say left and right).
 
 The mix is a fixed schedule over the stream of image slots: slot `s` (counted over all processes
-and micro-batches) is a prior sample when `floor((s + 1) R) > floor(s R)`, with R as an exact
-fraction, so any number of slots holds `floor(slots R)` prior samples. User and prior samples each
+and micro-batches) is a prior sample when `floor((s + 1) R) > floor(s R)`, with R as a fraction
+(denominator at most 1000), so any number of slots holds `floor(slots R)` prior samples. User and prior samples each
 come from their own seeded epoch permutations; the position is the number of micro-batches a
 process has consumed, as for `ResumableBatchSampler`, so a run resumes exactly.
 """
@@ -29,76 +30,17 @@ import json
 import shutil
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from hart.limits import GUIDANCE_SCALE
-from hart.training.checks import SettingError
+from hart.training.checks import PRIOR_DIR, PRIOR_INFO, made_before
 from hart.training.sampler import ResumableBatchSampler, check_enough_samples
 
-WORLD_FILE = "bundled.json"  # a model folder's notes on itself: `world` names the world it was trained on
-WORLDS = ("shapes",)
-PRIOR_DIR = "prior"
-PRIOR_INFO = "prior_info.json"
 METADATA = "metadata.jsonl"
 MAX_RATIO_DENOMINATOR = 1000
-
-
-def model_world(pretrained) -> Optional[str]:
-    """The world a model folder declares (`"world"` in its `bundled.json`), or None."""
-    from hart.loading import detect_layout
-
-    layout, folder = detect_layout(pretrained)
-    path = folder / WORLD_FILE
-    if layout != "pipeline" or not path.is_file():
-        return None
-    try:
-        notes = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SettingError(f"--pretrained: {path} is not a JSON file ({e})") from None
-    world = notes.get("world") if isinstance(notes, dict) else None
-    if world is not None and world not in WORLDS:
-        raise SettingError(f"--pretrained: {path} declares the world {world!r}; known worlds: {', '.join(WORLDS)}")
-    return world
-
-
-def read_prompts(path) -> List[str]:
-    """The non-empty lines of a `--prior_prompts` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SettingError(f"--prior_prompts: no such file: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise SettingError(f"--prior_prompts: {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise SettingError(f"--prior_prompts: {path} holds no prompt (one per line)")
-    return prompts
-
-
-def check_prior_source(cfg) -> None:
-    """A run with prior preservation has somewhere to take the prior images from."""
-    if cfg.prior_prompts is not None:
-        read_prompts(cfg.prior_prompts)
-    elif model_world(cfg.pretrained) is None:
-        raise SettingError(f"--prior_ratio: the model {cfg.pretrained} declares no world to render prior images from "
-                           f"(no \"world\" in its {WORLD_FILE}): give --prior_prompts FILE, one prompt per line, for "
-                           "the base model to draw them")
-    if cfg.resume:  # the prior images of the run it continues must be the ones this run would make
-        made_before(Path(cfg.output_dir) / PRIOR_DIR, prior_recipe(cfg))
-
-
-def prior_recipe(cfg) -> dict:
-    """What decides the prior images (recorded in `prior_info.json`)."""
-    if cfg.prior_prompts is not None:
-        source = {"prompts": read_prompts(cfg.prior_prompts), "guidance_scale": GUIDANCE_SCALE}
-    else:
-        source = {"world": model_world(cfg.pretrained)}
-    return {"num_images": cfg.prior_images, "seed": cfg.seed, **source}
 
 
 def describe(recipe: dict) -> str:
@@ -109,18 +51,6 @@ def describe(recipe: dict) -> str:
 
 
 # ---- making the prior folder ---------------------------------------------------------------------
-
-def made_before(folder: Path, recipe: dict) -> bool:
-    """True when `folder` holds the prior images of `recipe`; refused when it holds other ones."""
-    if not (folder / PRIOR_INFO).is_file():
-        return False
-    made = json.loads((folder / PRIOR_INFO).read_text(encoding="utf-8"))
-    if made != recipe:
-        changed = ", ".join(k for k in sorted(set(made) | set(recipe)) if made.get(k) != recipe.get(k))
-        raise SettingError(f"{folder} holds prior images made otherwise ({changed} differ): resume with the same "
-                           "--prior_images, --prior_prompts (and their contents) and --seed, or start over with --overwrite")
-    return True
-
 
 def render_world(world: str, n: int, seed: int) -> List[Tuple[object, str]]:
     """`n` (image, caption) pairs of `world`, all drawn from one generator seeded with `seed`."""
