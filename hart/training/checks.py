@@ -281,7 +281,11 @@ def made_before(folder: Path, recipe: dict) -> bool:
         return False
     made = json.loads((folder / PRIOR_INFO).read_text(encoding="utf-8"))
     if made != recipe:
-        changed = ", ".join(k for k in sorted(set(made) | set(recipe)) if made.get(k) != recipe.get(k))
+        changed = ", ".join(_RECIPE_WORDS.get(k, k) for k in sorted(set(made) | set(recipe)) if made.get(k) != recipe.get(k))
         raise SettingError(f"{folder} holds prior images made otherwise ({changed} differ): resume with the same "
                            "--prior_images, --prior_prompts (and their contents) and --seed, or start over with --overwrite")
     return True
+
+
+_RECIPE_WORDS = {"num_images": "--prior_images", "seed": "--seed", "prompts": "--prior_prompts",
+                 "world": "the model's world", "guidance_scale": "guidance"}
