@@ -8,7 +8,9 @@ exactly (model, EMA, optimizer, scheduler, data position, every random state); S
 before exiting. The result is exported as a `HARTPipeline` folder (EMA weights, LoRA merged).
 Every setting and path is checked before the model loads, and nothing is written until everything
 that can refuse the run has run; an `output_dir` holding another run is refused unless the run resumes
-it or `overwrite` moves it aside (`hart.training.checks`).
+it or `overwrite` moves it aside (`hart.training.checks`). Optionally, batches mix in samples of the
+base model's own world (`hart.training.prior`), and validation scores how well the model still draws
+that world (`hart.training.heldout`).
 """
 from __future__ import annotations
 
@@ -319,7 +321,8 @@ class _Run:
         recipe = prior_recipe(cfg)
         folder = make_prior_folder(self.out, recipe, self.acc, self._draw)
         encoders = (self.vae, self.text_encoder, self.pipe.tokenizer, self.system_prompt)
-        prior = prior_examples(folder, self.resolution, cfg.seed, getattr(self.dataset, "spec", None), encoders, self.acc)
+        spec = self.dataset.spec if cfg.cache_dir else None  # prior samples are cached as the user's data is
+        prior = prior_examples(folder, self.resolution, cfg.seed, spec, encoders, self.acc)
         logger.info("prior preservation: %g of the training images are prior samples, from %d images %s (%s)",
                     cfg.prior_ratio, len(prior), describe_prior(recipe), folder)
         return prior
