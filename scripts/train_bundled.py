@@ -269,7 +269,7 @@ def train_transformer(work: Path, cfg: dict) -> None:
 
 def assemble(work: Path, cfg: dict) -> None:
     """The shipped folder: the trained pipeline with the decoder of the hybrid stage (float32, a few MB),
-    and the sampling settings used for the reported numbers in `bundled.json`."""
+    and in `bundled.json` the sampling settings used for the reported numbers and its world (the shapes world)."""
     from hart import HARTPipeline, HybridTokenizer
 
     pipe = HARTPipeline.from_pretrained(work / "runs" / "ft" / "pipeline")
@@ -283,7 +283,8 @@ def assemble(work: Path, cfg: dict) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     pipe.save_pretrained(dst)
-    (dst / "bundled.json").write_text(json.dumps({"guidance_scale": cfg["guidance_scale"], "resolution": 128}, indent=2))
+    (dst / "bundled.json").write_text(json.dumps({"guidance_scale": cfg["guidance_scale"], "resolution": 128,
+                                                  "world": "shapes"}, indent=2))
     # The app's example prompts: kept from the shipped folder (prompts of the committed ShapesEval set).
     shutil.copy(REPO / "hart" / "bundled" / "shapes-128" / "examples.json", dst / "examples.json")
     # Shipped files name no local path, and the text tokenizer class by the name that transformers 4

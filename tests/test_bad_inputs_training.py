@@ -174,6 +174,13 @@ FINETUNE_VALUES = [
     (["--cache_only"], "--cache_only needs --cache_dir"),
     (["--resume", "latest", "--overwrite"], "--overwrite", "--resume", "only one"),
     (["--output_dir", "x" * 300], "--output_dir", "at most 255 bytes"),
+    (["--prior_ratio", "1"], "--prior_ratio", "not including, 1"),
+    (["--prior_ratio", "-0.5"], "--prior_ratio", "from 0 up to"),
+    (["--prior_ratio", "nan"], "--prior_ratio", "from 0 up to"),
+    (["--prior_images", "0"], "--prior_images", "a positive integer"),
+    (["--prior_prompts", "prompts.txt"], "--prior_prompts", "give --prior_ratio too"),
+    (["--validation_world_prompts", "257"], "--validation_world_prompts", "from 0 to 256"),
+    (["--validation_world_prompts", "-1"], "--validation_world_prompts", "from 0 to 256"),
 ]
 
 
@@ -232,6 +239,13 @@ def test_tokenizer_model_config_is_refused(run, ws, content, parts):
         path.write_bytes(content)
     argv = ["--model_config", path, *ws.tokenizer_argv()[2:]]
     refused_run(run, tokenizer_main, argv, ws.tmp, "--model_config", str(path), *parts)
+
+
+def test_help_lists_the_prior_and_world_flags(capsys):
+    assert finetune_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--prior_ratio", "--prior_images", "--prior_prompts", "--validation_world_prompts"):
+        assert flag in text, flag
 
 
 def test_every_flag_that_takes_a_value_is_checked():
@@ -306,6 +320,18 @@ PATH_CASES = {
     "unfinished-run-folder": lambda ws: (["--pretrained", ws.unfinished], ["training run folder without", "pipeline/"]),
     "single-model-folder": lambda ws: (["--pretrained", ws.pipe / "vae"], ["single model folder"]),
     "text-encoder-empty-folder": lambda ws: (["--text_encoder", ws.empty], ["cannot load the text encoder", "empty"]),
+    "prior-without-world-or-prompts": lambda ws: (["--prior_ratio", 0.5], ["--prior_ratio", "declares no world",
+                                                                            "--prior_prompts FILE"]),
+    "prior-prompts-missing": lambda ws: (["--prior_ratio", 0.5, "--prior_prompts", ws.tmp / "nowhere.txt"],
+                                         ["--prior_prompts", "no such file"]),
+    "prior-prompts-empty": lambda ws: (["--prior_ratio", 0.5, "--prior_prompts", ws.file_of("\n  \n")],
+                                       ["--prior_prompts", "holds no prompt"]),
+    "prior-prompts-not-utf8": lambda ws: (["--prior_ratio", 0.5, "--prior_prompts", ws.file_of(b"\xff\xfe cat")],
+                                          ["--prior_prompts", "not UTF-8"]),
+    "world-unknown": lambda ws: (["--prior_ratio", 0.5, "--pretrained", ws.pipe_declaring("oceans"), "--text_encoder",
+                                  None], ["declares the world 'oceans'", "known worlds: shapes"]),
+    "world-notes-not-json": lambda ws: (["--prior_ratio", 0.5, "--pretrained", ws.pipe_declaring(None), "--text_encoder",
+                                         None], ["bundled.json", "is not a JSON file"]),
 }
 
 
@@ -321,6 +347,17 @@ def test_finetune_path_is_refused_before_any_work(run, ws, case):
     ws.empty.mkdir()
     ws.unfinished = ws.tmp / "unfinished"
     (ws.unfinished / "checkpoints").mkdir(parents=True)
+
+    def file_of(content):
+        path = ws.tmp / "prompts.txt"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def pipe_declaring(world):
+        (ws.pipe / "bundled.json").write_text("{" if world is None else json.dumps({"world": world}))
+        return ws.pipe
+
+    ws.file_of, ws.pipe_declaring = file_of, pipe_declaring
     extra, parts = PATH_CASES[case](ws)
     argv = [str(a) for a in ws.finetune_argv()]
     for name, value in zip(extra[::2], extra[1::2]):  # replace or drop the flag

@@ -2,8 +2,8 @@
 
 `accelerate launch --cpu --num_processes 2` silently runs one process, so the process count is
 asserted from what the scripts themselves recorded. Starting processes is the slow part here, so
-one launch runs both entry points (`scripts/finetune.py` then `scripts/train_tokenizer.py`, through
-their `main(argv)`).
+one launch runs both entry points (`scripts/finetune.py`, `scripts/train_tokenizer.py`, then
+`scripts/finetune.py` again with prior preservation from a cache, through their `main(argv)`).
 """
 import json
 import os
@@ -22,9 +22,11 @@ import sys
 from scripts.finetune import main as finetune
 from scripts.train_tokenizer import main as train_tokenizer
 
-args = sys.argv[1:]
-split = args.index("--then")
-assert finetune(args[:split]) == 0 and train_tokenizer(args[split + 1:]) == 0
+parts = [[]]
+for arg in sys.argv[1:]:
+    parts.append([]) if arg == "--then" else parts[-1].append(arg)
+plain, tokenizer, with_prior = parts
+assert finetune(plain) == 0 and train_tokenizer(tokenizer) == 0 and finetune(with_prior) == 0
 """
 
 
@@ -35,7 +37,8 @@ def test_two_process_gloo_runs(fixtures, tmp_path):
     with (data / "metadata.jsonl").open("a") as f:
         f.write('\n{"file_name": "corrupt.png", "text": "a broken file"}')
     (data / "img00.png").rename(data / "uncaptioned.png")  # skipped by the fine-tune (metadata names img00.png)
-    ft, tok = tmp_path / "ft", tmp_path / "tok"
+    ft, tok, mix = tmp_path / "ft", tmp_path / "tok", tmp_path / "mix"
+    (tmp_path / "prompts.txt").write_text("a cat\na red car\n")
     (tmp_path / "tokenizer.json").write_text(json.dumps(
         {"vocab_size": 64, "latent_channels": 8, "base_channels": 32, "channel_multipliers": [1, 1, 1, 1, 1],
          "num_res_blocks": 1, "patch_nums": [1, 2]}))
@@ -49,7 +52,10 @@ def test_two_process_gloo_runs(fixtures, tmp_path):
            "--gradient_checkpointing", "--checkpoint_every", "2", "--validation_prompt", "a cat",
            "--then", "--model_config", str(tmp_path / "tokenizer.json"), "--data_dir", str(data),
            "--output_dir", str(tok), "--max_steps", "2", "--batch_size", "2", "--lr", "3e-3",
-           "--disc_weight", "0.1", "--disc_start_step", "1"]
+           "--disc_weight", "0.1", "--disc_start_step", "1",
+           "--then", "--pretrained", str(ckpt), "--text_encoder", str(ckpt / "text_encoder"), "--data_dir", str(data),
+           "--output_dir", str(mix), "--max_steps", "2", "--batch_size", "2", "--prior_ratio", "0.25",
+           "--prior_images", "5", "--prior_prompts", str(tmp_path / "prompts.txt"), "--cache_dir", str(tmp_path / "cache")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -74,3 +80,13 @@ def test_two_process_gloo_runs(fixtures, tmp_path):
     assert {f.name for f in (tok / "checkpoints" / "checkpoint-00000002").glob("train_state-*")} == {
         "train_state-rank000.pt", "train_state-rank001.pt"}
     assert (tok / "tokenizer" / "config.json").is_file()
+
+    # prior preservation: both processes draw the prior images (3 and 2 of 5), then train on the mix
+    captions = [json.loads(line)["text"] for line in (mix / "prior" / "metadata.jsonl").read_text().splitlines()]
+    assert captions == ["a cat", "a red car", "a cat", "a red car", "a cat"]
+    assert len(list((mix / "prior").glob("*.png"))) == 5 and (mix / "prior" / "cache" / "cache_info.json").is_file()
+    rows = read_metrics(mix / "logs" / "metrics.csv")
+    assert [(r["images_seen"], r["prior_images_seen"]) for r in rows] == [(4.0, 1.0), (8.0, 2.0)]
+    states = [torch.load(mix / "checkpoints" / "checkpoint-00000002" / f"train_state-rank{r:03d}.pt", weights_only=True)
+              for r in (0, 1)]
+    assert states[0]["weights_checksum"] == pytest.approx(states[1]["weights_checksum"], rel=0, abs=0)

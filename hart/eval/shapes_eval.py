@@ -213,6 +213,22 @@ def score(images: Sequence[ImageLike], specs: Sequence[dict]) -> Dict[str, float
     return _aggregate([s["category"] for s in specs], [evaluate(i, s)["passed"] for i, s in zip(images, specs)])
 
 
+def score_pipeline(pipe, records: Sequence[dict], seeds: Sequence[int] = (0,), batch_size: int = 16,
+                   **call_kwargs) -> dict:
+    """Generate an image for every (record, seed) with `pipe` (a `HARTPipeline`; `call_kwargs` go to its
+    call, e.g. `guidance_scale`) and score them: `scores` (as `score`) and the PIL `images`, record-major."""
+    import torch  # only here: the rest of this module needs no torch
+
+    jobs = [(r, s) for r in records for s in seeds]
+    images = []
+    for lo in range(0, len(jobs), batch_size):
+        chunk = jobs[lo:lo + batch_size]
+        generators = [torch.Generator().manual_seed(int(s)) for _, s in chunk]
+        images += pipe([r["prompt"] for r, _ in chunk], generator=generators, output_type="pil",
+                       **call_kwargs).images
+    return {"scores": score(images, [r for r, _ in jobs]), "images": images}
+
+
 def image_files(folder, n_prompts: int) -> Dict[int, List[Path]]:
     """Images of `folder` by prompt index, following the naming contract: the name starts with the
     prompt's index as five digits, then the extension or `_` and anything (`00012.png`,

@@ -175,7 +175,7 @@ class CachedExamples(torch.utils.data.Dataset):
     """`dataset[(epoch, index)]` -> one cached example (the flip variant drawn as live training does)."""
 
     def __init__(self, cache_dir, spec: CacheSpec, seed: int = 0):
-        self.cache_dir, self.seed, self.flip = Path(cache_dir), seed, spec.flip
+        self.cache_dir, self.seed, self.spec, self.flip = Path(cache_dir), seed, spec, spec.flip
         info = check_cache(cache_dir, spec)
         self.num_samples = info["num_samples"]
         self.report = SkipReport.from_dict(info.get("skipped", {}))

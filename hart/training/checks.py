@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from hart.cli_args import PATH, POSITIVE_INT, UsageError, check_output_folder, checked
-from hart.limits import MAX_GUIDANCE_SCALE
+from hart.data.shapes import CATEGORIES
+from hart.data.shapes_dataset import EVAL_PER_CATEGORY
+from hart.limits import GUIDANCE_SCALE, MAX_GUIDANCE_SCALE
 
 # Generators are seeded with seed * 1_000_003 + process index, which must stay a 64-bit seed.
 MAX_TRAIN_SEED = 2**32 - 1
 # What the training programs write into --output_dir; any of them there means an earlier run.
 RUN_ENTRIES = ("checkpoints", "logs", "validation", "pipeline", "pipeline.tmp", "run_info.json", "tokenizer",
-               ".tmp-tokenizer")
+               ".tmp-tokenizer", "prior", "prior.partial")
+MAX_WORLD_PROMPTS = EVAL_PER_CATEGORY * len(CATEGORIES)  # the committed ShapesEval set's size
 
 
 # the groups of layers LoRA can adapt (their layer patterns: `hart.training.lora.LORA_GROUPS`)
@@ -41,6 +44,7 @@ POSITIVE_NUMBER = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite
 NON_NEGATIVE_NUMBER = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 FRACTION = checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 DECAY = checked(float, lambda v: 0 <= v < 1, "a number from 0 up to, not including, 1 (0 disables it)")
+WORLD_PROMPTS = checked(int, lambda v: 0 <= v <= MAX_WORLD_PROMPTS, f"a whole number from 0 to {MAX_WORLD_PROMPTS}")
 SEED = checked(int, lambda v: 0 <= v <= MAX_TRAIN_SEED, f"a whole number from 0 to {MAX_TRAIN_SEED}")
 GUIDANCE = checked(float, lambda v: 0 <= v <= MAX_GUIDANCE_SCALE, f"a number from 0 to {MAX_GUIDANCE_SCALE:g}")
 TEXT = checked(str, lambda v: v.strip() != "", "a non-empty text")
@@ -60,7 +64,8 @@ FINETUNE_RULES = dict(
     lora_targets=one_of(*LORA_GROUP_NAMES), adapt_tokenizer=one_of("auto", "always", "never"),
     tokenizer_steps=POSITIVE_INT,
     validation_prompts=TEXT, validation_every=NON_NEGATIVE_INT, validation_guidance=GUIDANCE,
-    export_weights=one_of("ema", "raw"),
+    validation_world_prompts=WORLD_PROMPTS, export_weights=one_of("ema", "raw"), prior_ratio=DECAY,
+    prior_images=POSITIVE_INT, prior_prompts=PATH,
 )
 TOKENIZER_RULES = dict(
     _COMMON, model_config=PATH, trainable=one_of("all", "decoder"), recon_weight=NON_NEGATIVE_NUMBER,
@@ -178,6 +183,8 @@ def check_finetune_folders(cfg) -> None:
         return
     check_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite, cfg.pretrained)
     _check_common(cfg)
+    if cfg.prior_ratio:
+        check_prior_source(cfg)
 
 
 def check_tokenizer_folders(cfg) -> None:
@@ -210,3 +217,81 @@ def check_model_config(path: Path) -> None:
     except Exception as e:  # a hand-written config can fail anywhere in the constructor
         raise SettingError(f"--model_config: {path} does not describe a HybridTokenizer "
                            f"({type(e).__name__}: {e})") from None
+
+
+# ---- prior preservation (`hart.training.prior`) ----------------------------------------------------
+
+WORLD_FILE = "bundled.json"  # a model folder's notes on itself: `world` names the world it was trained on
+WORLDS = ("shapes",)
+PRIOR_DIR = "prior"
+PRIOR_INFO = "prior_info.json"
+
+
+def model_world(pretrained) -> Optional[str]:
+    """The world a model folder declares (`"world"` in its `bundled.json`), or None."""
+    from hart.loading import detect_layout
+
+    layout, folder = detect_layout(pretrained)
+    path = folder / WORLD_FILE
+    if layout != "pipeline" or not path.is_file():
+        return None
+    try:
+        notes = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SettingError(f"--pretrained: {path} is not a JSON file ({e})") from None
+    world = notes.get("world") if isinstance(notes, dict) else None
+    if world is not None and world not in WORLDS:
+        raise SettingError(f"--pretrained: {path} declares the world {world!r}; known worlds: {', '.join(WORLDS)}")
+    return world
+
+
+def read_prompts(path) -> List[str]:
+    """The non-empty lines of a `--prior_prompts` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingError(f"--prior_prompts: no such file: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SettingError(f"--prior_prompts: {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise SettingError(f"--prior_prompts: {path} holds no prompt (one per line)")
+    return prompts
+
+
+def check_prior_source(cfg) -> None:
+    """A run with prior preservation has somewhere to take the prior images from."""
+    if cfg.prior_prompts is not None:
+        read_prompts(cfg.prior_prompts)
+    elif model_world(cfg.pretrained) is None:
+        raise SettingError(f"--prior_ratio: the model {cfg.pretrained} declares no world to render prior images from "
+                           f"(no \"world\" in its {WORLD_FILE}): give --prior_prompts FILE, one prompt per line, for "
+                           "the base model to draw them")
+    if cfg.resume:  # the prior images of the run it continues must be the ones this run would make
+        made_before(Path(cfg.output_dir) / PRIOR_DIR, prior_recipe(cfg))
+
+
+def prior_recipe(cfg) -> dict:
+    """What decides the prior images (recorded in `prior_info.json`)."""
+    if cfg.prior_prompts is not None:
+        source = {"prompts": read_prompts(cfg.prior_prompts), "guidance_scale": GUIDANCE_SCALE}
+    else:
+        source = {"world": model_world(cfg.pretrained)}
+    return {"num_images": cfg.prior_images, "seed": cfg.seed, **source}
+
+
+def made_before(folder: Path, recipe: dict) -> bool:
+    """True when `folder` holds the prior images of `recipe`; refused when it holds other ones."""
+    if not (folder / PRIOR_INFO).is_file():
+        return False
+    made = json.loads((folder / PRIOR_INFO).read_text(encoding="utf-8"))
+    if made != recipe:
+        changed = ", ".join(_RECIPE_WORDS.get(k, k) for k in sorted(set(made) | set(recipe)) if made.get(k) != recipe.get(k))
+        raise SettingError(f"{folder} holds prior images made otherwise ({changed} differ): resume with the same "
+                           "--prior_images, --prior_prompts (and their contents) and --seed, or start over with --overwrite")
+    return True
+
+
+_RECIPE_WORDS = {"num_images": "--prior_images", "seed": "--seed", "prompts": "--prior_prompts",
+                 "world": "the model's world", "guidance_scale": "guidance"}

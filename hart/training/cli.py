@@ -117,6 +117,13 @@ def finetune_parser() -> argparse.ArgumentParser:
          help="train the tokenizer's decoder on your images first: 'auto' when they reconstruct 3 dB worse "
               "than the model's own world (default)")
     flag(g, "--tokenizer_steps", help="decoder training steps when adapting")
+    g = p.add_argument_group("prior preservation")
+    flag(g, "--prior_ratio",
+         help="fraction of the training images that are prior samples of the base model's world (0: off)")
+    flag(g, "--prior_images", help="how many prior samples to make (once, into OUTPUT/prior/)")
+    flag(g, "--prior_prompts",
+         help="a file of prompts, one per line, for the base model to draw the prior samples from "
+              "(needed when the model declares no world)")
     g = p.add_argument_group("checkpoints and feedback")
     flag(g, "--checkpoint_every")
     flag(g, "--keep_checkpoints")
@@ -127,6 +134,9 @@ def finetune_parser() -> argparse.ArgumentParser:
          help="a prompt for the validation grid (repeat the flag for several)")
     flag(g, "--validation_every", help="steps between validation grids (0: at the end)")
     flag(g, "--validation_guidance")
+    flag(g, "--validation_world_prompts",
+         help="with a model of the shapes world: ShapesEval prompts scored at each validation and at step 0, "
+              "logged as old_world_score (0: none)")
     flag(g, "--tensorboard", action="store_true", help="also log to TensorBoard (needs `tensorboard`)")
     flag(g, "--export_weights", choices=("ema", "raw"))
     return config_defaults(p, FinetuneConfig)

@@ -53,6 +53,10 @@ class FinetuneConfig:
     validation_prompts: Tuple[str, ...] = ()
     validation_every: int = 0  # 0: only at the end
     validation_guidance: float = GUIDANCE_SCALE
+    validation_world_prompts: int = 64  # old-world prompts scored at each validation (0: none), world models only
+    prior_ratio: float = 0.0  # fraction of the images that are prior samples (0: no prior preservation)
+    prior_images: int = 256
+    prior_prompts: Optional[str] = None  # a file of prompts for the base model to draw the prior images from
     tensorboard: bool = False
     export_weights: str = "ema"  # "ema" or "raw"
     overwrite: bool = False  # move an earlier run in output_dir aside (to OUTPUT_DIR.old-N) instead of refusing
@@ -64,6 +68,8 @@ class FinetuneConfig:
         require(bool(self.lora_rank) or self.lora_alpha is None, "--lora_alpha configures LoRA: give --lora_rank too")
         require(bool(self.lora_targets), "--lora_targets needs at least one group")
         require(not (self.overwrite and self.resume), _RESUME_OR_OVERWRITE)
+        require(bool(self.prior_ratio) or self.prior_prompts is None,
+                "--prior_prompts configures prior preservation: give --prior_ratio too")
 
 
 @dataclasses.dataclass

@@ -3,7 +3,8 @@
 The text encoder, its tokenizer and the image tokenizer are taken unchanged from the pipeline the
 run started from; the transformer gets the trained (by default EMA) weights with any LoRA adapters
 merged, so `HARTPipeline.from_pretrained(folder)` loads it like any other. With LoRA, the adapter
-weights alone are also written beside it (`lora_weights.safetensors`).
+weights alone are also written beside it (`lora_weights.safetensors`). The base model's
+`bundled.json` (its sampling settings and the world it draws) is copied along.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
+from hart.loading import detect_layout
 from hart.models.transformer import HARTTransformer
 from hart.pipelines import HARTPipeline
+from hart.training.checks import WORLD_FILE
 from hart.training.lora import add_lora, lora_state_dict, merge_lora
 
 logger = logging.getLogger(__name__)
@@ -50,12 +53,15 @@ def export_pipeline(accelerator, objective, ema, cfg, out_dir, *, vae=None) -> O
         transformer.requires_grad_(True).eval()
 
         base = HARTPipeline.from_folder(cfg.pretrained, cfg.text_encoder)
+        notes = detect_layout(cfg.pretrained)[1] / WORLD_FILE  # the model's notes on itself (its world) stay true
         pipe = type(base)(tokenizer=base.tokenizer, text_encoder=base.text_encoder, transformer=transformer,
                           vae=base.vae if vae is None else vae)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             pipe.save_pretrained(tmp)
+            if notes.is_file():
+                shutil.copy(notes, tmp / WORLD_FILE)
             if cfg.lora_rank:
                 save_file(adapters, str(tmp / "lora_weights.safetensors"))
         except BaseException:

@@ -8,7 +8,9 @@ exactly (model, EMA, optimizer, scheduler, data position, every random state); S
 before exiting. The result is exported as a `HARTPipeline` folder (EMA weights, LoRA merged).
 Every setting and path is checked before the model loads, and nothing is written until everything
 that can refuse the run has run; an `output_dir` holding another run is refused unless the run resumes
-it or `overwrite` moves it aside (`hart.training.checks`).
+it or `overwrite` moves it aside (`hart.training.checks`). Optionally, batches mix in samples of the
+base model's own world (`hart.training.prior`), and validation scores how well the model still draws
+that world (`hart.training.heldout`).
 """
 from __future__ import annotations
 
@@ -29,16 +31,18 @@ from hart.text import SYSTEM_PROMPT, encode_prompts, split_words
 from hart.training.cache import CacheSpec, CachedExamples, build_cache
 from hart.training.checkpoint import (CheckpointError, CheckpointManager, describe_mismatch, load_train_state,
                                       load_training_files, out_of_space, save_training_files, space_error)
-from hart.training.checks import check_finetune_folders, move_earlier_run_aside
+from hart.training.checks import check_finetune_folders, model_world, move_earlier_run_aside, prior_recipe
 from hart.training.config import FinetuneConfig
 from hart.training.data import DataError, ImageCaptionFolder, SkipReport
 from hart.training.ema import EMA, local_part
 from hart.training.encoding import encode_examples, loss_inputs
 from hart.training.export import export_pipeline
+from hart.training.heldout import WorldCheck, report as validation_report
 from hart.training.lora import add_lora, unused_adapters
 from hart.training.objective import hart_loss
 from hart.training.tokenizer_adapt import (TokenizerCheck, adapt_decoder, needs_adapting, reconstruction_psnr,
                                            world_images)
+from hart.training.prior import MixedBatchSampler, MixedExamples, describe as describe_prior, make_prior_folder, prior_examples
 from hart.training.runtime import (MetricsLog, StopRequest, any_process, full_parameters,
                                    mean_over_processes, report_step, sum_over_processes, warmup_cosine)
 from hart.training.sampler import ResumableBatchSampler, check_enough_samples
@@ -46,9 +50,11 @@ from hart.training.validation import sample_images, save_grid
 
 logger = logging.getLogger(__name__)
 
-METRICS = ["loss", "token_loss", "diffusion_loss", "lr", "grad_norm", "epoch", "images_seen", "images_per_sec"]
+METRICS = ["loss", "token_loss", "diffusion_loss", "lr", "grad_norm", "epoch", "images_seen", "images_per_sec",
+           "prior_images_seen", "old_world_score"]
 # settings a resumed run must share with the checkpoint (they decide the data order and the state shapes)
-RESUME_KEYS = ("batch_size", "grad_accum", "seed", "lora_rank", "lora_targets", "ema_decay")
+RESUME_KEYS = ("batch_size", "grad_accum", "seed", "lora_rank", "lora_targets", "ema_decay", "prior_ratio",
+               "prior_images")
 
 
 @dataclasses.dataclass
@@ -98,11 +104,21 @@ class _Run:
         self.dataset = self._dataset()
         self.val_cond = None
         if cfg.validation_prompts:
-            self.val_cond = encode_prompts(list(cfg.validation_prompts), self.text_encoder, self.pipe.tokenizer,
-                                           self.transformer.config.context_tokens, self.system_prompt)
-        if cfg.cache_dir:  # batches come from the cache: free the encoders' memory
-            self.text_encoder = self.pipe.text_encoder = None
-            self.vae.encoder.to("cpu")
+            self.val_cond = self._encode(list(cfg.validation_prompts))
+        self.world_check = None
+        if cfg.validation_world_prompts and model_world(cfg.pretrained) == "shapes":
+            self.world_check = WorldCheck(cfg.validation_world_prompts, self._encode, cfg.seed, cfg.validation_guidance)
+        if cfg.cache_dir and not cfg.prior_ratio:  # batches come from the cache (prior samples: once they are cached)
+            self._drop_encoders()
+
+    def _encode(self, prompts):
+        return encode_prompts(prompts, self.text_encoder, self.pipe.tokenizer, self.transformer.config.context_tokens,
+                              self.system_prompt)
+
+    def _drop_encoders(self) -> None:
+        """Free the encoders' memory: training batches come from a cache."""
+        self.text_encoder = self.pipe.text_encoder = None
+        self.vae.encoder.to("cpu")
 
     # ---- set-up --------------------------------------------------------------------------------
     def _warn_spelled_words(self, folder: ImageCaptionFolder) -> None:
@@ -215,7 +231,8 @@ class _Run:
         folder = manager.resolve(self.cfg.resume)
         state = load_train_state(folder, self.acc.process_index, self.acc.num_processes)
         current = {k: getattr(self.cfg, k) for k in RESUME_KEYS}
-        problem = describe_mismatch(state["settings"], current, RESUME_KEYS)
+        saved = {k: getattr(FinetuneConfig, k) for k in RESUME_KEYS}  # the defaults of keys newer than the checkpoint
+        problem = describe_mismatch({**saved, **state["settings"]}, current, RESUME_KEYS)
         if problem:
             raise CheckpointError(f"cannot resume from {folder}: the run's settings changed ({problem})")
         load_training_files(self.acc, folder, self.ema)
@@ -278,8 +295,11 @@ class _Run:
         self._model()
         if cfg.resume:
             self.resume(manager)
-        sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, world_size=acc.num_processes,
-                                        rank=acc.process_index, seed=cfg.seed, start=self.consumed)
+        where = dict(world_size=acc.num_processes, rank=acc.process_index, seed=cfg.seed, start=self.consumed)
+        if cfg.prior_ratio:
+            sampler = MixedBatchSampler(len(self.dataset), cfg.prior_images, cfg.prior_ratio, cfg.batch_size, **where)
+        else:
+            sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, **where)
         # everything that can refuse the run has run (on every process): from here on it writes into output_dir
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -293,7 +313,14 @@ class _Run:
         acc.wait_for_everyone()
         log = MetricsLog(log_path, METRICS, self.step if cfg.resume else None,
                          self.out / "logs" / "tensorboard" if cfg.tensorboard else None) if acc.is_main_process else None
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
+        dataset = MixedExamples(self.dataset, self._prior()) if cfg.prior_ratio else self.dataset
+        if cfg.cache_dir and cfg.prior_ratio:
+            self._drop_encoders()
+        if self.world_check is not None and self.step == 0:  # the starting model's score, for the comparison
+            start = self.validate()
+            if log is not None:
+                log.log(0, start)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
         batches, replaced, stopped = iter(loader), SkipReport(), False
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="fine-tuning", disable=not acc.is_main_process)
         with StopRequest().installed() as stop:
@@ -302,12 +329,14 @@ class _Run:
                 metrics = self._step(batches, replaced)
                 metrics["epoch"] = sampler.position(self.consumed - 1)[0]
                 metrics["images_per_sec"] = cfg.batch_size * acc.num_processes * cfg.grad_accum / (time.perf_counter() - t0)
+                if cfg.prior_ratio:
+                    metrics["prior_images_seen"] = sampler.prior_seen(self.consumed)
+                if self._validation_due() and not any_process(acc, stop.requested):
+                    metrics.update(self.validate())  # before the step's row is written: its score joins the row
                 report_step(self.step, metrics, log, bar, step_callback)
                 stopped = any_process(acc, stop.requested)
                 if stopped or self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     self.save_checkpoint(manager)
-                if cfg.validation_every and self.step % cfg.validation_every == 0 and not stopped:
-                    self.validate()
         bar.close()
         if log is not None:
             log.close()
@@ -315,23 +344,51 @@ class _Run:
         report.merge(replaced)
         if report.total:
             logger.warning("data: %s", report.summary())
-        export_dir = None
-        if not stopped:
-            if cfg.validation_prompts and not (cfg.validation_every and self.step % cfg.validation_every == 0):
-                self.validate()
-            export_dir = self.export()
+        export_dir = None if stopped else self.export()
+        if cfg.prior_ratio:
+            logger.info("prior preservation: %d of the %d images trained on were prior samples",
+                        sampler.prior_seen(self.consumed), self.images_seen)
         return FinetuneResult(self.step, stopped, export_dir, log_path, report)
 
-    def validate(self) -> Optional[Path]:
-        if self.val_cond is None:
-            return None
+    # ---- prior samples and validation ----------------------------------------------------------
+    def _prior(self):
+        """The prior samples, made into OUTPUT/prior by the first run and read like the user's data."""
+        cfg = self.cfg
+        recipe = prior_recipe(cfg)
+        folder = make_prior_folder(self.out, recipe, self.acc, self._draw)
+        encoders = (self.vae, self.text_encoder, self.pipe.tokenizer, self.system_prompt)
+        spec = self.dataset.spec if cfg.cache_dir else None  # prior samples are cached as the user's data is
+        prior = prior_examples(folder, self.resolution, cfg.seed, spec, encoders, self.acc)
+        logger.info("prior preservation: %g of the training images are prior samples, from %d images %s (%s)",
+                    cfg.prior_ratio, len(prior), describe_prior(recipe), folder)
+        return prior
+
+    def _draw(self, prompts, seeds, guidance_scale):
+        """Images of the model as it is now (before any step: the base model), for prior samples."""
         transformer = self.acc.unwrap_model(self.objective).transformer
-        seeds = [self.cfg.seed + i for i in range(self.val_cond.batch_size)]
+        with full_parameters(self.acc, self.objective):
+            return sample_images(transformer, self.vae, self._encode(list(prompts)), seeds, guidance_scale)
+
+    def _validation_due(self) -> bool:
+        every = self.cfg.validation_every
+        return (self.val_cond is not None or self.world_check is not None) and \
+            (self.step == self.cfg.max_steps or bool(every) and self.step % every == 0)
+
+    def validate(self) -> Dict[str, float]:
+        """The validation grid and the old world's score with the current (EMA) weights -> the step's metrics."""
+        transformer = self.acc.unwrap_model(self.objective).transformer
+        images = world_images = grid = None
         with (self.ema.swapped() if self.ema is not None else nullcontext()), full_parameters(self.acc, self.objective):
-            images = sample_images(transformer, self.vae, self.val_cond, seeds, self.cfg.validation_guidance)
-        if self.acc.is_main_process:
-            return save_grid(images, self.out / "validation" / f"step-{self.step:08d}.png")
-        return None
+            if self.val_cond is not None:
+                seeds = [self.cfg.seed + i for i in range(self.val_cond.batch_size)]
+                images = sample_images(transformer, self.vae, self.val_cond, seeds, self.cfg.validation_guidance)
+            if self.world_check is not None:
+                world_images = self.world_check.sample(transformer, self.vae)
+        if not self.acc.is_main_process:
+            return {}
+        if images is not None:
+            grid = save_grid(images, self.out / "validation" / f"step-{self.step:08d}.png")
+        return validation_report(self.out, self.step, grid, self.world_check, world_images)
 
     def export(self) -> Optional[Path]:
         use_ema = self.ema is not None and self.cfg.export_weights == "ema"
