@@ -122,7 +122,7 @@ def workdir(tmp_path, monkeypatch):
     from hart.data.shapes_dataset import write_dataset
 
     shutil.copytree(BUNDLED_MODEL, tmp_path / "hart-pipeline")
-    write_dataset(tmp_path / "my_images", 8, seed=0)
+    write_dataset(tmp_path / "my_images", 16, seed=0)
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square in the top left\n")
     Image.new("RGB", (128, 128), (128, 128, 128)).save(tmp_path / "picture.png")
     mask = Image.new("L", (128, 128), 0)
@@ -179,3 +179,18 @@ def test_relative_links_and_images_exist(page):
 def test_pages_state_results_not_development_history(page):
     found = [line.strip() for line in page.read_text().splitlines() if DIARY_WORDS.search(line)]
     assert not found, f"{page.name} dates things by when they were worked on: {found}"
+
+
+def test_the_training_tutorial_runs(workdir, monkeypatch, one_thread):
+    """docs/training.md's tutorial, command by command (training at toy size), from a clean folder."""
+    text = (REPO_ROOT / "docs" / "training.md").read_text()
+    section = text.split("## Teach the bundled model a new shape\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```bash\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
+    assert blocks, "the tutorial has no commands"
+    for block in blocks:
+        for words in shell_lines(block):
+            for command in split_and(words):
+                run_command(command, monkeypatch)
+    assert len(list((workdir / "green_stars").glob("*.png"))) == 48
+    assert (workdir / "runs" / "star" / "pipeline" / "model_index.json").is_file()
+    assert (workdir / "star_samples" / "grid.png").is_file()

@@ -2,8 +2,10 @@
 captions worded like the world's own, for teaching the bundled model something new by fine-tuning.
 
 `write_concept_dataset` writes the imagefolder layout `hart.training.data` reads (PNGs and
-`metadata.jsonl`): one object of the concept per image, small or large, at a random spot on a grey
-background, captioned e.g. "a green star", "a large pink ring in the top left". The images follow
+`metadata.jsonl`): one object of the concept per image, large by default, at a random spot on a grey
+background, captioned e.g. "a green star", "a pink ring in the top left" (and "a small green star"
+when the folder mixes sizes). Large is the default because the bundled tokenizer draws a small
+(22-26 px) star as a five-pointed shape in only about half of its reconstructions. The images follow
 the world's rules (128 x 128, no anti-aliasing, 4 px from the border), so the concept is the only
 new thing in them.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -57,8 +59,8 @@ def render_concept(shape: str, rgb: Tuple[int, int, int], x: int, y: int, diamet
 
 
 def concept_caption(shape: str, colour: str, size: str, where: str, rng: np.random.Generator) -> str:
-    """A caption in the world's wording; size and position are each mentioned only sometimes."""
-    noun = " ".join(w for w in (size if rng.random() < SIZE_MENTION_P else None, colour, shape) if w)
+    """A caption in the world's wording; size (when given) and position are each mentioned only sometimes."""
+    noun = " ".join(w for w in (size if size and rng.random() < SIZE_MENTION_P else None, colour, shape) if w)
     with_where = rng.random() < POSITION_MENTION_P
     templates = [t for t in TEMPLATES if ("{where}" in t) == with_where]
     text = templates[int(rng.integers(len(templates)))]
@@ -66,23 +68,27 @@ def concept_caption(shape: str, colour: str, size: str, where: str, rng: np.rand
     return _a_an(text.format(n=noun, where=phrases[int(rng.integers(len(phrases)))]))
 
 
-def write_concept_dataset(out_dir, shape: str, colour: str, n: int = 48, seed: int = 0) -> Path:
-    """Write `n` captioned images of one `colour` `shape` into `out_dir` (same seed, same folder)."""
+def write_concept_dataset(out_dir, shape: str, colour: str, n: int = 48, seed: int = 0,
+                          sizes: Sequence[str] = ("large",)) -> Path:
+    """Write `n` captioned images of one `colour` `shape` of the world's `sizes` into `out_dir` (same
+    seed, same folder)."""
     if shape not in CONCEPT_SHAPES:
         raise ValueError(f"unknown concept shape {shape!r}; expected one of {CONCEPT_SHAPES}")
     if colour not in CONCEPT_COLOURS:
         raise ValueError(f"unknown colour {colour!r}; expected one of {', '.join(CONCEPT_COLOURS)}")
+    if not sizes or any(s not in SIZES for s in sizes):
+        raise ValueError(f"sizes must be some of {', '.join(SIZES)}, got {list(sizes)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(n):
-        size = ("small", "large")[int(rng.integers(2))]
+        size = sizes[int(rng.integers(len(sizes)))]
         diameter = int(rng.integers(SIZES[size][0], SIZES[size][1] + 1))
         corners = _corner_range(diameter, None)
         x, y = int(rng.choice(corners)), int(rng.choice(corners))
         half = (diameter - 1) / 2
-        text = concept_caption(shape, colour, size, grid_cell(x + half, y + half), rng)
+        text = concept_caption(shape, colour, size if len(sizes) > 1 else None, grid_cell(x + half, y + half), rng)
         name = f"{i:05d}.png"
         render_concept(shape, CONCEPT_COLOURS[colour], x, y, diameter).save(out / name)
         lines.append(json.dumps({"file_name": name, "text": text}))

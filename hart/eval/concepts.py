@@ -4,10 +4,9 @@ Pixels are labelled with their nearest colour among the world's (palette and gre
 colour, as ShapesEval does, after the same median filter; the concept colour's mask is opened and
 split into components of at least `MIN_AREA` pixels. A component is a **ring** when the pixels it
 encloses (not reachable from outside its bounding box) are at least `RING_HOLE` of its filled area;
-a **star** when it has no such hole and its outline has at least five points (peaks of the distance
-from its centroid to its edge, by angle: a star has five, a triangle three, a square four, a circle
-none). Blurred generated shapes keep their peaks where a fill-ratio test fails: the tokenizer's
-reconstructions of stars cover 0.8 to 0.95 of their convex hull, as much as blurred triangles.
+a **star** when it has no such hole and its outline has five points spread around it (peaks of the
+distance from its centroid to its edge, by angle: a star has five, evenly spaced; a triangle three,
+a square four, a circle none; a lumpy blob's bumps bunch together).
 """
 from __future__ import annotations
 
@@ -20,8 +19,8 @@ from hart.eval.shapes_eval import (COLOUR_TOLERANCE, MIN_AREA, ImageLike, _neigh
                                    connected_components)
 
 RING_HOLE = 0.12  # enclosed share of the filled area that makes a ring
-STAR_POINTS = 5  # least number of points (outward peaks of the outline) that makes a star
-POINT_PROMINENCE = 0.12  # how far a point stands out, as a share of the mean radius
+STAR_POINTS = 5  # points (outward peaks of the outline) that make a star
+POINT_PROMINENCE = 0.06  # how far a point stands out, as a share of the mean radius
 ANGLE_BINS = 72  # 5 degree sectors of the outline
 MAX_ASPECT = 1.6  # bounding boxes more elongated than this are no concept object
 
@@ -40,18 +39,26 @@ def _outline_radii(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     return np.convolve(np.concatenate([radii[-2:], radii, radii[:2]]), kernel, "valid")
 
 
-def count_points(xs: np.ndarray, ys: np.ndarray) -> int:
-    """Outward peaks of the outline standing out by `POINT_PROMINENCE` from the lowest radius within a
-    fifth of a turn on both sides: a star has 5, a triangle 3, a square 4, a circle none."""
+def has_star_points(xs: np.ndarray, ys: np.ndarray) -> bool:
+    """True when the outline has `STAR_POINTS` points spread around it like a star's: peaks of the
+    radius standing out by `POINT_PROMINENCE` from the lowest radius within a fifth of a turn on both
+    sides, the strongest five no closer than half and no farther than one and a half fifths of a turn
+    from their neighbours (a triangle has three points, a square four, a circle none; a lumpy blob's
+    bumps bunch together)."""
     radii = _outline_radii(xs, ys)
     n, reach, least = len(radii), len(radii) // 5, POINT_PROMINENCE * radii.mean()
-    points = 0
+    peaks = []  # (prominence, sector)
     for i in range(n):
         if radii[i] >= radii[i - 1] and radii[i] > radii[(i + 1) % n]:
             left = min(radii[(i - j) % n] for j in range(1, reach + 1))
             right = min(radii[(i + j) % n] for j in range(1, reach + 1))
-            points += radii[i] - max(left, right) >= least
-    return points
+            if radii[i] - max(left, right) >= least:
+                peaks.append((radii[i] - max(left, right), i))
+    if len(peaks) < STAR_POINTS:
+        return False
+    sectors = sorted(i for _, i in sorted(peaks, reverse=True)[:STAR_POINTS])
+    gaps = np.diff(sectors + [sectors[0] + n])
+    return bool(gaps.min() >= reach / 2 and gaps.max() <= reach * 1.5)
 
 
 def _enclosed(mask: np.ndarray) -> int:
@@ -72,7 +79,7 @@ def classify(mask: np.ndarray) -> str:
     if hole >= RING_HOLE * (area + hole):
         return "ring"
     ys, xs = np.nonzero(mask)
-    return "star" if count_points(xs, ys) >= STAR_POINTS else "other"
+    return "star" if has_star_points(xs, ys) else "other"
 
 
 def find_concepts(image: ImageLike, rgb: Sequence[int]) -> List[str]:

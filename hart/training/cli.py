@@ -96,7 +96,7 @@ def finetune_parser() -> argparse.ArgumentParser:
     flag(g, "--max_steps")
     flag(g, "--batch_size", help="images per process and micro-batch")
     flag(g, "--grad_accum", help="micro-batches per optimizer step")
-    flag(g, "--lr")
+    flag(g, "--lr", help="default: 1e-3 with LoRA, 1e-4 for full fine-tuning")
     flag(g, "--weight_decay")
     flag(g, "--warmup_steps")
     flag(g, "--min_lr_ratio", help="cosine decay floor, as a fraction of --lr")
@@ -108,7 +108,7 @@ def finetune_parser() -> argparse.ArgumentParser:
     flag(g, "--ema_decay", help="0 disables the EMA")
     flag(g, "--seed")
     g = p.add_argument_group("LoRA")
-    flag(g, "--lora_rank", help="0: full fine-tuning")
+    flag(g, "--lora_rank", help="adapter rank (default 16); 0: full fine-tuning")
     flag(g, "--lora_alpha", help="default: the rank")
     flag(g, "--lora_targets", nargs="+", metavar="GROUP",
          help="layer groups that get adapters, some of: attention mlp modulation context head diffusion")
@@ -119,7 +119,8 @@ def finetune_parser() -> argparse.ArgumentParser:
     flag(g, "--tokenizer_steps", help="decoder training steps when adapting")
     g = p.add_argument_group("prior preservation")
     flag(g, "--prior_ratio",
-         help="fraction of the training images that are prior samples of the base model's world (0: off)")
+         help="fraction of the training images that are prior samples of the base model's world (0: off; default "
+              "0.5 where the model declares a world or --prior_prompts is given, else off)")
     flag(g, "--prior_images", help="how many prior samples to make (once, into OUTPUT/prior/)")
     flag(g, "--prior_prompts",
          help="a file of prompts, one per line, for the base model to draw the prior samples from "

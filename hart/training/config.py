@@ -10,8 +10,14 @@ import dataclasses
 from typing import Optional, Tuple
 
 from hart.limits import GUIDANCE_SCALE
-from hart.training.checks import FINETUNE_RULES, TOKENIZER_RULES, check_settings, require
+from hart.training.checks import FINETUNE_RULES, LORA_GROUP_NAMES, TOKENIZER_RULES, check_settings, model_world, require
 
+# Defaults chosen by measurement (docs/training.md, "Teach the bundled model a new shape"): LoRA on
+# every group, and half of the images from the model's own world where it declares one.
+LORA_RANK = 16
+LORA_LR = 1e-3
+FULL_LR = 1e-4
+PRIOR_RATIO = 0.5
 _RESUME_OR_OVERWRITE = "--overwrite starts a new run and --resume continues one: give only one of them"
 
 
@@ -30,9 +36,9 @@ class FinetuneConfig:
     cache_only: bool = False
     use_system_prompt: bool = True
     max_steps: int = 1000
-    batch_size: int = 4  # per process
+    batch_size: int = 16  # per process
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: Optional[float] = None  # None: LORA_LR with LoRA, FULL_LR for full fine-tuning
     weight_decay: float = 0.0
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
@@ -41,9 +47,9 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     cond_drop_rate: Optional[float] = None  # None keeps the model's configured rate
     ema_decay: float = 0.9999  # 0 disables the EMA
-    lora_rank: int = 0  # 0: full fine-tuning
+    lora_rank: int = LORA_RANK  # 0: full fine-tuning
     lora_alpha: Optional[float] = None  # None: equal to the rank
-    lora_targets: Tuple[str, ...] = ("attention", "mlp", "modulation", "head")
+    lora_targets: Tuple[str, ...] = LORA_GROUP_NAMES
     adapt_tokenizer: str = "auto"  # "auto": when the user's images reconstruct 3 dB worse than the world's; "always", "never"
     tokenizer_steps: int = 200  # decoder training steps when adapting
     seed: int = 0
@@ -54,7 +60,8 @@ class FinetuneConfig:
     validation_every: int = 0  # 0: only at the end
     validation_guidance: float = GUIDANCE_SCALE
     validation_world_prompts: int = 64  # old-world prompts scored at each validation (0: none), world models only
-    prior_ratio: float = 0.0  # fraction of the images that are prior samples (0: no prior preservation)
+    prior_ratio: Optional[float] = None  # fraction of the images that are prior samples (0: off); None: PRIOR_RATIO
+    # where the model declares a world or `prior_prompts` is given, else 0
     prior_images: int = 256
     prior_prompts: Optional[str] = None  # a file of prompts for the base model to draw the prior images from
     tensorboard: bool = False
@@ -68,8 +75,18 @@ class FinetuneConfig:
         require(bool(self.lora_rank) or self.lora_alpha is None, "--lora_alpha configures LoRA: give --lora_rank too")
         require(bool(self.lora_targets), "--lora_targets needs at least one group")
         require(not (self.overwrite and self.resume), _RESUME_OR_OVERWRITE)
-        require(bool(self.prior_ratio) or self.prior_prompts is None,
+        require(self.prior_ratio != 0 or self.prior_prompts is None,
                 "--prior_prompts configures prior preservation: give --prior_ratio too")
+
+
+def with_defaults(cfg: FinetuneConfig) -> FinetuneConfig:
+    """`cfg` with the defaults that depend on other settings filled in: the learning rate (by LoRA or
+    full fine-tuning) and prior preservation (on where the model declares a world or prompts are given)."""
+    lr = cfg.lr if cfg.lr is not None else (LORA_LR if cfg.lora_rank else FULL_LR)
+    prior = cfg.prior_ratio
+    if prior is None:
+        prior = PRIOR_RATIO if cfg.prior_prompts is not None or model_world(cfg.pretrained) else 0.0
+    return dataclasses.replace(cfg, lr=lr, prior_ratio=prior)
 
 
 @dataclasses.dataclass

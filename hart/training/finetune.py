@@ -32,7 +32,7 @@ from hart.training.cache import CacheSpec, CachedExamples, build_cache
 from hart.training.checkpoint import (CheckpointError, CheckpointManager, describe_mismatch, load_train_state,
                                       load_training_files, out_of_space, save_training_files, space_error)
 from hart.training.checks import check_finetune_folders, model_world, move_earlier_run_aside, prior_recipe
-from hart.training.config import FinetuneConfig
+from hart.training.config import FinetuneConfig, with_defaults
 from hart.training.data import DataError, ImageCaptionFolder, SkipReport
 from hart.training.ema import EMA, local_part
 from hart.training.encoding import encode_examples, loss_inputs
@@ -85,7 +85,7 @@ class TransformerObjective(torch.nn.Module):
 
 def finetune(cfg: FinetuneConfig, step_callback: Optional[Callable[[int, Dict[str, float]], None]] = None) -> FinetuneResult:
     """Run (or resume) a fine-tune; `step_callback(step, metrics)` is called after every step."""
-    return _Run(cfg).train(step_callback)
+    return _Run(with_defaults(cfg)).train(step_callback)
 
 
 class _Run:
