@@ -40,8 +40,8 @@ from hart.training.export import export_pipeline
 from hart.training.heldout import WorldCheck, report as validation_report
 from hart.training.lora import add_lora, unused_adapters
 from hart.training.objective import hart_loss
-from hart.training.tokenizer_adapt import (TokenizerCheck, adapt_decoder, needs_adapting, reconstruction_psnr,
-                                           world_images)
+from hart.training.tokenizer_adapt import (USER_IMAGES, TokenizerCheck, adapt_decoder, needs_adapting,
+                                           reconstruction_psnr, world_images)
 from hart.training.prior import MixedBatchSampler, MixedExamples, describe as describe_prior, make_prior_folder, prior_examples
 from hart.training.runtime import (MetricsLog, StopRequest, any_process, full_parameters,
                                    mean_over_processes, report_step, sum_over_processes, warmup_cosine)
@@ -200,7 +200,7 @@ class _Run:
             return None
         folder = ImageCaptionFolder(cfg.data_dir, self.resolution, crop="center", flip=False, seed=cfg.seed,
                                     min_size=cfg.min_image_size)
-        user = torch.stack([folder[(0, i)]["pixel_values"] for i in range(min(len(folder), 256))])
+        user = torch.stack([folder[(0, i)]["pixel_values"] for i in range(min(len(folder), USER_IMAGES))])
         world = world_images(model_world(cfg.pretrained))
         check = TokenizerCheck(reconstruction_psnr(self.vae, user),
                                None if world is None else reconstruction_psnr(self.vae, world))

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 ADAPT_MARGIN_DB = 3.0  # adapt when the user's images reconstruct this much worse than the world's
+USER_IMAGES = 256  # at most this many of the user's images are measured and adapted to
 REFERENCE_IMAGES = 64  # world images that give the reference PSNR (and the adaptation's world half)
 ADAPT_LR = 3e-4
 ADAPT_BATCH = 8  # half user images, half world images (all user images when there is no world)
