@@ -96,7 +96,7 @@ def finetune_parser() -> argparse.ArgumentParser:
     flag(g, "--max_steps")
     flag(g, "--batch_size", help="images per process and micro-batch")
     flag(g, "--grad_accum", help="micro-batches per optimizer step")
-    flag(g, "--lr", help="default: 1e-3 with LoRA, 1e-4 for full fine-tuning")
+    flag(g, "--lr", help="default: 3e-3 with LoRA, 1e-4 for full fine-tuning")
     flag(g, "--weight_decay")
     flag(g, "--warmup_steps")
     flag(g, "--min_lr_ratio", help="cosine decay floor, as a fraction of --lr")

@@ -15,7 +15,7 @@ from hart.training.checks import FINETUNE_RULES, LORA_GROUP_NAMES, TOKENIZER_RUL
 # Defaults chosen by measurement (docs/training.md, "Teach the bundled model a new shape"): LoRA on
 # every group, and half of the images from the model's own world where it declares one.
 LORA_RANK = 16
-LORA_LR = 1e-3
+LORA_LR = 3e-3
 FULL_LR = 1e-4
 PRIOR_RATIO = 0.5
 _RESUME_OR_OVERWRITE = "--overwrite starts a new run and --resume continues one: give only one of them"
