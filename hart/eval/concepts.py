@@ -1,8 +1,10 @@
 """A detector for the new concepts of `hart.data.concepts`: does an image show a `colour` star (or ring)?
 
 Pixels are labelled with their nearest colour among the world's (palette and grey) and the concept's
-colour, as ShapesEval does, after the same median filter; the concept colour's mask is opened and
-split into components of at least `MIN_AREA` pixels. A component is a **ring** when the pixels it
+colour, as ShapesEval does, after the same median filter; the pixels off the background (the most
+common colour on the border) are opened and split into objects of at least `MIN_AREA` pixels, and an
+object counts when at least `COLOUR_SHARE` of it has the concept's colour (a ring with a short
+stretch of another colour is still one ring). A component is a **ring** when the pixels it
 encloses (not reachable from outside its bounding box) are at least `RING_HOLE` of its filled area;
 a **star** when it has no such hole and its outline has five points spread around it (peaks of the
 distance from its centroid to its edge, by angle: a star has five, evenly spaced; a triangle three,
@@ -15,7 +17,7 @@ from typing import List, Sequence
 import numpy as np
 
 from hart.data.shapes import BACKGROUNDS, IMAGE_SIZE
-from hart.eval.shapes_eval import (COLOUR_TOLERANCE, MIN_AREA, ImageLike, _neighbourhood, _to_rgb,
+from hart.eval.shapes_eval import (BORDER, COLOUR_TOLERANCE, MIN_AREA, ImageLike, _neighbourhood, _to_rgb,
                                    connected_components)
 
 RING_HOLE = 0.12  # enclosed share of the filled area that makes a ring
@@ -23,6 +25,7 @@ STAR_POINTS = 5  # points (outward peaks of the outline) that make a star
 POINT_PROMINENCE = 0.06  # how far a point stands out, as a share of the mean radius
 ANGLE_BINS = 72  # 5 degree sectors of the outline
 MAX_ASPECT = 1.6  # bounding boxes more elongated than this are no concept object
+COLOUR_SHARE = 0.7  # least share of an object's pixels in the concept's colour
 
 
 def _outline_radii(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -83,7 +86,9 @@ def classify(mask: np.ndarray) -> str:
 
 
 def find_concepts(image: ImageLike, rgb: Sequence[int]) -> List[str]:
-    """The kinds ("ring", "star", "other") of the objects of colour `rgb` in the image."""
+    """The kinds ("ring", "star", "other") of the objects of colour `rgb` in the image: objects (pixels
+    off the background) of which at least `COLOUR_SHARE` have that colour, so that a ring with a
+    stretch of another colour stays one object."""
     colours = [tuple(c) for c in BACKGROUNDS.values()]
     if tuple(rgb) not in colours:
         colours.append(tuple(rgb))
@@ -91,15 +96,20 @@ def find_concepts(image: ImageLike, rgb: Sequence[int]) -> List[str]:
     palette = np.array(colours, dtype=np.float32)
     pixels = _to_rgb(image).reshape(-1, 3)
     dist2 = (pixels * pixels).sum(1, keepdims=True) - 2 * pixels @ palette.T + (palette * palette).sum(1)
-    mask = ((dist2.argmin(1) == target) & (dist2[:, target] <= COLOUR_TOLERANCE ** 2)).reshape(IMAGE_SIZE, IMAGE_SIZE)
-    if mask.sum() < MIN_AREA:
+    nearest = dist2.argmin(1).reshape(IMAGE_SIZE, IMAGE_SIZE)
+    close = (dist2.min(1) <= COLOUR_TOLERANCE ** 2).reshape(IMAGE_SIZE, IMAGE_SIZE)
+    coloured = (nearest == target) & close
+    if coloured.sum() < MIN_AREA:
         return []
-    mask = _neighbourhood(_neighbourhood(mask, np.logical_and), np.logical_or)
-    labels, n = connected_components(mask)
+    border = np.ones(nearest.shape, bool)
+    border[BORDER:-BORDER, BORDER:-BORDER] = False
+    background = np.bincount(nearest[border], minlength=len(colours)).argmax()
+    objects = _neighbourhood(_neighbourhood(close & (nearest != background), np.logical_and), np.logical_or)
+    labels, n = connected_components(objects)
     kinds = []
     for k in range(1, n + 1):
         ys, xs = np.nonzero(labels == k)
-        if len(xs) >= MIN_AREA:
+        if len(xs) >= MIN_AREA and coloured[ys, xs].mean() >= COLOUR_SHARE:
             kinds.append(classify(labels[ys.min():ys.max() + 1, xs.min():xs.max() + 1] == k))
     return kinds
 
