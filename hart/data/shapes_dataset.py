@@ -40,7 +40,8 @@ def write_dataset(out_dir, n: int, seed: int, categories=CATEGORIES, grammar_var
     captions of the caption grammar, each beside its own copy of the image. (A tokenizer learns more
     per image from the categories with several objects: more edges.)"""
     if grammar_variants < 0:
-        raise ValueError(f"grammar_variants must be 0 (fixed templates) or a number of captions per image, got {grammar_variants}")
+        raise ValueError(f"grammar_variants must be 0 (fixed templates) or a number of captions per image, "
+                         f"got {grammar_variants}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
