@@ -10,9 +10,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import ConfigMixin, ModelMixin
+from diffusers import ConfigMixin, ModelMixin  # noqa: F401  (pipeline loading looks ModelMixin up here)
 from diffusers.configuration_utils import register_to_config
 
+from .pretrained import CastWhileLoading
 from .quantizer import MultiScaleQuantizer
 
 
@@ -160,7 +161,7 @@ class Decoder(nn.Module):
         return F.pixel_shuffle(self.conv_out(_norm_silu(self.norm_out, h_BChw)), self.patch_size)
 
 
-class HybridTokenizer(ModelMixin, ConfigMixin):
+class HybridTokenizer(CastWhileLoading, ConfigMixin):
     """Image <-> (per-scale codes, continuous residual). Images are (B, 3, H, W) in [-1, 1]."""
 
     @register_to_config
