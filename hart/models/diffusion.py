@@ -192,13 +192,19 @@ class DiffusionHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond_nD: torch.Tensor, uncond_nD: Optional[torch.Tensor] = None, guidance_scale: float = 0.0,
-               *, temperature: float = 1.0, generator: rng.Generator = None, num_images: int = 1) -> torch.Tensor:
-        """Residuals (n, C) for n = num_images * tokens rows (image-major); guided when `uncond_nD` is given."""
+               *, temperature: float = 1.0, generator: rng.Generator = None, num_images: int = 1,
+               guided_noise: bool = False) -> torch.Tensor:
+        """Residuals (n, C) for n = num_images * tokens rows (image-major); guided when `uncond_nD` is given.
+
+        `guided_noise`: draw a guided call's noise without `uncond_nD`: a sampling call at guidance 0 runs
+        the conditional rows only and keeps the guided call's random stream (and images).
+        """
         n, C, sched = cond_nD.shape[0], self.latent_channels, self.sample_schedule
         if n % num_images:
             raise ValueError(f"{n} condition rows cannot be split evenly over {num_images} images")
         l, device, dtype = n // num_images, cond_nD.device, cond_nD.dtype
         guided = uncond_nD is not None
+        guided_noise = guided_noise or guided
         net_cond = torch.cat([cond_nD, uncond_nD]) if guided else cond_nD
         x_nC = rng.randn((num_images, l, C), generator, device, dtype).flatten(0, 1)
         for k in reversed(range(len(sched.timesteps))):
@@ -206,12 +212,13 @@ class DiffusionHead(nn.Module):
             t_n = torch.full((n,), int(sched.timesteps[k]), dtype=torch.long, device=device)
             if guided:
                 # Both halves see the conditional x: the unconditional half only supplies eps_u.
-                out = self.net(x_nC.repeat(2, 1), t_n.repeat(2), net_cond)
-                eps_nC, v_nC = guide(out, guidance_scale)
+                eps_nC, v_nC = guide(self.net(x_nC.repeat(2, 1), t_n.repeat(2), net_cond), guidance_scale)
+            else:
+                eps_nC, v_nC = self.net(x_nC, t_n, net_cond).chunk(2, dim=1)
+            if guided_noise:
                 # The reference draws noise for all 2n rows; drawing the same keeps one generator's stream in step.
                 noise_nC = rng.randn((2, num_images, l, C), generator, device, dtype, batch_dim=1)[0].flatten(0, 1)
             else:
-                eps_nC, v_nC = self.net(x_nC, t_n, net_cond).chunk(2, dim=1)
                 noise_nC = rng.randn((num_images, l, C), generator, device, dtype).flatten(0, 1)
             mean_nC, log_var_nC = sched.p_mean_log_variance(x_nC, k_n, eps_nC, v_nC, clip_x0=True)
             # The last step's noise is drawn but unused, again to keep the random stream aligned.
