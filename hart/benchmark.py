@@ -9,7 +9,7 @@ busy moment of a shared machine would inflate every fraction). Result (benchmark
     text_features ("text model" | "random"), image_size, patch_nums, build_s, parameters: {transformer,
     diffusion_head (part of transformer), vae, text_encoder}, matmul_peak: {size, seconds, flops_per_s},
     flops_per_image: {text_encoding, transformer, transformer_scales: [per scale], diffusion, decoding, total,
-    compacted_text_tokens}, runs: [{name, options: {compact_text, prune, int8, compile}, speedup (--compare:
+    compacted_text_tokens}, runs: [{name, options: {compact_text, prune, int8, compile, bf16_head_decoder}, speedup (--compare:
     plain's latency over this run's, same batch size), flops_per_image: {transformer, total} (this run's
     options), batch_size, latency_s (median), latency_s_all, images_per_s, stages_s: {text_encoding,
     transformer, transformer_scales, diffusion, decoding, other}, peak_rss_mib (process peak so far),
@@ -17,8 +17,9 @@ busy moment of a shared machine would inflate every fraction). Result (benchmark
     achieved_flops_per_s and fraction_of_matmul_peak: {transformer, end_to_end}}]
 
 `--compare` times three runs of one pipeline, their calls interleaved (docs/benchmark.md): `plain` (no option),
-`exact` (every option that changes results only by float rounding: text-key compaction, and compile
-when asked for) and `fast` (exact, plus pruning at `hart.pruning.DEFAULT_KEEP` and, where the dtype is
+`exact` (every option that changes results only by float rounding: text-key compaction, the diffusion
+head and decoder in bf16 in an fp32 run where the device multiplies bf16 natively, and compile when
+asked for) and `fast` (exact, plus pruning at `hart.pruning.DEFAULT_KEEP` and, where the dtype is
 fp32 because the CPU has no native bf16, int8 block projections). Without it, one run ("single") with
 the options given. Each run's fractions of the peak count the FLOPs that run does (fewer text keys, pruned tokens).
 
@@ -41,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hart.benchmark_runs import run_options, transformer_for
+from hart.benchmark_runs import models_for, run_options
 from hart.pruning import num_kept, pruned_scales
 
 PROMPTS = ("a red fox in the snow", "a lighthouse on a cliff at sunset, oil painting",
@@ -317,19 +318,19 @@ def _time_batch(clock: StageClock, runs: List[tuple], batch: int, warmup: int, i
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def call(options, transformer):
-        clock.pipe.transformer = transformer
+    def call(options, models):
+        clock.pipe.transformer, clock.pipe.vae = models
         clock.call_options = dict(compact_text=options["compact_text"], prune=options["prune"])
         with clock.attached():
             return clock.run(prompts)
 
-    for options, transformer, _ in runs:
+    for options, models, _ in runs:
         for _ in range(warmup):
-            call(options, transformer)
+            call(options, models)
     timings = [[] for _ in runs]
     for _ in range(iters):
-        for timed, (options, transformer, _) in zip(timings, runs):
-            timed.append(call(options, transformer))
+        for timed, (options, models, _) in zip(timings, runs):
+            timed.append(call(options, models))
     memory = dict(peak_rss_mib=_rss_mib(), rss_increase_mib=_rss_mib() - rss_before, cuda_max_allocated_mib=(
         torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None))
     return [dict(_summary(timed, batch, flops), **memory) for timed, (_, _, flops) in zip(timings, runs)]
@@ -366,16 +367,16 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
         run_flops = dict(flops, **analytic_flops(tcfg, pipe.vae.config, text_tokens, options["prune"]))
         run_flops["total"] = sum(run_flops[k] for k in ("text_encoding", "transformer", "diffusion", "decoding"))
         try:
-            plan.append((options, transformer_for(pipe, options, made), run_flops))
+            plan.append((options, models_for(pipe, options, made), run_flops))
         except ImportError as e:
             raise BenchmarkError(f"--int8: {e}") from None
-    clock, runs, own = StageClock(pipe, dev, text_fn), [], pipe.transformer
+    clock, runs, own = StageClock(pipe, dev, text_fn), [], (pipe.transformer, pipe.vae)
     for batch in batch_sizes:
         figures = _time_batch(clock, plan, batch, warmup, iters)
         for (name, options), run in zip(named, figures):
             speedup = dict(speedup=figures[0]["latency_s"] / run["latency_s"]) if compare else {}
             runs.append(dict(name=name, options=options, **speedup, **run))
-    pipe.transformer = own
+    pipe.transformer, pipe.vae = own
     peak = max(peak, matmul_peak(DTYPES[dtype], dev), key=lambda p: p["flops_per_s"])
     for run in runs:
         run["fraction_of_matmul_peak"] = {k: v / peak["flops_per_s"] for k, v in run["achieved_flops_per_s"].items()}

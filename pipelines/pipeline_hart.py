@@ -43,7 +43,7 @@ EXAMPLE_DOC = """
 # other methods, so they get the same hook (as diffusers' AutoencoderKL.decode).
 @apply_forward_hook
 def _decode(vae: HybridTokenizer, f_hat_BChw: torch.Tensor) -> torch.Tensor:
-    return vae.decode_latent(f_hat_BChw.to(vae.dtype))
+    return vae.decode_latent(f_hat_BChw)
 
 
 class HARTPipeline(DiffusionPipeline):
@@ -155,6 +155,15 @@ class HARTPipeline(DiffusionPipeline):
         """int8 weights and per-token int8 activations for the transformer blocks (`hart.quantize`,
         needs torchao), in place and irreversibly: for CPUs without native bf16. Returns the pipeline."""
         quantize_transformer_int8(self.transformer.eval())
+        return self
+
+    def set_head_and_decoder_dtype(self, dtype: torch.dtype) -> "HARTPipeline":
+        """Run the residual diffusion head and the tokenizer's decoder in `dtype`, in place, the transformer
+        and the quantizer as they are: bf16 in an fp32 pipeline where the device multiplies bf16 natively
+        (`hart.device.head_and_decoder_dtype`) speeds those two stages and changes the image only by float
+        rounding. Returns the pipeline."""
+        self.transformer.diffusion_head.to(dtype)
+        self.vae.decoder_to(dtype)
         return self
 
     # ---- the pieces of a call ----------------------------------------------------------------

@@ -202,10 +202,11 @@ class DiffusionHead(nn.Module):
         n, C, sched = cond_nD.shape[0], self.latent_channels, self.sample_schedule
         if n % num_images:
             raise ValueError(f"{n} condition rows cannot be split evenly over {num_images} images")
-        l, device, dtype = n // num_images, cond_nD.device, cond_nD.dtype
+        # the head's own dtype: it may run in bf16 inside an fp32 transformer (hart.device.head_and_decoder_dtype)
+        l, device, dtype = n // num_images, cond_nD.device, self.net.input_proj.weight.dtype
         guided = uncond_nD is not None
         guided_noise = guided_noise or guided
-        net_cond = torch.cat([cond_nD, uncond_nD]) if guided else cond_nD
+        net_cond = (torch.cat([cond_nD, uncond_nD]) if guided else cond_nD).to(dtype)
         x_nC = rng.randn((num_images, l, C), generator, device, dtype).flatten(0, 1)
         for k in reversed(range(len(sched.timesteps))):
             k_n = torch.full((n,), k, dtype=torch.long)

@@ -225,8 +225,15 @@ class HybridTokenizer(CastWhileLoading, ConfigMixin):
             with torch.inference_mode(False):  # weights made under inference mode could not be trained later
                 self.decoder.to(memory_format=torch.channels_last)
                 self.post_quant_conv.to(memory_format=torch.channels_last)
-        f_hat_BChw = f_hat_BChw.contiguous(memory_format=torch.channels_last)
+        # in the decoder's dtype: it may run in bf16 while the quantizer stays fp32 (HARTPipeline.set_head_and_decoder_dtype)
+        f_hat_BChw = f_hat_BChw.to(self.post_quant_conv.weight.dtype).contiguous(memory_format=torch.channels_last)
         return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1).contiguous()
+
+    def decoder_to(self, dtype: torch.dtype) -> "HybridTokenizer":
+        """The decoding half (post-quant conv and decoder) in `dtype`, the encoder and quantizer as they are."""
+        self.post_quant_conv.to(dtype)
+        self.decoder.to(dtype)
+        return self
 
     def img_to_tokens(self, img_B3HW: torch.Tensor, patch_nums: Optional[Sequence[int]] = None
                       ) -> Tuple[List[torch.Tensor], torch.Tensor]:
@@ -237,7 +244,7 @@ class HybridTokenizer(CastWhileLoading, ConfigMixin):
                       patch_nums: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Decode codes (plus the residual; discrete-only when None) to an image in [-1, 1]."""
         f_hat_BChw = self.quantize.idx_to_fhat(idx_list, self._patch_nums(patch_nums), residual_BLC)
-        return self.decode_latent(f_hat_BChw.to(self.post_quant_conv.weight.dtype))
+        return self.decode_latent(f_hat_BChw)
 
     def forward(self, img_B3HW: torch.Tensor, skip_continuous: bool = False
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
