@@ -247,7 +247,7 @@ def sample_scales(
         else:
             _, logits_2BlV = transformer.scale_step(state, si, tokens_BlCv, pivotal_Bk=pivotal_Bk)
             logits_BlV = forced.process_logits(si, _guide(logits_2BlV, t, B))
-            idx_Bl, h_BlCv = _impose(known, *_draw_tokens(logits_BlV, **draw), codebook_VCv)
+            idx_Bl, h_BlCv = _impose(known, *_draw_tokens(logits_BlV, known, **draw), codebook_VCv)
             h_BCvpp = h_BlCv.transpose(1, 2).reshape(B, -1, p, p).to(f_hat.device)
             f_hat = quantizer.add_scale(si, pn, f_hat, h_BCvpp)  # the next input is pooled after the callback
         stage = StageOutput(si, idx_Bl, logits_BlV, f_hat)
@@ -260,16 +260,29 @@ def sample_scales(
     return f_hat
 
 
-def _draw_tokens(logits_BlV, *, codebook_VCv, top_k, top_p, soft_ratio, generator):
+def _draw_tokens(logits_BlV, known: Known, *, codebook_VCv, top_k, top_p, soft_ratio, generator):
     """Sample a token map; return the indices and the embeddings to add: hard codes, or with
-    `soft_ratio` (the scale's guidance ratio) the release's gumbel-softmax soft codes."""
+    `soft_ratio` (the scale's guidance ratio) the release's gumbel-softmax soft codes at the positions
+    `known` does not force (the forced ones get hard codes, as `_impose` gives them)."""
     logits_BlV = filter_logits(logits_BlV, top_k, top_p)
     idx_Bl = rng.multinomial(logits_BlV.softmax(dim=-1), generator)
+    h_BlCv = codebook_VCv[idx_Bl]
     if soft_ratio is None:
-        return idx_Bl, codebook_VCv[idx_Bl]
+        return idx_Bl, h_BlCv
+    # Drawn at every position, forced ones too: the free positions see the same random stream whatever
+    # is forced. Turned into gumbel noise and soft codes only where they are used.
+    exp_BlV = rng.exponential(logits_BlV.shape, generator, logits_BlV.device)
+    free_Bl = None if known is None else ~known[1].to(idx_Bl.device)
+    if free_Bl is None:
+        return idx_Bl, _soft_codes(logits_BlV, exp_BlV, soft_ratio, codebook_VCv)
+    h_BlCv[free_Bl] = _soft_codes(logits_BlV[free_Bl], exp_BlV[free_Bl], soft_ratio, codebook_VCv)
+    return idx_Bl, h_BlCv
+
+
+def _soft_codes(logits_NV, exp_NV, soft_ratio: float, codebook_VCv):
+    """The release's gumbel-softmax code embeddings from the filtered logits and Exp(1) draws of the same shape."""
     tau = max(0.27 * (1 - 0.95 * soft_ratio), 0.005)
-    gumbel = rng.gumbel(logits_BlV.shape, generator, logits_BlV.device)
-    return idx_Bl, ((logits_BlV * (1 + soft_ratio) + gumbel) / tau).softmax(dim=-1) @ codebook_VCv
+    return ((logits_NV * (1 + soft_ratio) - exp_NV.log()) / tau).softmax(dim=-1) @ codebook_VCv
 
 
 def _impose(known: Known, idx_Bl, h_BlCv, codebook_VCv):
@@ -315,7 +328,7 @@ def _last_scale(transformer, state, tokens_BLCv, f_hat, *, t, known, forced, num
             state, si, x_BnCv, index_Bl=None if pivotal_Bk is not None else pred_Bn, pivotal_Bk=pivotal_Bk)
         logits_BnV = forced.process_logits(si, _guide(logits_2BnV, t, B))
         step_known = None if known is None else tuple(k.to(device).gather(1, pred_Bn) for k in known)
-        idx_Bn, h_BnCv = _impose(step_known, *_draw_tokens(logits_BnV, **draw), codebook_VCv)
+        idx_Bn, h_BnCv = _impose(step_known, *_draw_tokens(logits_BnV, step_known, **draw), codebook_VCv)
         # the diffusion is conditioned on the hard code, even when the soft code is what gets added
         rows = hidden_2BnC.shape[0] // B  # 2 under guidance, 1 when the call is unguided
         z_2BnC = transformer.diffusion_condition(hidden_2BnC, codebook_VCv[idx_Bn].repeat(rows, 1, 1))

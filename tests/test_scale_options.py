@@ -4,8 +4,8 @@ import torch
 
 from hart.loading import load_official_tokenizer, load_official_transformer
 from hart.pruning import num_kept, pruned_scales
-from hart import sampling
-from hart.sampling import SamplingOptions, sample_scales
+from hart import rng, sampling
+from hart.sampling import ForcedTokens, SamplingOptions, sample_scales
 from hart.text import TextConditioning
 from tests.utils import assert_close, fixture_sizes
 
@@ -175,3 +175,40 @@ def test_diffusion_head_guided_noise_without_unconditional_rows(models):
     doubled = run(z[0], z[1], 0.0)
     assert_close(run(z[0], None, 0.0, guided_noise=True), doubled, 1e-6, "residual")
     assert (run(z[0], None, 0.0) - doubled).abs().max() > 1e-3  # other noise without guided_noise
+
+
+def _forced_half(cond, transformer, seed=3):
+    """Tokens forced at half the positions of every scale but the first (an edit pipeline's shape)."""
+    g, B = torch.Generator().manual_seed(seed), cond.batch_size
+    pn, V = transformer.patch_nums, transformer.config.vocab_size
+    idx = [None] + [torch.randint(V, (B, p * p), generator=g) for p in pn[1:]]
+    mask = [None] + [torch.rand(B, p * p, generator=g) < 0.5 for p in pn[1:]]
+    return ForcedTokens(idx=idx, mask=mask)
+
+
+def test_soft_codes_only_at_free_positions_leave_the_latent_unchanged(models, cond, monkeypatch):
+    """Gumbel noise becomes soft codes only where tokens are not forced; the Exp(1) draws still cover
+    every position, so the random stream and the latent are those of computing them everywhere."""
+    transformer, _ = models
+    forced = _forced_half(cond, transformer)
+    soft_rows = []
+    soft = sampling._soft_codes
+    monkeypatch.setattr(sampling, "_soft_codes", lambda logits, *a: soft_rows.append(logits.shape[0]) or soft(logits, *a))
+    skipped = _sample(models, cond, more_smooth=True, forced=forced)
+    free = sum(int((~m).sum()) for m in forced.mask[1:]) + cond.batch_size  # scale 0: nothing forced
+    assert sum(soft_rows) == free
+    draw = sampling._draw_tokens
+    monkeypatch.setattr(sampling, "_draw_tokens", lambda logits, known, **kw: draw(logits, None, **kw))
+    everywhere = _sample(models, cond, more_smooth=True, forced=forced)
+    assert_close(skipped, everywhere, 1e-5, "f_hat")  # the soft-code matmul over fewer rows: rounding
+    assert not torch.equal(skipped, _sample(models, cond, seed=1, more_smooth=True, forced=forced))
+
+
+def test_no_gumbel_draws_without_more_smooth(models, cond, monkeypatch):
+    draws = []
+    exponential = rng.exponential
+    monkeypatch.setattr(rng, "exponential", lambda *a, **k: draws.append(a[0]) or exponential(*a, **k))
+    _sample(models, cond, more_smooth=False)
+    assert draws == []
+    _sample(models, cond, more_smooth=True)
+    assert len(draws) == len(models[0].patch_nums)
