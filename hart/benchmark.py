@@ -190,10 +190,11 @@ def analytic_flops(t: dict, vae: dict, text_tokens: Optional[int] = None, keep: 
             f += 2 * T * 2 * t["context_dim"] * C + 2 * t["depth"] * 2 * C * 6 * C  # context_embed, blocks' AdaLN
         f += phi + pn[si + 1] ** 2 * 2 * Cv * C if si < S - 1 else 2 * p * p * 2 * Cv * C  # next input / diffusion condition
         scales.append(f)
-    # per row and step: timestep and condition embeddings (both at every step, as the head computes them),
-    # input, blocks, output
-    per_row = 2 * (256 * W + W * W + C * W + Cv * W + t["diff_depth"] * 5 * W * W + 2 * W * W + W * 2 * Cv)
-    diffusion = int(t["num_sampling_steps"]) * 2 * P * P * per_row
+    # per row and step: input, blocks, output; per step: the timestep's embedding (one row); per row: the
+    # condition's embedding (once for all steps)
+    per_row = 2 * (Cv * W + t["diff_depth"] * 5 * W * W + 2 * W * W + W * 2 * Cv)
+    steps, rows = int(t["num_sampling_steps"]), 2 * P * P
+    diffusion = steps * (rows * per_row + 2 * (256 * W + W * W)) + rows * 2 * C * W
     return dict(transformer_scales=scales, transformer=sum(scales), diffusion=diffusion)
 
 

@@ -83,8 +83,11 @@ class DiffusionMLP(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x_NC: torch.Tensor, t_N: torch.Tensor, cond_ND: torch.Tensor) -> torch.Tensor:
-        y_NW = self.time_embed(t_N) + self.cond_embed(cond_ND)
+    def forward(self, x_NC: torch.Tensor, t_N: torch.Tensor, cond_ND: Optional[torch.Tensor],
+                cond_NW: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`t_N` may be one timestep for every row; `cond_NW` is `cond_embed(cond_ND)` when a sampler computed it
+        once for all its steps (`cond_ND` is then None)."""
+        y_NW = self.time_embed(t_N) + (self.cond_embed(cond_ND) if cond_NW is None else cond_NW)
         x_NW = self.input_proj(x_NC)
         for block in self.res_blocks:
             x_NW = block(x_NW, y_NW)
@@ -206,16 +209,18 @@ class DiffusionHead(nn.Module):
         l, device, dtype = n // num_images, cond_nD.device, self.net.input_proj.weight.dtype
         guided = uncond_nD is not None
         guided_noise = guided_noise or guided
-        net_cond = (torch.cat([cond_nD, uncond_nD]) if guided else cond_nD).to(dtype)
+        # The condition's embedding is the same at every step, and the timestep the same for every row:
+        # both are computed once (5% and 3% of the head's FLOPs at the 0.7B model's sizes).
+        cond_NW = self.net.cond_embed((torch.cat([cond_nD, uncond_nD]) if guided else cond_nD).to(dtype))
         x_nC = rng.randn((num_images, l, C), generator, device, dtype).flatten(0, 1)
         for k in reversed(range(len(sched.timesteps))):
             k_n = torch.full((n,), k, dtype=torch.long)
-            t_n = torch.full((n,), int(sched.timesteps[k]), dtype=torch.long, device=device)
+            t_1 = torch.full((1,), int(sched.timesteps[k]), dtype=torch.long, device=device)
             if guided:
                 # Both halves see the conditional x: the unconditional half only supplies eps_u.
-                eps_nC, v_nC = guide(self.net(x_nC.repeat(2, 1), t_n.repeat(2), net_cond), guidance_scale)
+                eps_nC, v_nC = guide(self.net(x_nC.repeat(2, 1), t_1, None, cond_NW), guidance_scale)
             else:
-                eps_nC, v_nC = self.net(x_nC, t_n, net_cond).chunk(2, dim=1)
+                eps_nC, v_nC = self.net(x_nC, t_1, None, cond_NW).chunk(2, dim=1)
             if guided_noise:
                 # The reference draws noise for all 2n rows; drawing the same keeps one generator's stream in step.
                 noise_nC = rng.randn((2, num_images, l, C), generator, device, dtype, batch_dim=1)[0].flatten(0, 1)
