@@ -6,7 +6,8 @@ stage by stage, and measures the matmul peak before and after, keeping the bette
 busy moment of a shared machine would inflate every fraction). Result (benchmark.json; s, MiB):
 
     config, dtype, device, device_name, torch_version, hart_version, warmup, iters, compile, compare,
-    text_features ("text model" | "random"), image_size, patch_nums, build_s, parameters: {transformer,
+    text_features ("text model" | "random"), image_size, patch_nums, build_s, build_peak_rss_mib (process peak
+    after building the pipeline), parameters: {transformer,
     diffusion_head (part of transformer), vae, text_encoder}, matmul_peak: {size, seconds, flops_per_s},
     flops_per_image: {text_encoding, transformer, transformer_scales: [per scale], diffusion, decoding, total,
     compacted_text_tokens}, runs: [{name, options: {compact_text, prune, int8, compile, bf16_head_decoder}, speedup (--compare:
@@ -352,7 +353,7 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
         raise BenchmarkError("--device cuda: no CUDA device is available here; use --device cpu")
     start = time.perf_counter()
     pipe = build_pipeline(config, DTYPES[dtype], dev, random_text_features)
-    build_s = time.perf_counter() - start
+    build_s, build_rss = time.perf_counter() - start, _rss_mib()
     tcfg = pipe.transformer.config
     text_fn = None
     if random_text_features:
@@ -391,4 +392,4 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
         torch_version=torch.__version__, hart_version=version("hart"), warmup=warmup, iters=iters,
         compile=compile_model, compare=compare, text_features="random" if random_text_features else "text model",
         image_size=tcfg["patch_nums"][-1] * pipe.vae.downsample_factor, patch_nums=list(tcfg["patch_nums"]),
-        build_s=build_s, parameters=params, matmul_peak=peak, flops_per_image=flops, runs=runs)
+        build_s=build_s, build_peak_rss_mib=build_rss, parameters=params, matmul_peak=peak, flops_per_image=flops, runs=runs)
