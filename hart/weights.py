@@ -111,14 +111,16 @@ _DIFFUSERS_ONLY_KWARGS = ("subfolder", "variant", "device_map", "max_memory", "o
 
 def load_model_folder(cls: Type[nn.Module], path: PathLike, kwargs: Mapping) -> Optional[nn.Module]:
     """`cls.from_pretrained(path, **kwargs)` for a local diffusers-format folder (`config.json` +
-    `diffusion_pytorch_model.safetensors`): built empty, each tensor read in `kwargs["torch_dtype"]` (None:
-    as stored; diffusers' pipelines pass it as `dtype` too). None where diffusers' own loading is needed instead."""
+    `diffusion_pytorch_model.safetensors`): built empty, each tensor read in `kwargs["torch_dtype"]`
+    (diffusers' pipelines pass it as `dtype`; neither: torch's default dtype, as diffusers loads). None
+    where diffusers' own loading is needed instead."""
     folder = Path(path) if isinstance(path, (str, Path)) else None
     if folder is None or not (folder / DIFFUSERS_WEIGHTS).is_file() or not (folder / "config.json").is_file() \
             or any(kwargs.get(k) for k in _DIFFUSERS_ONLY_KWARGS) or kwargs.get("use_safetensors") is False:
         return None
     model = empty_model(lambda: cls.from_config(read_config(folder)))
-    load_checked(model, read_weights(folder / DIFFUSERS_WEIGHTS, kwargs.get("torch_dtype", kwargs.get("dtype"))), folder / DIFFUSERS_WEIGHTS)
+    dtype = kwargs.get("torch_dtype") or kwargs.get("dtype") or torch.get_default_dtype()
+    load_checked(model, read_weights(folder / DIFFUSERS_WEIGHTS, dtype), folder / DIFFUSERS_WEIGHTS)
     model.register_to_config(_name_or_path=path)  # as diffusers records it
     return model.eval()
 

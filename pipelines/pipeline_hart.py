@@ -89,8 +89,7 @@ class HARTPipeline(DiffusionPipeline):
         """The pipeline in any layout (`hart.loading.detect_layout`): this package's (`model_index.json`), a
         training run folder (its exported `pipeline/`) or the official release, for which `text_encoder` is
         needed (and only allowed there). Every loading failure is a `CheckpointError` naming the file.
-        `torch_dtype`: every model's dtype, each tensor cast as it is read (None: as saved; fp32 for the
-        official release)."""
+        `torch_dtype`: every model's dtype, each tensor cast as it is read (None: fp32, as diffusers loads)."""
         from hart import loading
 
         layout, folder = loading.detect_layout(path)

@@ -55,9 +55,11 @@ def test_from_pretrained_casts_while_loading(fixture_pipe, saved_models, tmp_pat
     assert_same_state(cast, by_diffusers, torch.bfloat16)
     assert cast.config == by_diffusers.config and not cast.training
     assert all(p.requires_grad for p in cast.parameters())  # as diffusers returns them: trainable
-    # a bf16 state dict saved as such loads to the same weights
+    # a bf16 state dict saved as such loads to the same weights; without a dtype in fp32, as diffusers does
     cls.from_pretrained(saved_models / name).to(torch.bfloat16).save_pretrained(tmp_path / name)
-    assert_same_state(cls.from_pretrained(tmp_path / name), cast, torch.bfloat16)
+    assert_same_state(cls.from_pretrained(tmp_path / name, torch_dtype=torch.bfloat16), cast, torch.bfloat16)
+    assert_same_state(cls.from_pretrained(tmp_path / name), super(CastWhileLoading, cls).from_pretrained(
+        tmp_path / name), torch.float32)
     assert_same_state(cls.from_pretrained(saved_models / name, torch_dtype=torch.float32), model, torch.float32)
 
 

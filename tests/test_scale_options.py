@@ -144,9 +144,10 @@ def test_guidance_zero_skips_the_unconditional_rows(models, cond, monkeypatch, o
     transformer, _ = models
     rows, head_rows = [], []
     attn, sample = transformer.blocks[0].attn.forward, transformer.diffusion_head.sample
-    monkeypatch.setattr(transformer.blocks[0].attn, "forward", lambda x, *a, **k: rows.append(x.shape[0]) or attn(x, *a, **k))
-    monkeypatch.setattr(transformer.diffusion_head, "sample",
-                        lambda c, u=None, *a, **k: head_rows.append(len(c) + (0 if u is None else len(u))) or sample(c, u, *a, **k))
+    monkeypatch.setattr(transformer.blocks[0].attn, "forward",
+                        lambda x, *a, **k: rows.append(x.shape[0]) or attn(x, *a, **k))
+    monkeypatch.setattr(transformer.diffusion_head, "sample", lambda c, u=None, *a, **k:
+                        head_rows.append(len(c) + (0 if u is None else len(u))) or sample(c, u, *a, **k))
 
     def run(seed):
         rows.clear(), head_rows.clear()

@@ -225,7 +225,7 @@ class HybridTokenizer(CastWhileLoading, ConfigMixin):
             with torch.inference_mode(False):  # weights made under inference mode could not be trained later
                 self.decoder.to(memory_format=torch.channels_last)
                 self.post_quant_conv.to(memory_format=torch.channels_last)
-        # in the decoder's dtype: it may run in bf16 while the quantizer stays fp32 (HARTPipeline.set_head_and_decoder_dtype)
+        # in the decoder's dtype: it may be bf16 while the quantizer stays fp32 (`decoder_to`)
         f_hat_BChw = f_hat_BChw.to(self.post_quant_conv.weight.dtype).contiguous(memory_format=torch.channels_last)
         return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1).contiguous()
 
