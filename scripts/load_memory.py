@@ -2,6 +2,7 @@
 
     python scripts/load_memory.py --config medium --dtype bf16 --image
     python scripts/load_memory.py --config hart-0.7b-1024 --dtype bf16
+    python scripts/load_memory.py --config medium --dtype bf16 --pickle   # llm/ema_model.bin, as released
 
 A benchmark configuration's transformer (with its diffusion head) and tokenizer are built with random
 weights and saved in fp32, as released, both in this package's layout (`transformer/`, `vae/`, as
@@ -30,8 +31,8 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def save(config: str, folder: Path) -> None:
-    """The configuration's random fp32 weights in both layouts."""
+def save(config: str, folder: Path, pickle: bool) -> None:
+    """The configuration's random fp32 weights in both layouts (with `pickle`, also `llm/ema_model.bin`)."""
     import torch
     from safetensors.torch import save_file
 
@@ -49,8 +50,10 @@ def save(config: str, folder: Path) -> None:
         patch_nums=list(t.patch_nums), context_token=t.context_tokens, context_dim=t.context_dim,
         embed_dim=t.embed_dim, depth=t.depth, num_heads=t.num_heads, mlp_ratio=t.mlp_ratio,
         use_context_norm=t.use_context_norm, diff_width=t.diff_width, diff_depth=t.diff_depth)))
-    save_file({k.replace("diffusion_head.", "diffloss.", 1): v.contiguous() for k, v in transformer.state_dict().items()},
-              folder / "llm" / "model.safetensors")
+    llm = {k.replace("diffusion_head.", "diffloss.", 1): v.contiguous() for k, v in transformer.state_dict().items()}
+    save_file(llm, folder / "llm" / "model.safetensors")
+    if pickle:  # the release's EMA weights, which the official loader prefers
+        torch.save(llm, folder / "llm" / "ema_model.bin")
     v = vae.config
     (folder / "tokenizer").mkdir()
     (folder / "tokenizer" / "config.json").write_text(json.dumps(dict(
@@ -93,11 +96,12 @@ def main() -> None:
     p.add_argument("--config", default="medium", choices=CONFIGS)
     p.add_argument("--dtype", default="bf16", choices=DTYPES)
     p.add_argument("--image", action="store_true", help="also generate one image after loading")
+    p.add_argument("--pickle", action="store_true", help="official layout: the transformer from a torch pickle")
     p.add_argument("--folder", help=argparse.SUPPRESS)  # internal: save into / measure this folder
     p.add_argument("--layout", choices=("save", *LAYOUTS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.layout == "save":
-        return save(args.config, Path(args.folder))
+        return save(args.config, Path(args.folder), args.pickle)
     if args.folder:
         print(json.dumps(measure(Path(args.folder), args.layout, args.dtype, args.image)))
         return
@@ -105,8 +109,8 @@ def main() -> None:
     # parent's resident size (Linux keeps the pre-exec high-water mark), which must stay small.
     print(f"{args.config}, weights saved in fp32, loaded in {args.dtype}; peak RSS (ru_maxrss), MiB")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, __file__, "--config", args.config, "--folder", tmp, "--layout", "save"],
-                       check=True)
+        subprocess.run([sys.executable, __file__, "--config", args.config, "--folder", tmp, "--layout", "save"]
+                       + (["--pickle"] if args.pickle else []), check=True)
         for layout in LAYOUTS:
             cmd = [sys.executable, __file__, "--config", args.config, "--dtype", args.dtype, "--folder", tmp,
                    "--layout", layout] + (["--image"] if args.image else [])

@@ -38,6 +38,19 @@ def test_read_weights_casts_floating_tensors_only(fixtures, tmp_path):
     assert all(torch.equal(pickled[k], cast[k]) for k in cast)
 
 
+def test_mapped_pickle_pages_dropped_after_a_cast_still_read_right(tmp_path):
+    """A storage shared by two tensors: its pages, dropped after the first cast, come back from the file."""
+    big = torch.randn(64, 4096, generator=torch.Generator().manual_seed(0))  # 1 MiB: whole pages
+    state = {"a": big, "b": big[3:5], "c": torch.arange(5)}
+    for name, zipped in (("new.bin", True), ("legacy.bin", False)):
+        torch.save(state, tmp_path / name, _use_new_zipfile_serialization=zipped)
+        for dtype in (torch.bfloat16, torch.float16, None):
+            loaded = read_weights(tmp_path / name, dtype)
+            for k, v in state.items():
+                expected = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                assert loaded[k].dtype == expected.dtype and torch.equal(loaded[k], expected), (name, dtype, k)
+
+
 @pytest.fixture(scope="module")
 def saved_models(fixture_pipe, tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
