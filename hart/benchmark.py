@@ -6,10 +6,11 @@ stage by stage, and measures the matmul peak before and after, keeping the bette
 busy moment of a shared machine would inflate every fraction). Result (benchmark.json; s, MiB):
 
     config, dtype, device, device_name, torch_version, hart_version, warmup, iters, compile, compare,
-    text_features ("text model" | "random"), image_size, patch_nums, build_s, parameters: {transformer,
+    text_features ("text model" | "random"), image_size, patch_nums, build_s, build_peak_rss_mib (process peak
+    after building the pipeline), parameters: {transformer,
     diffusion_head (part of transformer), vae, text_encoder}, matmul_peak: {size, seconds, flops_per_s},
     flops_per_image: {text_encoding, transformer, transformer_scales: [per scale], diffusion, decoding, total,
-    compacted_text_tokens}, runs: [{name, options: {compact_text, prune, int8, compile}, speedup (--compare:
+    compacted_text_tokens}, runs: [{name, options: {compact_text, prune, int8, compile, bf16_head_decoder}, speedup (--compare:
     plain's latency over this run's, same batch size), flops_per_image: {transformer, total} (this run's
     options), batch_size, latency_s (median), latency_s_all, images_per_s, stages_s: {text_encoding,
     transformer, transformer_scales, diffusion, decoding, other}, peak_rss_mib (process peak so far),
@@ -17,8 +18,9 @@ busy moment of a shared machine would inflate every fraction). Result (benchmark
     achieved_flops_per_s and fraction_of_matmul_peak: {transformer, end_to_end}}]
 
 `--compare` times three runs of one pipeline, their calls interleaved (docs/benchmark.md): `plain` (no option),
-`exact` (every option that changes results only by float rounding: text-key compaction, and compile
-when asked for) and `fast` (exact, plus pruning at `hart.pruning.DEFAULT_KEEP` and, where the dtype is
+`exact` (every option that changes results only by float rounding: text-key compaction, the diffusion
+head and decoder in bf16 in an fp32 run where the device multiplies bf16 natively, and compile when
+asked for) and `fast` (exact, plus pruning at `hart.pruning.DEFAULT_KEEP` and, where the dtype is
 fp32 because the CPU has no native bf16, int8 block projections). Without it, one run ("single") with
 the options given. Each run's fractions of the peak count the FLOPs that run does (fewer text keys, pruned tokens).
 
@@ -41,7 +43,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hart.benchmark_runs import run_options, transformer_for
+from hart.benchmark_runs import models_for, run_options
 from hart.pruning import num_kept, pruned_scales
 
 PROMPTS = ("a red fox in the snow", "a lighthouse on a cliff at sunset, oil painting",
@@ -189,10 +191,11 @@ def analytic_flops(t: dict, vae: dict, text_tokens: Optional[int] = None, keep: 
             f += 2 * T * 2 * t["context_dim"] * C + 2 * t["depth"] * 2 * C * 6 * C  # context_embed, blocks' AdaLN
         f += phi + pn[si + 1] ** 2 * 2 * Cv * C if si < S - 1 else 2 * p * p * 2 * Cv * C  # next input / diffusion condition
         scales.append(f)
-    # per row and step: timestep and condition embeddings (both at every step, as the head computes them),
-    # input, blocks, output
-    per_row = 2 * (256 * W + W * W + C * W + Cv * W + t["diff_depth"] * 5 * W * W + 2 * W * W + W * 2 * Cv)
-    diffusion = int(t["num_sampling_steps"]) * 2 * P * P * per_row
+    # per row and step: input, blocks, output; per step: the timestep's embedding (one row); per row: the
+    # condition's embedding (once for all steps)
+    per_row = 2 * (Cv * W + t["diff_depth"] * 5 * W * W + 2 * W * W + W * 2 * Cv)
+    steps, rows = int(t["num_sampling_steps"]), 2 * P * P
+    diffusion = steps * (rows * per_row + 2 * (256 * W + W * W)) + rows * 2 * C * W
     return dict(transformer_scales=scales, transformer=sum(scales), diffusion=diffusion)
 
 
@@ -317,19 +320,19 @@ def _time_batch(clock: StageClock, runs: List[tuple], batch: int, warmup: int, i
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def call(options, transformer):
-        clock.pipe.transformer = transformer
+    def call(options, models):
+        clock.pipe.transformer, clock.pipe.vae = models
         clock.call_options = dict(compact_text=options["compact_text"], prune=options["prune"])
         with clock.attached():
             return clock.run(prompts)
 
-    for options, transformer, _ in runs:
+    for options, models, _ in runs:
         for _ in range(warmup):
-            call(options, transformer)
+            call(options, models)
     timings = [[] for _ in runs]
     for _ in range(iters):
-        for timed, (options, transformer, _) in zip(timings, runs):
-            timed.append(call(options, transformer))
+        for timed, (options, models, _) in zip(timings, runs):
+            timed.append(call(options, models))
     memory = dict(peak_rss_mib=_rss_mib(), rss_increase_mib=_rss_mib() - rss_before, cuda_max_allocated_mib=(
         torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None))
     return [dict(_summary(timed, batch, flops), **memory) for timed, (_, _, flops) in zip(timings, runs)]
@@ -350,7 +353,7 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
         raise BenchmarkError("--device cuda: no CUDA device is available here; use --device cpu")
     start = time.perf_counter()
     pipe = build_pipeline(config, DTYPES[dtype], dev, random_text_features)
-    build_s = time.perf_counter() - start
+    build_s, build_rss = time.perf_counter() - start, _rss_mib()
     tcfg = pipe.transformer.config
     text_fn = None
     if random_text_features:
@@ -366,16 +369,16 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
         run_flops = dict(flops, **analytic_flops(tcfg, pipe.vae.config, text_tokens, options["prune"]))
         run_flops["total"] = sum(run_flops[k] for k in ("text_encoding", "transformer", "diffusion", "decoding"))
         try:
-            plan.append((options, transformer_for(pipe, options, made), run_flops))
+            plan.append((options, models_for(pipe, options, made), run_flops))
         except ImportError as e:
             raise BenchmarkError(f"--int8: {e}") from None
-    clock, runs, own = StageClock(pipe, dev, text_fn), [], pipe.transformer
+    clock, runs, own = StageClock(pipe, dev, text_fn), [], (pipe.transformer, pipe.vae)
     for batch in batch_sizes:
         figures = _time_batch(clock, plan, batch, warmup, iters)
         for (name, options), run in zip(named, figures):
             speedup = dict(speedup=figures[0]["latency_s"] / run["latency_s"]) if compare else {}
             runs.append(dict(name=name, options=options, **speedup, **run))
-    pipe.transformer = own
+    pipe.transformer, pipe.vae = own
     peak = max(peak, matmul_peak(DTYPES[dtype], dev), key=lambda p: p["flops_per_s"])
     for run in runs:
         run["fraction_of_matmul_peak"] = {k: v / peak["flops_per_s"] for k, v in run["achieved_flops_per_s"].items()}
@@ -389,4 +392,4 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
         torch_version=torch.__version__, hart_version=version("hart"), warmup=warmup, iters=iters,
         compile=compile_model, compare=compare, text_features="random" if random_text_features else "text model",
         image_size=tcfg["patch_nums"][-1] * pipe.vae.downsample_factor, patch_nums=list(tcfg["patch_nums"]),
-        build_s=build_s, parameters=params, matmul_peak=peak, flops_per_image=flops, runs=runs)
+        build_s=build_s, build_peak_rss_mib=build_rss, parameters=params, matmul_peak=peak, flops_per_image=flops, runs=runs)

@@ -303,11 +303,11 @@ def load_pipeline(model: str, text_encoder: Optional[str] = None, device=None, d
                          "which has no text encoder; pass the Qwen2 text model folder")
     if text_encoder is not None:
         text_encoder = flagged("--text-encoder", loading.resolve_folder, text_encoder)
-    pipe = HARTPipeline.from_folder(path, text_encoder, use_ema=use_ema)
-    pipe.set_progress_bar_config(disable=True)
     torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    pipe = HARTPipeline.from_folder(path, text_encoder, use_ema=use_ema, torch_dtype=torch_dtype)  # cast while loading
+    pipe.set_progress_bar_config(disable=True)
     if {pipe.transformer.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} != {torch_dtype}:
-        pipe.to(torch_dtype)  # only when needed: diffusers 0.42 warns on every cast
+        pipe.to(torch_dtype)  # a text encoder that ignored the dtype; only when needed: diffusers 0.42 warns on every cast
     pipe = pipe.to(device) if device is not None else pipe
     if int8:
         try:

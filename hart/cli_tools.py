@@ -54,7 +54,8 @@ def add_benchmark_command(subparsers) -> None:
     p.add_argument("--compact-text", action=argparse.BooleanOptionalAction, default=True,
                    help="exact text-key compaction (hart/text_keys.py; default on)")
     p.add_argument("--compare", action="store_true",
-                   help="three runs in one process: plain, exact (text-key compaction; --compile if given) and fast "
+                   help="three runs in one process: plain, exact (text-key compaction; in an fp32 run on a CPU with "
+                        "native bf16 the diffusion head and decoder in bf16; --compile if given) and fast "
                         "(exact + --prune 0.5, + int8 where the CPU has no native bf16); speedups over plain")
     p.add_argument("--out", type=PATH, default="benchmark", help="output folder (default ./benchmark)")
     p.set_defaults(run=run_benchmark)

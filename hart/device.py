@@ -61,6 +61,16 @@ def auto_dtype(device: Union[str, torch.device] = "cpu", capabilities: Mapping[s
     return DtypeChoice("fp32", torch.float32, "fp32: the CPU has no native bf16 (neither AMX nor AVX512-BF16)")
 
 
+def head_and_decoder_dtype(weights_dtype: torch.dtype, device: Union[str, torch.device] = "cpu",
+                           capabilities: Mapping[str, object] = None) -> torch.dtype:
+    """The dtype to run the residual diffusion head and the tokenizer's decoder in, for a run whose weights
+    are `weights_dtype`: bf16 for fp32 weights where the device multiplies bf16 natively (`auto_dtype`),
+    else the weights' own. It changes the image only by float rounding (exact's option set, hart benchmark)."""
+    if weights_dtype == torch.float32 and auto_dtype(device, capabilities).dtype == torch.bfloat16:
+        return torch.bfloat16
+    return weights_dtype
+
+
 def resolve_dtype(name: str, device: Union[str, torch.device] = "cpu") -> DtypeChoice:
     """A `--dtype` value ("auto", "fp32", "bf16", "fp16") as the dtype to load the weights in."""
     if name == "auto":

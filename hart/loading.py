@@ -4,91 +4,27 @@
 (`model_index.json`), a training run folder (its exported `pipeline/`) or the official release. For
 the official one, the `*_tokenizer*` functions map the tokenizer folder (`config.json` +
 `model.safetensors` / `pytorch_model.bin`) onto `HybridTokenizer`, the `*_transformer*` functions the
-`llm/` folder onto `HARTTransformer`; every size comes from the checkpoint's own config.
+`llm/` folder onto `HARTTransformer`; every size comes from the checkpoint's own config. Every model is
+built empty and filled in the requested dtype, each tensor cast as it is read (`hart.weights`).
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Tuple
 
 import torch
-import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from .models.tokenizer import HybridTokenizer
 from .models.transformer import HARTTransformer
+from .weights import (  # noqa: F401  (CheckpointError, read_weights, load_checked: this module's API too)
+    DIFFUSERS_WEIGHTS, CheckpointError, PathLike, empty_model, first_line, fit_problems, load_checked, read_config,
+    read_weights)
 
-PathLike = Union[str, Path]
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Codebook-usage statistics of the reference quantizer: saved, never needed to run the model.
 OFFICIAL_TOKENIZER_TOLERATED = (r"quantize\.ema_vocab_hit_SV",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or folder that cannot be loaded as asked."""
-
-
-def read_weights(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Tensors of a `.safetensors` or torch pickle (`.bin`/`.pt`/`.pth`) file, on CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors, pickle and zip readers each raise their own types
-        if "Weights only load failed" in str(e):  # torch's weights_only unpickler met code, not tensors
-            raise CheckpointError(
-                f"refused to load weights file {path}: the pickle holds objects other than tensors, which "
-                "could run code (only safetensors and weights_only pickles are loaded); convert it to "
-                ".safetensors from a trusted source") from e
-        raise CheckpointError(f"cannot read weights file {path} (truncated or corrupt?): {e}") from e
-    if isinstance(sd, Mapping):
-        for wrapper in ("state_dict", "model"):
-            if isinstance(sd.get(wrapper), Mapping):
-                sd = sd[wrapper]
-                break
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"weights file {path} does not hold a flat name -> tensor state dict")
-    return dict(sd)
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def _listing(title: str, items: list, limit: int = 10) -> str:
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"{len(items)} {title}: " + ", ".join(items[:limit]) + more
-
-
-def fit_problems(expected: Mapping[str, tuple], found: Mapping[str, tuple], tolerated: Iterable[str] = ()) -> str:
-    """Every missing, extra or misshaped key of `found` (key -> shape) against `expected`, in one
-    line ("" when they fit). Keys matching one of the `tolerated` regexes may be extra."""
-    patterns = [re.compile(t) for t in tolerated]
-    found = {k: v for k, v in found.items() if k in expected or not any(p.fullmatch(k) for p in patterns)}
-    missing = sorted(k for k in expected if k not in found)
-    unexpected = sorted(k for k in found if k not in expected)
-    mismatched = sorted(f"{k} (file {tuple(v)}, model {tuple(expected[k])})"
-                        for k, v in found.items() if k in expected and tuple(v) != tuple(expected[k]))
-    return "; ".join(_listing(t, ks) for t, ks in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                   ("shape mismatches", mismatched)) if ks)
-
-
-def load_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: PathLike,
-                 tolerated: Iterable[str] = ()) -> None:
-    """Strictly load `state_dict` into `module`, explaining every missing, extra or misshaped key; keys
-    matching one of the `tolerated` regexes (full match) may be in the file, and are dropped."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    problems = fit_problems(expected, {k: tuple(v.shape) for k, v in state_dict.items()}, tolerated)
-    if problems:
-        raise CheckpointError(f"checkpoint {source} does not fit {type(module).__name__}: {problems}")
-    module.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=True)
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -143,29 +79,17 @@ def _weights_file(folder: Path) -> Path:
     raise CheckpointError(f"no weights file ({' or '.join(WEIGHT_FILES)}) in {folder}")
 
 
-def _read_config(folder: Path, name: str = "config.json") -> dict:
-    path = folder / name
-    if not path.is_file():
-        raise CheckpointError(f"no {name} in {folder}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return config
-
-
-def load_official_tokenizer(folder: PathLike) -> HybridTokenizer:
-    """The official `tokenizer/` folder as a `HybridTokenizer` (eval mode, float32, CPU)."""
+def load_official_tokenizer(folder: PathLike, torch_dtype: torch.dtype = torch.float32) -> HybridTokenizer:
+    """The official `tokenizer/` folder as a `HybridTokenizer` (eval mode, `torch_dtype`, CPU)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"tokenizer folder not found: {folder}")
-    kwargs = tokenizer_config_from_official(_read_config(folder), folder / "config.json")
+    kwargs = tokenizer_config_from_official(read_config(folder), folder / "config.json")
     weights = _weights_file(folder)
-    model = HybridTokenizer(**kwargs)
-    load_checked(model, official_tokenizer_state_dict(read_weights(weights)), weights, OFFICIAL_TOKENIZER_TOLERATED)
-    return model.float().eval()
+    model = empty_model(lambda: HybridTokenizer(**kwargs))
+    load_checked(model, official_tokenizer_state_dict(read_weights(weights, torch_dtype)), weights,
+                 OFFICIAL_TOKENIZER_TOLERATED)
+    return model.eval()
 
 
 # ---- transformer (official `llm/` folder) ------------------------------------------------------
@@ -209,18 +133,21 @@ def official_transformer_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict
     return {re.sub(r"^diffloss\.", "diffusion_head.", k): v for k, v in state_dict.items()}
 
 
-def load_official_transformer(folder: PathLike, use_ema: bool = True) -> HARTTransformer:
-    """Load an official `llm/` folder; `ema_model.bin` (EMA weights) replaces the weights when present."""
+def load_official_transformer(folder: PathLike, use_ema: bool = True, torch_dtype: torch.dtype = torch.float32
+                              ) -> HARTTransformer:
+    """Load an official `llm/` folder (eval mode, `torch_dtype`, CPU); `ema_model.bin` (EMA weights) replaces
+    the weights when present."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"transformer folder not found: {folder}")
-    cfg = _read_config(folder)
+    cfg = read_config(folder)
     weights_file = _weights_file(folder)
-    state_dict = read_weights(weights_file)
     ema_file = folder / "ema_model.bin"
     if use_ema and ema_file.is_file():
-        weights_file, state_dict = ema_file, read_weights(ema_file)
-    model = HARTTransformer(**transformer_config_from_official(cfg, state_dict, str(folder / "config.json")))
+        weights_file = ema_file
+    state_dict = read_weights(weights_file, torch_dtype)
+    kwargs = transformer_config_from_official(cfg, state_dict, str(folder / "config.json"))
+    model = empty_model(lambda: HARTTransformer(**kwargs))
     load_checked(model, official_transformer_state_dict(state_dict), str(weights_file), TRANSFORMER_TOLERATED)
     return model.eval()
 
@@ -262,7 +189,7 @@ def load_text_encoder(name_or_path: PathLike, torch_dtype: torch.dtype = torch.f
     from transformers import AutoModel, AutoTokenizer
 
     folder = resolve_folder(name_or_path)
-    named = _read_config(folder, "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    named = read_config(folder, "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     fast = named.get("tokenizer_class") == "PreTrainedTokenizerFast"
     try:
         tokenizer = (transformers.PreTrainedTokenizerFast if fast else AutoTokenizer).from_pretrained(folder)
@@ -273,8 +200,8 @@ def load_text_encoder(name_or_path: PathLike, torch_dtype: torch.dtype = torch.f
 
 
 def load_official_components(path: PathLike, text_encoder: PathLike, tokenizer_path: PathLike = None,
-                             use_ema: bool = True) -> dict:
-    """The components of `HARTPipeline` from the official release layout.
+                             use_ema: bool = True, torch_dtype: torch.dtype = torch.float32) -> dict:
+    """The components of `HARTPipeline` from the official release layout, every model in `torch_dtype`.
 
     `path`: the release folder holding `llm/` and `tokenizer/` (or the `llm/` folder itself, with
     `tokenizer/` beside it); `tokenizer_path` overrides where the image tokenizer is.
@@ -285,14 +212,14 @@ def load_official_components(path: PathLike, text_encoder: PathLike, tokenizer_p
         path / "tokenizer" if (path / "llm").is_dir() else llm.parent / "tokenizer")
     if not (llm / "config.json").is_file():
         raise CheckpointError(f"{path} is not an official HART folder: no llm/config.json")
-    text_tokenizer, text_model = load_text_encoder(text_encoder)
-    transformer = load_official_transformer(llm, use_ema=use_ema)
+    text_tokenizer, text_model = load_text_encoder(text_encoder, torch_dtype)
+    transformer = load_official_transformer(llm, use_ema=use_ema, torch_dtype=torch_dtype)
     check_text_encoder_width(text_model, transformer, text_encoder)
     return dict(
         tokenizer=text_tokenizer,
         text_encoder=text_model,
         transformer=transformer,
-        vae=load_official_tokenizer(tokenizer_dir),
+        vae=load_official_tokenizer(tokenizer_dir, torch_dtype),
     )
 
 
@@ -311,7 +238,6 @@ def check_text_encoder_width(text_model, transformer: HARTTransformer, source: P
 
 # ---- every layout: official, this package's (`model_index.json`), a training run folder ----------
 
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 RUN_MARKERS = ("run_info.json", "checkpoints")  # what `scripts/finetune.py` writes into --output_dir
 
 
@@ -323,7 +249,7 @@ def detect_layout(name_or_path: PathLike) -> Tuple[str, Path]:
     for folder in (path, path / "pipeline"):
         if (folder / "model_index.json").is_file():
             return "pipeline", folder
-    config = _read_config(path) if (path / "config.json").is_file() else None
+    config = read_config(path) if (path / "config.json").is_file() else None
     if (path / "llm" / "config.json").is_file() or config is not None and "_class_name" not in config:
         return "official", path
     if any((path / m).exists() for m in RUN_MARKERS):
@@ -348,7 +274,7 @@ def safetensors_shapes(path: Path) -> Dict[str, tuple]:
 def check_model_folder(cls, folder: Path) -> None:
     """Refuse, before loading, a diffusers-format folder (`config.json` + `diffusion_pytorch_model.safetensors`)
     whose config does not build `cls` or whose weights do not fit the model that config describes."""
-    config = _read_config(folder)
+    config = read_config(folder)
     shapes = safetensors_shapes(folder / DIFFUSERS_WEIGHTS)
     try:
         with torch.device("meta"):  # sizes only: no memory, no initialisation
@@ -378,7 +304,7 @@ def load_image_tokenizer(name_or_path: PathLike) -> HybridTokenizer:
         path = detect_layout(path)[1] / "vae"
     elif (path / "tokenizer").is_dir():
         path = path / "tokenizer"
-    if _read_config(path).get("_class_name") != HybridTokenizer.__name__:
+    if read_config(path).get("_class_name") != HybridTokenizer.__name__:
         return load_official_tokenizer(path)
     check_model_folder(HybridTokenizer, path)
     try:

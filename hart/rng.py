@@ -72,13 +72,12 @@ def rand(shape: Sequence[int], generator: Generator, device, batch_dim: int = 0)
     return _per_image(draw, generator, shape[batch_dim], batch_dim)
 
 
-def gumbel(shape: Sequence[int], generator: Generator, device) -> torch.Tensor:
-    """Gumbel noise `-log(Exp(1))` of `shape` (float32), images along dim 0."""
+def exponential(shape: Sequence[int], generator: Generator, device) -> torch.Tensor:
+    """Exp(1) draws of `shape` (float32), images along dim 0; `-log` of them is gumbel noise."""
     device = torch.device(device)
 
     def draw(g, n):
-        e = torch.empty((n, *shape[1:]), device=_gen_device(g, device)).exponential_(generator=g)
-        return (-e.log()).to(device)
+        return torch.empty((n, *shape[1:]), device=_gen_device(g, device)).exponential_(generator=g).to(device)
 
     return _per_image(draw, generator, shape[0], 0)
 

@@ -164,8 +164,18 @@ def filter_logits(logits_BlV: torch.Tensor, top_k: int, top_p: Optional[float]) 
     return logits_BlV
 
 
-def _guide(logits_2BlV: torch.Tensor, t: float) -> torch.Tensor:
-    cond, uncond = logits_2BlV.chunk(2)
+def runs_unconditional_rows(options: SamplingOptions, num_scales: int) -> bool:
+    """False where every scale's guidance weight is 0 (guidance_scale 0): no scale reads the
+    unconditional rows, so the transformer and the diffusion head run the conditional ones only (same
+    images up to float rounding; the diffusion draws a guided call's noise all the same)."""
+    return any(options.guidance_scale * options.guidance_ratio(si, num_scales) != 0 for si in range(num_scales))
+
+
+def _guide(logits_NlV: torch.Tensor, t: float, B: int) -> torch.Tensor:
+    """Guided logits from the `[cond; uncond]` rows; unguided calls run the conditional rows only."""
+    if logits_NlV.shape[0] == B:
+        return logits_NlV
+    cond, uncond = logits_NlV.chunk(2)
     return (1 + t) * cond - t * uncond
 
 
@@ -206,14 +216,16 @@ def sample_scales(
     if uncond.batch_size != B:
         raise ValueError(f"unconditional batch {uncond.batch_size} != conditional batch {B}")
     top_ks = options.top_ks(S)
+    guided = runs_unconditional_rows(options, S)
 
     key_bias_NT = None
     if options.compact_text:
         cond, uncond, key_bias_NT = compact_text(cond, uncond)
+    text = TextConditioning(*(torch.cat(pair) for pair in zip(cond, uncond))) if guided else cond
     pruned = [si for si in pruned_scales(pn, options.prune) if si < S - 1 or options.num_maskgit_iters == 1]
     state = transformer.prepare_inference(
-        TextConditioning(*(torch.cat(pair) for pair in zip(cond, uncond))),
-        text_key_bias_NT=key_bias_NT, record_from=pruned[0] - 1 if pruned else None,
+        text, text_key_bias_NT=key_bias_NT if guided or key_bias_NT is None else key_bias_NT[:B],
+        record_from=pruned[0] - 1 if pruned else None,
     )
     device = state.text_BTC.device
     codebook_VCv = quantizer.embedding.weight.float().to(device)
@@ -234,8 +246,8 @@ def sample_scales(
             )
         else:
             _, logits_2BlV = transformer.scale_step(state, si, tokens_BlCv, pivotal_Bk=pivotal_Bk)
-            logits_BlV = forced.process_logits(si, _guide(logits_2BlV, t))
-            idx_Bl, h_BlCv = _impose(known, *_draw_tokens(logits_BlV, **draw), codebook_VCv)
+            logits_BlV = forced.process_logits(si, _guide(logits_2BlV, t, B))
+            idx_Bl, h_BlCv = _impose(known, *_draw_tokens(logits_BlV, known, **draw), codebook_VCv)
             h_BCvpp = h_BlCv.transpose(1, 2).reshape(B, -1, p, p).to(f_hat.device)
             f_hat = quantizer.add_scale(si, pn, f_hat, h_BCvpp)  # the next input is pooled after the callback
         stage = StageOutput(si, idx_Bl, logits_BlV, f_hat)
@@ -248,16 +260,29 @@ def sample_scales(
     return f_hat
 
 
-def _draw_tokens(logits_BlV, *, codebook_VCv, top_k, top_p, soft_ratio, generator):
+def _draw_tokens(logits_BlV, known: Known, *, codebook_VCv, top_k, top_p, soft_ratio, generator):
     """Sample a token map; return the indices and the embeddings to add: hard codes, or with
-    `soft_ratio` (the scale's guidance ratio) the release's gumbel-softmax soft codes."""
+    `soft_ratio` (the scale's guidance ratio) the release's gumbel-softmax soft codes at the positions
+    `known` does not force (the forced ones get hard codes, as `_impose` gives them)."""
     logits_BlV = filter_logits(logits_BlV, top_k, top_p)
     idx_Bl = rng.multinomial(logits_BlV.softmax(dim=-1), generator)
+    h_BlCv = codebook_VCv[idx_Bl]
     if soft_ratio is None:
-        return idx_Bl, codebook_VCv[idx_Bl]
+        return idx_Bl, h_BlCv
+    # Drawn at every position, forced ones too: the free positions see the same random stream whatever
+    # is forced. Turned into gumbel noise and soft codes only where they are used.
+    exp_BlV = rng.exponential(logits_BlV.shape, generator, logits_BlV.device)
+    free_Bl = None if known is None else ~known[1].to(idx_Bl.device)
+    if free_Bl is None:
+        return idx_Bl, _soft_codes(logits_BlV, exp_BlV, soft_ratio, codebook_VCv)
+    h_BlCv[free_Bl] = _soft_codes(logits_BlV[free_Bl], exp_BlV[free_Bl], soft_ratio, codebook_VCv)
+    return idx_Bl, h_BlCv
+
+
+def _soft_codes(logits_NV, exp_NV, soft_ratio: float, codebook_VCv):
+    """The release's gumbel-softmax code embeddings from the filtered logits and Exp(1) draws of the same shape."""
     tau = max(0.27 * (1 - 0.95 * soft_ratio), 0.005)
-    gumbel = rng.gumbel(logits_BlV.shape, generator, logits_BlV.device)
-    return idx_Bl, ((logits_BlV * (1 + soft_ratio) + gumbel) / tau).softmax(dim=-1) @ codebook_VCv
+    return ((logits_NV * (1 + soft_ratio) - exp_NV.log()) / tau).softmax(dim=-1) @ codebook_VCv
 
 
 def _impose(known: Known, idx_Bl, h_BlCv, codebook_VCv):
@@ -301,15 +326,16 @@ def _last_scale(transformer, state, tokens_BLCv, f_hat, *, t, known, forced, num
         x_BnCv = tokens_BLCv.gather(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv))
         hidden_2BnC, logits_2BnV = transformer.scale_step(  # pruning: one step over the whole map
             state, si, x_BnCv, index_Bl=None if pivotal_Bk is not None else pred_Bn, pivotal_Bk=pivotal_Bk)
-        logits_BnV = forced.process_logits(si, _guide(logits_2BnV, t))
+        logits_BnV = forced.process_logits(si, _guide(logits_2BnV, t, B))
         step_known = None if known is None else tuple(k.to(device).gather(1, pred_Bn) for k in known)
-        idx_Bn, h_BnCv = _impose(step_known, *_draw_tokens(logits_BnV, **draw), codebook_VCv)
+        idx_Bn, h_BnCv = _impose(step_known, *_draw_tokens(logits_BnV, step_known, **draw), codebook_VCv)
         # the diffusion is conditioned on the hard code, even when the soft code is what gets added
-        z_2BnC = transformer.diffusion_condition(hidden_2BnC, codebook_VCv[idx_Bn].repeat(2, 1, 1))
+        rows = hidden_2BnC.shape[0] // B  # 2 under guidance, 1 when the call is unguided
+        z_2BnC = transformer.diffusion_condition(hidden_2BnC, codebook_VCv[idx_Bn].repeat(rows, 1, 1))
         n = idx_Bn.shape[1]
-        z_cond, z_uncond = z_2BnC.flatten(0, 1).chunk(2)
+        z_cond, z_uncond = z_2BnC.flatten(0, 1).chunk(2) if rows == 2 else (z_2BnC.flatten(0, 1), None)
         residual_BnCv = transformer.diffusion_head.sample(
-            z_cond, z_uncond, guidance_scale=t, generator=draw["generator"], num_images=B
+            z_cond, z_uncond, guidance_scale=t, generator=draw["generator"], num_images=B, guided_noise=True,
         ).view(B, n, Cv).float()
         residual_BnCv = forced.residual(residual_BnCv, pred_Bn)
         added_BLCv.scatter_(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv), h_BnCv + residual_BnCv)

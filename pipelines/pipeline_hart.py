@@ -43,7 +43,7 @@ EXAMPLE_DOC = """
 # other methods, so they get the same hook (as diffusers' AutoencoderKL.decode).
 @apply_forward_hook
 def _decode(vae: HybridTokenizer, f_hat_BChw: torch.Tensor) -> torch.Tensor:
-    return vae.decode_latent(f_hat_BChw.to(vae.dtype))
+    return vae.decode_latent(f_hat_BChw)
 
 
 class HARTPipeline(DiffusionPipeline):
@@ -71,21 +71,25 @@ class HARTPipeline(DiffusionPipeline):
         return self._interrupt
 
     @classmethod
-    def from_official(cls, path, text_encoder, tokenizer_path=None, use_ema: bool = True, **text_kwargs) -> "HARTPipeline":
+    def from_official(cls, path, text_encoder, tokenizer_path=None, use_ema: bool = True,
+                      torch_dtype: torch.dtype = torch.float32) -> "HARTPipeline":
         """Build the pipeline from the official release layout (`llm/` + `tokenizer/`).
 
         `path` is the release folder (or its `llm/` folder); `text_encoder` a folder or hub name of
-        the text model (with its tokenizer). See `hart.loading.load_official_pipeline`.
+        the text model (with its tokenizer). Every model is loaded in `torch_dtype`, each tensor cast
+        as it is read. See `hart.loading.load_official_components`.
         """
         from hart.loading import load_official_components
 
-        return cls(**load_official_components(path, text_encoder, tokenizer_path, use_ema, **text_kwargs))
+        return cls(**load_official_components(path, text_encoder, tokenizer_path, use_ema, torch_dtype))
 
     @classmethod
-    def from_folder(cls, path, text_encoder=None, use_ema: bool = True) -> "HARTPipeline":
+    def from_folder(cls, path, text_encoder=None, use_ema: bool = True, torch_dtype: Optional[torch.dtype] = None
+                    ) -> "HARTPipeline":
         """The pipeline in any layout (`hart.loading.detect_layout`): this package's (`model_index.json`), a
         training run folder (its exported `pipeline/`) or the official release, for which `text_encoder` is
-        needed (and only allowed there). Every loading failure is a `CheckpointError` naming the file."""
+        needed (and only allowed there). Every loading failure is a `CheckpointError` naming the file.
+        `torch_dtype`: every model's dtype, each tensor cast as it is read (None: fp32, as diffusers loads)."""
         from hart import loading
 
         layout, folder = loading.detect_layout(path)
@@ -93,13 +97,14 @@ class HARTPipeline(DiffusionPipeline):
             if text_encoder is None:
                 raise loading.CheckpointError(f"{folder} is in the official layout (llm/ + tokenizer/), which has "
                                               "no text encoder: give the text encoder folder too")
-            return cls.from_official(folder, text_encoder=loading.resolve_folder(text_encoder), use_ema=use_ema)
+            return cls.from_official(folder, text_encoder=loading.resolve_folder(text_encoder), use_ema=use_ema,
+                                     torch_dtype=torch_dtype or torch.float32)
         if text_encoder is not None:
             raise loading.CheckpointError(f"{folder} has its own text encoder (model_index.json): give no other "
                                           "text encoder")
         loading.check_pipeline_folder(folder)
         try:
-            return cls.from_pretrained(folder)
+            return cls.from_pretrained(folder, dtype=torch_dtype)
         except (OSError, ValueError) as e:  # what is left: the text encoder or its tokenizer
             raise loading.CheckpointError(f"cannot load the pipeline in {folder}: {loading.first_line(e)}") from e
 
@@ -149,6 +154,15 @@ class HARTPipeline(DiffusionPipeline):
         """int8 weights and per-token int8 activations for the transformer blocks (`hart.quantize`,
         needs torchao), in place and irreversibly: for CPUs without native bf16. Returns the pipeline."""
         quantize_transformer_int8(self.transformer.eval())
+        return self
+
+    def set_head_and_decoder_dtype(self, dtype: torch.dtype) -> "HARTPipeline":
+        """Run the residual diffusion head and the tokenizer's decoder in `dtype`, in place, the transformer
+        and the quantizer as they are: bf16 in an fp32 pipeline where the device multiplies bf16 natively
+        (`hart.device.head_and_decoder_dtype`) speeds those two stages and changes the image only by float
+        rounding. Returns the pipeline."""
+        self.transformer.diffusion_head.to(dtype)
+        self.vae.decoder_to(dtype)
         return self
 
     # ---- the pieces of a call ----------------------------------------------------------------

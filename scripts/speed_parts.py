@@ -3,6 +3,7 @@
     python scripts/speed_parts.py matmul       # bf16 vs fp32 GEMMs at the 0.7B model's shapes
     python scripts/speed_parts.py int8         # int8 (torchao) vs fp32 vs bf16 Linear at those shapes
     python scripts/speed_parts.py decoder [--side 16]     # tokenizer decoder, fp32 vs bf16, channels-last
+    python scripts/speed_parts.py head [--side 16]        # diffusion head's guided sampling, fp32 vs bf16
     python scripts/speed_parts.py text-keys    # attention over 300 padded text keys vs the merged ones
     python scripts/speed_parts.py int8-quality [--prompts 64 --seeds 2]  # ShapesEval, bundled model
 
@@ -102,6 +103,21 @@ def decoder(args) -> None:
 
 
 @torch.no_grad()
+def head(args) -> None:
+    from hart.benchmark import _random_module
+    from hart.models.diffusion import DiffusionHead
+
+    cpu, n = torch.device("cpu"), args.side**2
+    z = torch.randn(2 * n, 1536)  # the 0.7B transformer's width, both guidance rows of each token
+    heads = {name: _random_module(lambda: DiffusionHead(32, 1536), dtype, cpu, seed=3)
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    fns = {name: (lambda h=h: h.sample(z[:n], z[n:], 4.5, generator=torch.Generator().manual_seed(0)))
+           for name, h in heads.items()}
+    report(f"released diffusion head (width 1024, depth 6, 8 steps, random weights), guided, {n} tokens "
+           f"({args.side * 16} px)", race(fns, args.repeats), "fp32")
+
+
+@torch.no_grad()
 def text_keys(args) -> None:
     from hart.text import TextConditioning
     from hart.text_keys import attention_bias, compact_text
@@ -174,16 +190,16 @@ def int8_quality(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("part", choices=("matmul", "int8", "decoder", "text-keys", "int8-quality"))
+    p.add_argument("part", choices=("matmul", "int8", "decoder", "head", "text-keys", "int8-quality"))
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--tokens", type=int, default=2 * 1296, help="GEMM rows (default: the 36 x 36 scale, 2 CFG rows)")
-    p.add_argument("--side", type=int, default=16, help="decoder latent side (16: 256 px; 64: 1024 px)")
+    p.add_argument("--side", type=int, default=16, help="decoder/head latent side (16: 256 px; 64: 1024 px)")
     p.add_argument("--prompt-tokens", type=int, default=30)
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--seeds", type=int, default=2)
     args = p.parse_args()
     header(args)
-    {"matmul": matmul, "int8": int8, "decoder": decoder, "text-keys": text_keys,
+    {"matmul": matmul, "int8": int8, "decoder": decoder, "head": head, "text-keys": text_keys,
      "int8-quality": int8_quality}[args.part](args)
 
 

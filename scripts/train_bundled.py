@@ -3,12 +3,16 @@
     python scripts/train_bundled.py --work /tmp/bundled            # the full recipe
     python scripts/train_bundled.py --work /tmp/bundled-smoke --quick   # minutes: a smoke test of every phase
     python scripts/train_bundled.py --work /tmp/bundled --install   # ...and copy the result to hart/bundled/shapes-128
+    python scripts/train_bundled.py --work /tmp/bundled-v2 --grammar_variants 4   # captions from the caption grammar
+    python scripts/train_bundled.py --work /tmp/speed --only throughput            # training speed of this machine
 
 Phases (each prints its CPU and wall time; a phase whose output already exists in WORK is reused,
 so an interrupted run continues where it stopped; `--redo PHASE` forces one again):
 
   data         shapes-world renders + captions (hart.data.shapes_dataset.write_dataset): a training set for
-               the transformer, a set for the tokenizer, 500 held-out renders for the tokenizer's PSNR
+               the transformer, a set for the tokenizer, 500 held-out renders for the tokenizer's PSNR.
+               `--grammar_variants K` captions the training set with the caption grammar (hart.data.grammar,
+               training wordings), K captions per image; the cache stores each as its own example
   text         sentencepiece unigram tokenizer + Qwen2 causal LM trained on the training captions (frozen after)
   tokenizer    the hybrid tokenizer from scratch (hart.training.cli tokenizer_main --model_config)
   init         the starting pipeline: text model + tokenizer + a random HARTTransformer (VAR-style init)
@@ -19,6 +23,8 @@ so an interrupted run continues where it stopped; `--redo PHASE` forces one agai
   diagnose     ShapesEval when the first K scales come from each prompt's ground-truth render (K = 0 to S-1),
                and of the tokenizer's reconstructions: which scales the transformer gets wrong;
                `WORK/diagnose.json`
+  throughput   only when named in --only: forward + backward speed of the recipe's transformer and text model
+               (random weights and inputs of the recipe's shapes), fp32 and bf16 autocast; `WORK/throughput.json`
 
 The exported pipeline is `WORK/pipeline` (float32, about 10 MB).
 """
@@ -62,6 +68,8 @@ FULL = dict(
     ft_train=dict(max_steps=2500, batch_size=16, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05, ema_decay=0.995),
     # the CLI, app and pipeline default, so `hart generate` without options gives what was measured
     eval_seeds=2, guidance_scale=limits.GUIDANCE_SCALE,
+    grammar_variants=0,  # 0: the fixed templates of hart.data.captions, one caption per image
+    throughput=dict(batch_size=32, steps=20, warmup_steps=3, text_tokens=32),
 )
 QUICK = dict(
     FULL, train_images=64, tok_images=32, heldout_images=16, ft_images=32,
@@ -70,6 +78,7 @@ QUICK = dict(
     dec_train=dict(FULL["dec_train"], max_steps=2, batch_size=4),
     ft_train=dict(FULL["ft_train"], max_steps=2, batch_size=4),
     eval_seeds=1, eval_prompts=16,
+    throughput=dict(batch_size=4, steps=2, warmup_steps=1, text_tokens=32),
 )
 # The tokenizer trains on scenes with several objects (more edges per image) and on the one category with
 # coloured backgrounds (every other scene is on grey); the transformer on all categories.
@@ -111,11 +120,17 @@ def make_data(work: Path, cfg: dict) -> None:
     for name, n, categories in (("heldout", cfg["heldout_images"], CATEGORIES), ("train", cfg["train_images"], CATEGORIES),
                                 ("tok", cfg["tok_images"], TOK_CATEGORIES)):
         if not (work / "data" / name / "metadata.jsonl").is_file():  # a folder written before is reused
-            write_dataset(work / "data" / name, n, DATA_SEEDS[name], categories)
-    # the transformer's training subset: the first ft_images of the training set (symlinks + metadata)
+            write_dataset(work / "data" / name, n, DATA_SEEDS[name], categories,
+                          grammar_variants=cfg["grammar_variants"] if name == "train" else 0)
+    lines = (work / "data" / "train" / "metadata.jsonl").read_text().splitlines()
+    written = "_" in json.loads(lines[0])["file_name"]  # grammar captions are named 00000_0.png, 00000_1.png, ...
+    if written != bool(cfg["grammar_variants"]):
+        raise SystemExit(f"{work / 'data' / 'train'} was written with another --grammar_variants: use another --work")
+    # the transformer's training subset: the first ft_images images of the training set, with all their
+    # captions (symlinks + metadata)
     ft = work / "data" / "ft"
     ft.mkdir(parents=True, exist_ok=True)
-    lines = (work / "data" / "train" / "metadata.jsonl").read_text().splitlines()[: cfg["ft_images"]]
+    lines = [line for line in lines if int(json.loads(line)["file_name"].split(".")[0].split("_")[0]) < cfg["ft_images"]]
     for line in lines:
         name = json.loads(line)["file_name"]
         link = ft / name
@@ -445,6 +460,63 @@ def diagnose(work: Path, cfg: dict) -> None:
     (work / "diagnose.json").write_text(json.dumps(report, indent=2))
 
 
+def _images_per_second(step, batch_size: int, steps: int, warmup_steps: int):
+    """(images per wall second, images per CPU second of this process): on a shared machine the second
+    shows what the cores would give if they were not shared."""
+    for _ in range(warmup_steps):
+        step()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step()
+    return batch_size * steps / (time.perf_counter() - t0), batch_size * steps / (time.process_time() - c0)
+
+
+def throughput(work: Path, cfg: dict) -> None:
+    """Training speed of the recipe's models on this machine: forward + backward of a batch of the
+    transformer (HART loss on cached-example shapes: text features, tokens, residual) and of the text
+    model (causal LM loss over `text_tokens` pieces), fp32 and bf16 autocast, images (captions) per second.
+    Weights and inputs are random: the speed depends on the shapes only. `WORK/throughput.json`."""
+    from transformers import Qwen2ForCausalLM
+
+    from hart import HARTTransformer, HybridTokenizer
+    from hart.data.text_model import qwen2_config
+    from hart.training.encoding import loss_inputs
+    from hart.training.objective import hart_loss
+
+    t, tc = cfg["throughput"], cfg["text"]
+    B, gen = t["batch_size"], torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    vae = HybridTokenizer(**cfg["tokenizer"])
+    tr = HARTTransformer(context_dim=tc["hidden"], **cfg["transformer"])
+    lm = Qwen2ForCausalLM(qwen2_config(tc["vocab_size"], tc["hidden"], tc["layers"], tc["heads"], 256))
+    L, P, T = sum(p * p for p in PATCH_NUMS), PATCH_NUMS[-1], cfg["transformer"]["context_tokens"]
+    batch = {"features": torch.randn(B, T, tc["hidden"]), "mask": torch.ones(B, T, dtype=torch.bool),
+             "tokens": torch.randint(cfg["tokenizer"]["vocab_size"], (B, L)),
+             "residual": 0.1 * torch.randn(B, P * P, cfg["tokenizer"]["latent_channels"])}
+    inputs = loss_inputs(batch, vae.quantize, PATCH_NUMS)
+    ids_BT = torch.randint(4, tc["vocab_size"], (B, t["text_tokens"]))
+
+    def transformer_step():
+        tr.zero_grad(set_to_none=True)
+        hart_loss(tr, vae.quantize, *inputs, generator=gen).loss.backward()
+
+    def text_step():
+        lm.zero_grad(set_to_none=True)
+        lm(input_ids=ids_BT, labels=ids_BT).loss.backward()
+
+    report = {"threads": torch.get_num_threads(), "batch_size": B, "steps": t["steps"], "load_average": os.getloadavg(),
+              "images_per_s": {}, "images_per_cpu_s": {}}
+    for name, step in (("transformer", transformer_step), ("text_model", text_step)):
+        for dtype in ("float32", "bfloat16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                wall, cpu = _images_per_second(step, B, t["steps"], t["warmup_steps"])
+            report["images_per_s"][f"{name}_{dtype}"] = round(wall, 1)
+            report["images_per_cpu_s"][f"{name}_{dtype}"] = round(cpu, 1)
+            print(f"{name} {dtype}: {wall:.1f} images/s, {cpu:.1f} images per CPU-s "
+                  f"(batch {B}, {torch.get_num_threads()} threads)", flush=True)
+    (work / "throughput.json").write_text(json.dumps(report, indent=2))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="working folder (data, runs, pipeline, report)")
@@ -455,12 +527,18 @@ def main(argv=None) -> int:
     p.add_argument("--install", action="store_true", help="copy WORK/pipeline to hart/bundled/shapes-128")
     p.add_argument("--tok_steps", type=int, help="tokenizer steps (default: the recipe's)")
     p.add_argument("--ft_steps", type=int, help="transformer steps (default: the recipe's)")
+    p.add_argument("--grammar_variants", type=int, default=0, metavar="K",
+                   help="caption the training set with the caption grammar, K captions per image (default 0: the "
+                        "fixed templates); the cache, and its caching time, grow K-fold")
     args = p.parse_args(argv)
     cfg = json.loads(json.dumps(QUICK if args.quick else FULL))
     if args.tok_steps:
         cfg["tok_train"]["max_steps"] = args.tok_steps
     if args.ft_steps:
         cfg["ft_train"]["max_steps"] = args.ft_steps
+    if args.grammar_variants < 0:
+        p.error("--grammar_variants must be 0 or more")
+    cfg["grammar_variants"] = args.grammar_variants
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(cfg, indent=2))
@@ -476,6 +554,8 @@ def main(argv=None) -> int:
     ph.run("assemble", work / "pipeline" / "model_index.json", lambda: assemble(work, cfg))
     ph.run("eval", work / "report.json", lambda: evaluate(work, cfg))
     ph.run("diagnose", work / "diagnose.json", lambda: diagnose(work, cfg))
+    if ph.only and "throughput" in ph.only:
+        ph.run("throughput", work / "throughput.json", lambda: throughput(work, cfg))
     total = sum(t["cpu_s"] for t in ph.times.values())
     print("CPU time per phase:", json.dumps(ph.times), f"total {total:.0f} s", flush=True)
     if args.install:

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from hart import benchmark as bench
+from hart import benchmark_runs, device
+from hart.device import auto_dtype
 from hart.cli import main
 from hart.sampling import sample_scales
 
@@ -15,7 +17,7 @@ def test_tiny_benchmark_writes_every_documented_field(tmp_path, capsys):
                  "--batch-size", "2", "--warmup", "0", "--iters", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "benchmark.json").read_text())
     for key in ("config", "dtype", "device", "device_name", "torch_version", "hart_version", "warmup", "iters",
-                "compile", "text_features", "image_size", "patch_nums", "build_s", "parameters", "matmul_peak",
+                "compile", "text_features", "image_size", "patch_nums", "build_s", "build_peak_rss_mib", "parameters", "matmul_peak",
                 "flops_per_image", "runs"):
         assert key in result, key
     flops = result["flops_per_image"]
@@ -31,7 +33,7 @@ def test_tiny_benchmark_writes_every_documented_field(tmp_path, capsys):
         total = sum(stages[k] for k in ("text_encoding", "transformer", "diffusion", "decoding", "other"))
         assert total == pytest.approx(run["latency_s"])
         assert run["images_per_s"] == pytest.approx(run["batch_size"] / run["latency_s"])
-        assert run["peak_rss_mib"] > 0 and run["rss_increase_mib"] >= 0 and run["cuda_max_allocated_mib"] is None
+        assert run["peak_rss_mib"] >= result["build_peak_rss_mib"] > 0 and run["rss_increase_mib"] >= 0 and run["cuda_max_allocated_mib"] is None
         assert set(run["fraction_of_matmul_peak"]) == set(run["achieved_flops_per_s"]) == {"transformer", "end_to_end"}
     with PIL.Image.open(tmp_path / "benchmark.png") as chart:
         chart.verify()
@@ -95,8 +97,9 @@ def test_compare_times_plain_exact_and_fast_in_one_run(tmp_path, capsys):
     runs = {run["name"]: run for run in result["runs"]}
     assert list(runs) == ["plain", "exact", "fast"]
     plain, exact, fast = runs["plain"]["options"], runs["exact"]["options"], runs["fast"]["options"]
-    assert plain == dict(compact_text=False, prune=1.0, int8=False, compile=False)
-    assert exact == dict(plain, compact_text=True)
+    assert plain == dict(compact_text=False, prune=1.0, int8=False, compile=False, bf16_head_decoder=False)
+    assert exact == dict(plain, compact_text=True, bf16_head_decoder=auto_dtype("cpu").name == "bf16")
+    assert fast["bf16_head_decoder"] == exact["bf16_head_decoder"]
     assert fast["compact_text"] and fast["prune"] == 0.5
     assert runs["plain"]["speedup"] == 1.0
     for run in runs.values():
@@ -121,3 +124,44 @@ def test_bundled_configuration_names_a_missing_model(tmp_path, capsys, monkeypat
     monkeypatch.setattr(hart.bundled, "BUNDLED_MODEL", str(tmp_path / "shapes-128"))
     assert main(["benchmark", "--config", "bundled", "--device", "cpu", "--out", str(tmp_path)]) == 2
     assert "the bundled model is missing from this install" in capsys.readouterr().err
+
+NO_BF16 = {"avx2": True, "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}
+
+
+@pytest.mark.parametrize("caps, dtype, bf16", [
+    (dict(NO_BF16, avx512_bf16=True), "fp32", True),  # exact runs the head and decoder in bf16
+    (NO_BF16, "fp32", False),  # no native bf16: they stay fp32
+    (dict(NO_BF16, avx512_bf16=True), "bf16", False),  # already bf16
+])
+def test_exact_puts_head_and_decoder_in_bf16_only_on_bf16_cpus(monkeypatch, caps, dtype, bf16):
+    monkeypatch.setattr(device, "cpu_capabilities", lambda: caps)
+    runs = dict(benchmark_runs.run_options(True, dtype=dtype, device=torch.device("cpu"), compile_model=False,
+                                           int8=False, prune=1.0, compact_text=True))
+    assert not runs["plain"]["bf16_head_decoder"]
+    assert runs["exact"]["bf16_head_decoder"] == runs["fast"]["bf16_head_decoder"] == bf16
+    assert device.head_and_decoder_dtype(bench.DTYPES[dtype]) == (torch.bfloat16 if bf16 else bench.DTYPES[dtype])
+
+
+def test_bf16_head_and_decoder_copies_change_the_image_by_rounding_only():
+    pipe = bench.build_pipeline("tiny", torch.float32, torch.device("cpu"), random_text_features=True)
+    made = {}
+    plain = benchmark_runs.models_for(pipe, dict(int8=False, compile=False, bf16_head_decoder=False), made)
+    exact = benchmark_runs.models_for(pipe, dict(int8=False, compile=False, bf16_head_decoder=True), made)
+    assert plain == (pipe.transformer, pipe.vae)
+    transformer, vae = exact
+    assert {p.dtype for p in transformer.diffusion_head.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in (*vae.decoder.parameters(), *vae.post_quant_conv.parameters())} == {torch.bfloat16}
+    assert {p.dtype for p in (*transformer.blocks.parameters(), *vae.quantize.parameters(), *vae.encoder.parameters(),
+                              *pipe.transformer.diffusion_head.parameters(), *pipe.vae.decoder.parameters())} \
+        == {torch.float32}
+    t = transformer.config
+    cond = bench.random_text_conditioning(1, t.context_tokens, t.context_dim, "cpu")
+    images = []
+    for models in (plain, exact):
+        pipe.transformer, pipe.vae = models
+        pipe.encode_prompt = lambda prompts, *a, **k: cond
+        images.append(pipe("x", generator=torch.Generator().manual_seed(0), output_type="pt").images)
+        del pipe.encode_prompt
+    assert images[1].dtype == torch.float32
+    difference = (images[0] - images[1]).abs()
+    assert 0 < difference.max() < 0.1 and difference.mean() < 0.01

@@ -57,16 +57,22 @@ def test_text_model_final_state_names_each_piece(tmp_path):
     accuracy = ((x[~fit] @ w).argmax(1) == ids[~fit]).float().mean().item()
     assert accuracy > 0.91, accuracy
 
-def test_var_init_starts_blocks_as_identity():
+
+def _recipe():
     import importlib.util
     from pathlib import Path
-
-    from hart import HARTTransformer
 
     spec = importlib.util.spec_from_file_location(
         "train_bundled", Path(__file__).resolve().parents[1] / "scripts" / "train_bundled.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_var_init_starts_blocks_as_identity():
+    from hart import HARTTransformer
+
+    mod = _recipe()
     tr = HARTTransformer(patch_nums=(1, 2, 4), context_tokens=4, context_dim=16, embed_dim=32, depth=2, num_heads=2,
                          vocab_size=16, latent_channels=4, diff_width=16, diff_depth=1)
     mod.var_init(tr)
@@ -79,13 +85,8 @@ def test_generate_imposes_each_prompts_own_kept_scales(fixture_pipe):
     """The recipe's `generate(kept_idx=...)` (its diagnose phase) forces every (prompt, seed) job with that
     prompt's tokens, in batches that cut across prompts."""
     import copy
-    import importlib.util
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "train_bundled", Path(__file__).resolve().parents[1] / "scripts" / "train_bundled.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _recipe()
     pipe = copy.deepcopy(fixture_pipe)
     pipe.set_progress_bar_config(disable=True)
     pn = pipe.transformer.patch_nums
@@ -107,6 +108,30 @@ def test_generate_imposes_each_prompts_own_kept_scales(fixture_pipe):
     rows = torch.tensor([0, 0, 1, 1, 2, 2])
     for si in range(2):
         assert torch.equal(torch.cat([idx[si] for _, idx in seen]), kept[si][rows])
+
+
+def test_recipe_data_with_grammar_captions_keeps_every_caption_of_the_first_images(tmp_path):
+    mod = _recipe()
+    cfg = json.loads(json.dumps(dict(mod.QUICK, train_images=12, tok_images=2, heldout_images=2, ft_images=5)))
+    mod.make_data(tmp_path / "plain", cfg)
+    plain = (tmp_path / "plain" / "data" / "ft" / "metadata.jsonl").read_text().splitlines()
+    train = (tmp_path / "plain" / "data" / "train" / "metadata.jsonl").read_text().splitlines()
+    assert plain == train[:5]  # the default recipe's subset: the first ft_images lines
+    mod.make_data(tmp_path / "grammar", dict(cfg, grammar_variants=3))
+    ft = [json.loads(x) for x in (tmp_path / "grammar" / "data" / "ft" / "metadata.jsonl").read_text().splitlines()]
+    assert [x["file_name"] for x in ft] == [f"{i:05d}_{v}.png" for i in range(5) for v in range(3)]
+    assert all((tmp_path / "grammar" / "data" / "ft" / x["file_name"]).is_file() for x in ft)
+    with pytest.raises(SystemExit, match="grammar_variants"):  # the folder was written with grammar captions
+        mod.make_data(tmp_path / "grammar", cfg)
+
+
+def test_throughput_phase_reports_both_models_and_dtypes(tmp_path):
+    mod = _recipe()
+    mod.throughput(tmp_path, json.loads(json.dumps(dict(mod.QUICK, throughput=dict(batch_size=2, steps=1,
+                                                                                      warmup_steps=0, text_tokens=8)))))
+    report = json.loads((tmp_path / "throughput.json").read_text())
+    assert set(report["images_per_s"]) == {f"{m}_{d}" for m in ("transformer", "text_model") for d in ("float32", "bfloat16")}
+    assert all(v > 0 for v in report["images_per_s"].values()) and report["batch_size"] == 2
 
 
 # ---- the shipped model ---------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def fake_generation(fixture_pipe):
 
     model = copy.deepcopy(fixture_pipe)
 
-    def from_folder(cls, path, text_encoder=None, use_ema=True):
+    def from_folder(cls, path, text_encoder=None, use_ema=True, torch_dtype=None):
         loading.detect_layout(path)
         if text_encoder is not None:
             loading.resolve_folder(text_encoder)

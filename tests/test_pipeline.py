@@ -171,3 +171,20 @@ def test_model_cpu_offload_hooks_fire_for_hart_calls(pipe):
     offloaded.enable_model_cpu_offload(device="cpu")  # the same hooks a GPU run installs
     assert hasattr(offloaded.transformer, "_hf_hook")
     assert torch.equal(run(offloaded), run(pipe))
+
+
+def test_head_and_decoder_in_bf16_inside_an_fp32_pipeline(fixture_pipe):
+    """`set_head_and_decoder_dtype`: the diffusion head and the decoder in bf16, the rest fp32; the image
+    moves by bf16 rounding only."""
+    pipe = copy.deepcopy(fixture_pipe)
+    call = dict(prompt="a red square", generator=torch.Generator().manual_seed(0), output_type="pt")
+    reference = pipe(**call).images
+    pipe.set_head_and_decoder_dtype(torch.bfloat16)
+    assert pipe.transformer.diffusion_head.net.input_proj.weight.dtype == torch.bfloat16
+    assert pipe.vae.decoder.conv_in.weight.dtype == pipe.vae.post_quant_conv.weight.dtype == torch.bfloat16
+    assert pipe.transformer.head.weight.dtype == pipe.vae.quantize.embedding.weight.dtype == torch.float32
+    assert pipe.vae.encoder.conv_in.weight.dtype == torch.float32
+    call["generator"] = torch.Generator().manual_seed(0)
+    images = pipe(**call).images
+    assert images.dtype == torch.float32
+    assert 0 < (images - reference).abs().max() < 0.1

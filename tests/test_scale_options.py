@@ -4,7 +4,8 @@ import torch
 
 from hart.loading import load_official_tokenizer, load_official_transformer
 from hart.pruning import num_kept, pruned_scales
-from hart.sampling import SamplingOptions, sample_scales
+from hart import rng, sampling
+from hart.sampling import ForcedTokens, SamplingOptions, sample_scales
 from hart.text import TextConditioning
 from tests.utils import assert_close, fixture_sizes
 
@@ -133,3 +134,82 @@ def test_cli_defaults_are_the_library_defaults():
     defaults = SamplingOptions()
     assert (SAMPLING_DEFAULTS["prune"], SAMPLING_DEFAULTS["compact_text"]) == (defaults.prune, defaults.compact_text)
     assert DEFAULT_PRUNE_KEEP == DEFAULT_KEEP
+
+
+@pytest.mark.parametrize("options", [dict(more_smooth=False), dict(more_smooth=True, prune=0.5),
+                                     dict(compact_text=False, num_maskgit_iters=2)])
+def test_guidance_zero_skips_the_unconditional_rows(models, cond, monkeypatch, options):
+    """At guidance 0 the transformer and the diffusion head run the conditional rows only, and the
+    latent is the one the doubled computation gives (same random draws, float rounding at most)."""
+    transformer, _ = models
+    rows, head_rows = [], []
+    attn, sample = transformer.blocks[0].attn.forward, transformer.diffusion_head.sample
+    monkeypatch.setattr(transformer.blocks[0].attn, "forward",
+                        lambda x, *a, **k: rows.append(x.shape[0]) or attn(x, *a, **k))
+    monkeypatch.setattr(transformer.diffusion_head, "sample", lambda c, u=None, *a, **k:
+                        head_rows.append(len(c) + (0 if u is None else len(u))) or sample(c, u, *a, **k))
+
+    def run(seed):
+        rows.clear(), head_rows.clear()
+        return sample_scales(transformer, models[1].quantize, cond, guidance_scale=0.0,
+                             generator=torch.Generator().manual_seed(seed), **options)
+
+    skipped = run(0)
+    B, L = cond.batch_size, transformer.patch_nums[-1] ** 2
+    assert set(rows) == {B} and sum(head_rows) == B * L
+    monkeypatch.setattr(sampling, "runs_unconditional_rows", lambda *a: True)
+    doubled = run(0)
+    assert set(rows) == {2 * B} and sum(head_rows) == 2 * B * L
+    assert_close(skipped, doubled, 1e-4, "f_hat")
+    assert (skipped - run(1)).abs().max() > 1e-3  # the seed matters: the comparison can fail
+
+
+def test_diffusion_head_guided_noise_without_unconditional_rows(models):
+    """`guided_noise` draws a guided call's noise: at guidance 0 the conditional rows alone give the
+    guided call's residuals."""
+    head = models[0].diffusion_head
+    z = torch.randn(2, 6, head.net.cond_embed.in_features, generator=torch.Generator().manual_seed(0))
+
+    def run(*args, **kwargs):
+        return head.sample(*args, generator=torch.Generator().manual_seed(5), num_images=2, **kwargs)
+
+    doubled = run(z[0], z[1], 0.0)
+    assert_close(run(z[0], None, 0.0, guided_noise=True), doubled, 1e-6, "residual")
+    assert (run(z[0], None, 0.0) - doubled).abs().max() > 1e-3  # other noise without guided_noise
+
+
+def _forced_half(cond, transformer, seed=3):
+    """Tokens forced at half the positions of every scale but the first (an edit pipeline's shape)."""
+    g, B = torch.Generator().manual_seed(seed), cond.batch_size
+    pn, V = transformer.patch_nums, transformer.config.vocab_size
+    idx = [None] + [torch.randint(V, (B, p * p), generator=g) for p in pn[1:]]
+    mask = [None] + [torch.rand(B, p * p, generator=g) < 0.5 for p in pn[1:]]
+    return ForcedTokens(idx=idx, mask=mask)
+
+
+def test_soft_codes_only_at_free_positions_leave_the_latent_unchanged(models, cond, monkeypatch):
+    """Gumbel noise becomes soft codes only where tokens are not forced; the Exp(1) draws still cover
+    every position, so the random stream and the latent are those of computing them everywhere."""
+    transformer, _ = models
+    forced = _forced_half(cond, transformer)
+    soft_rows = []
+    soft = sampling._soft_codes
+    monkeypatch.setattr(sampling, "_soft_codes", lambda logits, *a: soft_rows.append(logits.shape[0]) or soft(logits, *a))
+    skipped = _sample(models, cond, more_smooth=True, forced=forced)
+    free = sum(int((~m).sum()) for m in forced.mask[1:]) + cond.batch_size  # scale 0: nothing forced
+    assert sum(soft_rows) == free
+    draw = sampling._draw_tokens
+    monkeypatch.setattr(sampling, "_draw_tokens", lambda logits, known, **kw: draw(logits, None, **kw))
+    everywhere = _sample(models, cond, more_smooth=True, forced=forced)
+    assert_close(skipped, everywhere, 1e-5, "f_hat")  # the soft-code matmul over fewer rows: rounding
+    assert not torch.equal(skipped, _sample(models, cond, seed=1, more_smooth=True, forced=forced))
+
+
+def test_no_gumbel_draws_without_more_smooth(models, cond, monkeypatch):
+    draws = []
+    exponential = rng.exponential
+    monkeypatch.setattr(rng, "exponential", lambda *a, **k: draws.append(a[0]) or exponential(*a, **k))
+    _sample(models, cond, more_smooth=False)
+    assert draws == []
+    _sample(models, cond, more_smooth=True)
+    assert len(draws) == len(models[0].patch_nums)

@@ -1,4 +1,5 @@
-"""Procedurally generated training data: the shapes world (`shapes`), its captions (`captions`) and datasets."""
+"""Procedurally generated training data: the shapes world (`shapes`), its captions (`captions`: fixed templates;
+`grammar`: many wordings with a held-out set) and datasets."""
 from hart.data.captions import caption, describe
 from hart.data.shapes import CATEGORIES, Obj, Scene, render, sample_scene
 from hart.data.shapes_dataset import make_eval_prompts, write_dataset

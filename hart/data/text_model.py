@@ -82,7 +82,7 @@ def hf_tokenizer(spm_path):
     )
 
 
-def _qwen2_config(vocab_size: int, hidden: int, layers: int, heads: int, max_positions: int):
+def qwen2_config(vocab_size: int, hidden: int, layers: int, heads: int, max_positions: int):
     from transformers import Qwen2Config
 
     return Qwen2Config(
@@ -109,7 +109,7 @@ def train_text_model(captions: Sequence[str], folder, *, vocab_size: int = 256, 
     tokenizer = hf_tokenizer(spm_path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initialisation (the only torch draws); the caller's RNG state is kept
-        model = Qwen2ForCausalLM(_qwen2_config(len(tokenizer), hidden, layers, heads, max_positions))
+        model = Qwen2ForCausalLM(qwen2_config(len(tokenizer), hidden, layers, heads, max_positions))
         readout = torch.nn.Linear(hidden, 2 * len(tokenizer))  # this piece and the previous one; not saved
     params = list(model.parameters()) + list(readout.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))

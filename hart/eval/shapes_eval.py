@@ -30,6 +30,7 @@ from PIL import Image, ImageFilter
 from hart.data.shapes import BACKGROUNDS, CATEGORIES, GREY, IMAGE_SIZE, grid_cell
 
 PROMPTS_PATH = Path(__file__).with_name("shapes_prompts.jsonl")
+HELDOUT_PROMPTS_PATH = Path(__file__).with_name("shapes_prompts_heldout.jsonl")  # same scenes, held-out wordings
 
 MEDIAN_SIZE = 3  # px; a median filter first removes pixel noise
 COLOUR_TOLERANCE = 80.0  # RGB distance beyond which a pixel matches no palette colour

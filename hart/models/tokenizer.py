@@ -10,9 +10,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import ConfigMixin, ModelMixin
+from diffusers import ConfigMixin, ModelMixin  # noqa: F401  (pipeline loading looks ModelMixin up here)
 from diffusers.configuration_utils import register_to_config
 
+from .pretrained import CastWhileLoading
 from .quantizer import MultiScaleQuantizer
 
 
@@ -160,7 +161,7 @@ class Decoder(nn.Module):
         return F.pixel_shuffle(self.conv_out(_norm_silu(self.norm_out, h_BChw)), self.patch_size)
 
 
-class HybridTokenizer(ModelMixin, ConfigMixin):
+class HybridTokenizer(CastWhileLoading, ConfigMixin):
     """Image <-> (per-scale codes, continuous residual). Images are (B, 3, H, W) in [-1, 1]."""
 
     @register_to_config
@@ -224,8 +225,15 @@ class HybridTokenizer(ModelMixin, ConfigMixin):
             with torch.inference_mode(False):  # weights made under inference mode could not be trained later
                 self.decoder.to(memory_format=torch.channels_last)
                 self.post_quant_conv.to(memory_format=torch.channels_last)
-        f_hat_BChw = f_hat_BChw.contiguous(memory_format=torch.channels_last)
+        # in the decoder's dtype: it may be bf16 while the quantizer stays fp32 (`decoder_to`)
+        f_hat_BChw = f_hat_BChw.to(self.post_quant_conv.weight.dtype).contiguous(memory_format=torch.channels_last)
         return self.decoder(self.post_quant_conv(f_hat_BChw)).clamp(-1, 1).contiguous()
+
+    def decoder_to(self, dtype: torch.dtype) -> "HybridTokenizer":
+        """The decoding half (post-quant conv and decoder) in `dtype`, the encoder and quantizer as they are."""
+        self.post_quant_conv.to(dtype)
+        self.decoder.to(dtype)
+        return self
 
     def img_to_tokens(self, img_B3HW: torch.Tensor, patch_nums: Optional[Sequence[int]] = None
                       ) -> Tuple[List[torch.Tensor], torch.Tensor]:
@@ -236,7 +244,7 @@ class HybridTokenizer(ModelMixin, ConfigMixin):
                       patch_nums: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Decode codes (plus the residual; discrete-only when None) to an image in [-1, 1]."""
         f_hat_BChw = self.quantize.idx_to_fhat(idx_list, self._patch_nums(patch_nums), residual_BLC)
-        return self.decode_latent(f_hat_BChw.to(self.post_quant_conv.weight.dtype))
+        return self.decode_latent(f_hat_BChw)
 
     def forward(self, img_B3HW: torch.Tensor, skip_continuous: bool = False
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

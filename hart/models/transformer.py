@@ -14,12 +14,14 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import ModelMixin
+
+from diffusers import ModelMixin  # noqa: F401  (pipeline loading looks the base class up in this module)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from hart.models.attention import KVCache, attention
 from hart.models.diffusion import DiffusionHead
+from hart.models.pretrained import CastWhileLoading
 from hart.models.rope import Rope, apply_rope, image_positions
 from hart.pruning import BranchCache
 from hart.text import TextConditioning
@@ -143,7 +145,7 @@ class InferenceState:
     branches: Optional[BranchCache] = None  # token pruning: recorded and restored branch outputs
 
 
-class HARTTransformer(ModelMixin, ConfigMixin):
+class HARTTransformer(CastWhileLoading, ConfigMixin):
     """Predicts each scale's tokens from the text and all coarser scales; owns the diffusion head."""
 
     _supports_gradient_checkpointing = True

@@ -1,0 +1,180 @@
+"""The caption grammar: many wordings of one shapes-world scene, each with the spec of what it claims.
+
+`describe(scene, rng, heldout=False)` returns `(caption, spec)` like `hart.data.captions.describe`,
+with the same spec for the same scene and mentions, but the wording is composed from a grammar:
+a lead-in ("there is", "an image of", ...), a phrase of the scene's category, noun phrases with or
+without an article, synonyms for sizes ("big", "small"), numbers ("2" or "two"), grid cells and
+relations, either object order of a pair (the relation follows the order), then case and final
+punctuation. Every choice comes from the caller's generator, so each call draws a fresh caption.
+
+Every list of wordings is split in two: the training wordings and a named held-out set (`HELDOUT`)
+that no training caption uses. A held-out caption (`heldout=True`) takes its phrase, lead-in, size
+words, grid-cell words, relation words and the word for grey from the held-out set, and the shared
+words (colours, shapes, numbers, articles) otherwise, so it tests wordings a model trained on this
+grammar never saw (`hart/eval/shapes_prompts_heldout.jsonl`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from hart.data.captions import COLOURS_SHAPE_MENTION_P, COUNT_COLOUR_MENTION_P, SIZE_MENTION_P, expect
+from hart.data.shapes import GREY, Scene, grid_cell, relation
+
+
+class Wordings(NamedTuple):
+    train: Tuple[str, ...]
+    heldout: Tuple[str, ...]  # empty: held-out captions use the training wordings of this slot
+
+    def pick(self, rng: np.random.Generator, heldout: bool) -> str:
+        options = self.heldout if heldout and self.heldout else self.train
+        return options[int(rng.integers(len(options)))]
+
+
+# Phrases by category. Fields: {lead} a lead-in with its trailing space, or "" (PLURAL_LEADS in counting);
+# {n}, {m} the first and second noun phrase with article; {bare} the first without article; {where} a grid
+# cell; {rel} the relation of {n} to {m}; {count} a number; {bg} a background colour; {colour}, {noun}
+# for `colours` ({noun} is the shape, or a word for "shape" when the caption leaves the shape out).
+PHRASES: Dict[str, Wordings] = {
+    "single_object": Wordings(
+        ("{lead}{n}", "{lead}{n} in the picture", "{lead}a single {bare}", "{lead}one {bare}"),
+        ("{lead}{n} by itself", "{lead}{n} on its own")),
+    "colours": Wordings(
+        ("{lead}{n}", "{lead}a {noun} that is {colour}", "{lead}a {noun} coloured {colour}", "{lead}a {noun} in {colour}"),
+        ("{lead}a {noun} painted {colour}", "{lead}a {noun} in the colour {colour}")),
+    "position": Wordings(
+        ("{lead}{n} {where}", "{where}, {n}", "{lead}{n} placed {where}", "{n} is {where}"),
+        ("{lead}{n} located {where}", "{where} sits {n}")),
+    "counting": Wordings(
+        ("{lead}{count} {bare}", "{lead}exactly {count} {bare}", "{lead}{count} {bare} in the picture"),
+        ("{lead}a group of {count} {bare}", "{lead}{count} {bare} in total")),
+    "two_objects": Wordings(
+        ("{lead}{n} and {m}", "{lead}{n} with {m}", "{lead}{n} and {m} in the picture", "{lead}{n} together with {m}"),
+        ("{lead}both {n} and {m}", "{lead}{n} as well as {m}")),
+    "relative_position": Wordings(
+        ("{lead}{n} {rel} {m}", "{n} is {rel} {m}", "{lead}{n} placed {rel} {m}"),
+        ("{lead}{m} with {n} {rel} it", "{lead}{n} sitting {rel} {m}")),
+    "background": Wordings(
+        ("{lead}{n} on a {bg} background", "{lead}{n} on {bg}", "{lead}{n} against a {bg} background",
+         "a {bg} background with {n}", "{lead}{n} in front of a {bg} background", "{lead}{n}, {bg} background"),
+        ("{lead}{n} on a {bg} backdrop", "a {bg} backdrop behind {n}")),
+}
+PHRASES["colour_attribution"] = PHRASES["two_objects"]
+
+LEADS = Wordings(("", "", "", "a picture of ", "an image of ", "there is ", "a drawing of ", "a picture showing "),
+                 ("this image shows ", "you can see ", "a photo of "))
+PLURAL = {"there is ": "there are "}  # the lead-in before a plural
+ARTICLES = Wordings(("a", "a", "the", ""), ())
+SIZE_WORDS = {"large": Wordings(("large", "big"), ("huge",)), "small": Wordings(("small", "little"), ("tiny",))}
+NO_SHAPE = Wordings(("shape", "object"), ("thing",))  # the noun of a `colours` caption that leaves the shape out
+NUMBERS = {2: Wordings(("2", "two"), ()), 3: Wordings(("3", "three"), ()), 4: Wordings(("4", "four"), ())}
+WHERE = {
+    "top left": Wordings(("in the top left", "in the top left corner", "at the top left"),
+                         ("in the upper left corner", "in the upper left")),
+    "top": Wordings(("at the top", "at the top of the picture"), ("at the top center", "in the upper middle")),
+    "top right": Wordings(("in the top right", "in the top right corner", "at the top right"),
+                          ("in the upper right corner", "in the upper right")),
+    "left": Wordings(("on the left", "at the left"), ("on the left side",)),
+    "center": Wordings(("in the center", "in the middle"), ("in the centre", "in the very middle")),
+    "right": Wordings(("on the right", "at the right"), ("on the right side",)),
+    "bottom left": Wordings(("in the bottom left", "in the bottom left corner", "at the bottom left"),
+                            ("in the lower left corner", "in the lower left")),
+    "bottom": Wordings(("at the bottom", "at the bottom of the picture"), ("at the bottom center", "in the lower middle")),
+    "bottom right": Wordings(("in the bottom right", "in the bottom right corner", "at the bottom right"),
+                             ("in the lower right corner", "in the lower right")),
+}
+RELATIONS = {
+    "left of": Wordings(("left of", "to the left of", "on the left of"), ("on the left side of",)),
+    "right of": Wordings(("right of", "to the right of", "on the right of"), ("on the right side of",)),
+    "above": Wordings(("above", "over"), ("on top of",)),
+    "below": Wordings(("below", "under", "beneath"), ("underneath",)),
+}
+BACKGROUND_WORDS = {GREY: Wordings(("grey",), ("gray",))}  # other backgrounds are named by their colour
+CASES = ("lower", "lower", "lower", "first", "first", "title", "upper")  # drawn uniformly
+ENDINGS = ("", "", "", ".", ".", "!")
+
+# The held-out set, by slot: what only held-out captions say.
+HELDOUT = {
+    "phrases": {c: w.heldout for c, w in PHRASES.items()}, "leads": LEADS.heldout,
+    "sizes": {s: w.heldout for s, w in SIZE_WORDS.items()}, "no_shape": NO_SHAPE.heldout,
+    "where": {c: w.heldout for c, w in WHERE.items()}, "relations": {r: w.heldout for r, w in RELATIONS.items()},
+    "backgrounds": {b: w.heldout for b, w in BACKGROUND_WORDS.items()},
+}
+
+
+def _noun_phrase(e: dict, size_word: Optional[str], noun: str, plural: bool = False) -> str:
+    return " ".join(w for w in (size_word, e["colour"], noun + "s" if plural else noun) if w)
+
+
+def _with_article(article: str, bare: str) -> str:
+    return f"{article} {bare}" if article else bare
+
+
+def _finish(text: str, rng: np.random.Generator) -> str:
+    """Articles before vowels, single spaces, then a drawn case and final punctuation."""
+    text = re.sub(r"\ba (?=[aeiou])", "an ", " ".join(text.split()))
+    case = CASES[int(rng.integers(len(CASES)))]
+    if case == "first":
+        text = text[:1].upper() + text[1:]
+    elif case == "title":
+        text = " ".join(w[:1].upper() + w[1:] for w in text.split(" "))
+    elif case == "upper":
+        text = text.upper()
+    return text + ENDINGS[int(rng.integers(len(ENDINGS)))]
+
+
+def describe(scene: Scene, rng: np.random.Generator, heldout: bool = False) -> Tuple[str, dict]:
+    """(caption, spec) of `scene`: training wordings, or only held-out ones where a slot has them."""
+    cat, objs = scene.category, scene.objects
+    rel = background = None
+    fields = {"lead": LEADS.pick(rng, heldout)}
+
+    def size_word(obj) -> Optional[str]:
+        return SIZE_WORDS[obj.size].pick(rng, heldout) if rng.random() < SIZE_MENTION_P else None
+
+    def mention(obj, colour: bool = True) -> Tuple[dict, str]:
+        """The object's spec (with a drawn size mention) and its noun phrase without article."""
+        word = size_word(obj)
+        e = expect(obj.shape, obj.colour if colour else None, obj.size if word else None)
+        return e, _noun_phrase(e, word, obj.shape)
+
+    if cat in ("single_object", "position", "background"):
+        o = objs[0]
+        e, bare = mention(o)
+        if cat == "position":
+            e["position"] = grid_cell(*o.center)
+            fields["where"] = WHERE[e["position"]].pick(rng, heldout)
+        if cat == "background":
+            background = scene.background
+            fields["bg"] = BACKGROUND_WORDS[background].pick(rng, heldout) if background in BACKGROUND_WORDS else background
+        exps = [e]
+    elif cat == "colours":
+        o = objs[0]
+        shape = o.shape if rng.random() < COLOURS_SHAPE_MENTION_P else None
+        e = expect(shape, o.colour)
+        noun = shape or NO_SHAPE.pick(rng, heldout)
+        bare = _noun_phrase(e, None, noun)
+        fields.update(colour=o.colour, noun=noun)
+        exps = [e]
+    elif cat == "counting":
+        colours = {o.colour for o in objs}
+        colour = objs[0].colour if len(colours) == 1 and rng.random() < COUNT_COLOUR_MENTION_P else None
+        word = size_word(objs[0])
+        e = expect(objs[0].shape, colour, objs[0].size if word else None, count=len(objs))
+        bare = _noun_phrase(e, word, e["shape"], plural=True)
+        fields["count"] = NUMBERS[len(objs)].pick(rng, heldout)
+        fields["lead"] = PLURAL.get(fields["lead"], fields["lead"])
+        exps = [e]
+    else:  # two objects, in random order; a relation is stated from the first to the second
+        a, b = (objs[0], objs[1]) if rng.random() < 0.5 else (objs[1], objs[0])
+        (e, bare), (f, other) = (mention(o, colour=cat != "two_objects") for o in (a, b))
+        fields["m"] = _with_article(ARTICLES.pick(rng, heldout), other)
+        if cat == "relative_position":
+            rel = relation(a.center, b.center)
+            fields["rel"] = RELATIONS[rel].pick(rng, heldout)
+        exps = [e, f]
+    fields.update(bare=bare, n=_with_article(ARTICLES.pick(rng, heldout), bare))
+    text = PHRASES[cat].pick(rng, heldout).format(**fields)
+    return _finish(text, rng), {"category": cat, "objects": exps, "relation": rel, "background": background}
