@@ -168,8 +168,7 @@ FINETUNE_VALUES = [
     (["--min_image_size", "0"], "--min_image_size", "a positive integer"),
     (["--crop", "diagonal"], "--crop", "invalid choice"),
     (["--learning_rate", "1e-4"], "unrecognized arguments", "--learning_rate"),
-    (["--lora_alpha", "8"], "--lora_alpha", "--lora_rank"),
-    (["--lora_alpha", "4"], "--lora_alpha", "--lora_rank"),
+    (["--lora_rank", "0", "--lora_alpha", "8"], "--lora_alpha", "--lora_rank"),
     (["--lora_rank", "4", "--lora_targets", "everything"], "--lora_targets", "one of"),
     (["--cache_only"], "--cache_only needs --cache_dir"),
     (["--resume", "latest", "--overwrite"], "--overwrite", "--resume", "only one"),
@@ -178,7 +177,7 @@ FINETUNE_VALUES = [
     (["--prior_ratio", "-0.5"], "--prior_ratio", "from 0 up to"),
     (["--prior_ratio", "nan"], "--prior_ratio", "from 0 up to"),
     (["--prior_images", "0"], "--prior_images", "a positive integer"),
-    (["--prior_prompts", "prompts.txt"], "--prior_prompts", "give --prior_ratio too"),
+    (["--prior_ratio", "0", "--prior_prompts", "prompts.txt"], "--prior_prompts", "--prior_ratio 0 turns off"),
     (["--validation_world_prompts", "257"], "--validation_world_prompts", "from 0 to 256"),
     (["--validation_world_prompts", "-1"], "--validation_world_prompts", "from 0 to 256"),
 ]
@@ -543,7 +542,7 @@ def test_disk_full_while_logging_metrics(run, ws, monkeypatch):
 def test_hart_debug_shows_the_traceback(ws, monkeypatch):
     monkeypatch.setenv("HART_DEBUG", "1")  # an error found after parsing is raised with its traceback
     with pytest.raises(SettingError, match="--lora_alpha"):
-        finetune_main([str(a) for a in ws.finetune_argv("--lora_alpha", 8)])
+        finetune_main([str(a) for a in ws.finetune_argv("--lora_rank", 0, "--lora_alpha", 8)])
     with pytest.raises(CheckpointError, match="no finished checkpoint"):
         finetune_main([str(a) for a in ws.finetune_argv("--resume", "latest")])
 

@@ -76,7 +76,7 @@ class FinetuneConfig:
         require(bool(self.lora_targets), "--lora_targets needs at least one group")
         require(not (self.overwrite and self.resume), _RESUME_OR_OVERWRITE)
         require(self.prior_ratio != 0 or self.prior_prompts is None,
-                "--prior_prompts configures prior preservation: give --prior_ratio too")
+                "--prior_prompts configures prior preservation, which --prior_ratio 0 turns off: drop one of them")
 
 
 def with_defaults(cfg: FinetuneConfig) -> FinetuneConfig:
