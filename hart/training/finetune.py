@@ -161,6 +161,9 @@ class _Run:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)  # the adapters' initialisation
                 self.lora_targets = add_lora(tr, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_targets)
+            if self.tokenizer_adapted:  # the head draws the residual, which now carries what the decoder learned
+                tr.diffusion_head.requires_grad_(True)
+                logger.info("the tokenizer was adapted: the diffusion head trains in full, besides the adapters")
         tr.to(self.device).train()
         params = [p for p in tr.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -186,14 +189,18 @@ class _Run:
 
     def _check_tokenizer(self) -> Optional[TokenizerCheck]:
         """Measure the tokenizer on the user's images and adapt its decoder when they fall short
-        (`hart.training.tokenizer_adapt`); the adapted one is used for validation and exported. Only
-        the main process decodes, so only it adapts. Returns the check when it adapted now."""
+        (`hart.training.tokenizer_adapt`); the adapted one is used for validation and exported. Every
+        process measures (so all know whether it was adapted, which decides what trains); only the main
+        one, which decodes, adapts. Returns the check when it adapted now."""
         cfg, saved = self.cfg, self.out / "tokenizer"
+        self.tokenizer_adapted = False
         if cfg.resume and (saved / "check.json").exists():  # adapted when the run started
             self.vae.load_state_dict(type(self.vae).from_pretrained(saved).state_dict())
-            logger.info("%s (kept from the run's start)", TokenizerCheck.load(saved / "check.json").summary())
+            check = TokenizerCheck.load(saved / "check.json")
+            self.tokenizer_adapted = check.adapted
+            logger.info("%s (kept from the run's start)", check.summary())
             return None
-        if not self.acc.is_main_process or cfg.adapt_tokenizer == "never":
+        if cfg.adapt_tokenizer == "never":
             return None
         if cfg.data_dir is None:
             logger.info("tokenizer not checked: the run reads a cache, which holds no pixels")
@@ -206,6 +213,9 @@ class _Run:
                                None if world is None else reconstruction_psnr(self.vae, world))
         if not needs_adapting(check, cfg.adapt_tokenizer):
             logger.info("%s: kept as it is", check.summary())
+            return None
+        self.tokenizer_adapted = True
+        if not self.acc.is_main_process:
             return None
         adapt_decoder(self.vae, user, world, cfg.tokenizer_steps, cfg.seed)
         check.adapted, check.steps = True, cfg.tokenizer_steps
