@@ -28,7 +28,7 @@ TOY = {
     "hart benchmark": {"--config": "tiny", "--warmup": "0", "--iters": "1"},
     "hart convert": {"--model": str(FIXTURE_CKPT), "--text-encoder": str(FIXTURE_CKPT / "text_encoder"),
                      "--out": "converted"},
-    "scripts/finetune.py": {"--max_steps": "2"},
+    "scripts/finetune.py": {"--max_steps": "2", "--tokenizer_steps": "2"},
     "scripts/train_tokenizer.py": {"--max_steps": "2"},
 }
 HELP_ONLY = {"hart app"}  # starts a server that runs until stopped: parsed as written, then `--help` runs

@@ -64,6 +64,18 @@ def full_run(base, cache_dir, tmp_path_factory):
     return finetune(config(base, cache_dir, out, validation_prompts=PROMPTS, validation_every=10))
 
 
+def assert_same_run(expected, resumed, keys) -> None:
+    """A resumed run logged the same metrics at every step as the uninterrupted one and exported the same weights."""
+    want, got = read_metrics(expected.log_path), read_metrics(resumed.log_path)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, expected.step + 1))
+    for a, b in zip(want, got):
+        for key in keys:
+            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(expected.export_dir / weights)), load_file(str(resumed.export_dir / weights))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _first_last(rows, key, n=5):
     values = [r[key] for r in rows]
     return float(np.mean(values[:n])), float(np.mean(values[-n:]))
@@ -109,14 +121,7 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, base, cache_dir, tmp_
     assert first.stopped_early and first.step == 10 and first.export_dir is None
     second = finetune(config(base, cache_dir, tmp_path, resume="latest"))
     assert second.step == 20 and not second.stopped_early
-    expected, resumed = read_metrics(full_run.log_path), read_metrics(second.log_path)
-    assert [r["step"] for r in resumed] == list(range(1, 21))
-    for a, b in zip(expected, resumed):
-        for key in ("loss", "token_loss", "diffusion_loss", "lr", "grad_norm"):
-            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
-    weights = "transformer/diffusion_pytorch_model.safetensors"
-    a, b = load_file(str(full_run.export_dir / weights)), load_file(str(second.export_dir / weights))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(full_run, second, ("loss", "token_loss", "diffusion_loss", "lr", "grad_norm"))
 
 
 KILL_WHILE_SAVING = """

@@ -6,8 +6,6 @@ import signal
 from collections import Counter
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import hart.training.prior as prior
 from hart.bundled import BUNDLED_MODEL
@@ -16,6 +14,7 @@ from hart.training.checks import SettingError, made_before, model_world
 from hart.training.finetune import FinetuneConfig, finetune
 from hart.training.prior import MixedBatchSampler
 from hart.training.runtime import read_metrics
+from tests.test_training_finetune import assert_same_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,14 +106,7 @@ def test_resume_with_the_mix_and_a_cache_reproduces_the_uninterrupted_run(data_d
     made = (tmp_path / "split" / "prior" / "cache" / "cache_info.json").stat().st_mtime_ns
     second = finetune(FinetuneConfig(**settings, output_dir=out, resume="latest"))
     assert (tmp_path / "split" / "prior" / "cache" / "cache_info.json").stat().st_mtime_ns == made  # reused
-    expected, resumed = read_metrics(full.log_path), read_metrics(second.log_path)
-    assert [r["step"] for r in resumed] == list(range(1, 7))
-    for a, b in zip(expected, resumed):
-        for key in ("loss", "token_loss", "diffusion_loss", "grad_norm", "prior_images_seen"):
-            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
-    weights = "transformer/diffusion_pytorch_model.safetensors"
-    a, b = load_file(str(full.export_dir / weights)), load_file(str(second.export_dir / weights))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(full, second, ("loss", "token_loss", "diffusion_loss", "grad_norm", "prior_images_seen"))
     with pytest.raises(SettingError, match="prior images made otherwise .--prior_images differ"):
         finetune(FinetuneConfig(**{**settings, "prior_images": 4}, output_dir=out, resume="latest"))
     with pytest.raises(Exception, match="prior_ratio: checkpoint 0.5, now 0.25"):
