@@ -40,8 +40,7 @@ from hart.training.export import export_pipeline
 from hart.training.heldout import WorldCheck, report as validation_report
 from hart.training.lora import add_lora, unused_adapters
 from hart.training.objective import hart_loss
-from hart.training.tokenizer_adapt import (USER_IMAGES, TokenizerCheck, adapt_decoder, needs_adapting,
-                                           reconstruction_psnr, world_images)
+from hart.training.tokenizer_adapt import USER_IMAGES, TokenizerCheck, needs_adapting, world_images
 from hart.training.prior import MixedBatchSampler, MixedExamples, describe as describe_prior, make_prior_folder, prior_examples
 from hart.training.runtime import (MetricsLog, StopRequest, any_process, full_parameters,
                                    mean_over_processes, report_step, sum_over_processes, warmup_cosine)
@@ -209,18 +208,14 @@ class _Run:
                                     min_size=cfg.min_image_size)
         user = torch.stack([folder[(0, i)]["pixel_values"] for i in range(min(len(folder), USER_IMAGES))])
         world = world_images(model_world(cfg.pretrained))
-        check = TokenizerCheck(reconstruction_psnr(self.vae, user),
-                               None if world is None else reconstruction_psnr(self.vae, world))
+        check = TokenizerCheck.measure(self.vae, user, world)
         if not needs_adapting(check, cfg.adapt_tokenizer):
             logger.info("%s: kept as it is", check.summary())
             return None
         self.tokenizer_adapted = True
         if not self.acc.is_main_process:
             return None
-        adapt_decoder(self.vae, user, world, cfg.tokenizer_steps, cfg.seed)
-        check.adapted, check.steps = True, cfg.tokenizer_steps
-        check.adapted_user_psnr = reconstruction_psnr(self.vae, user)
-        check.adapted_reference_psnr = None if world is None else reconstruction_psnr(self.vae, world)
+        check.adapt(self.vae, user, world, cfg.tokenizer_steps, cfg.seed)
         logger.info("%s", check.summary())
         return check
 

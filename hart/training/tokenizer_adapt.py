@@ -58,6 +58,18 @@ class TokenizerCheck:
                      + (f" (world {self.adapted_reference_psnr:.1f} dB)" if self.adapted_reference_psnr else ""))
         return text
 
+    @classmethod
+    def measure(cls, vae, user_B3HW: torch.Tensor, world_B3HW: Optional[torch.Tensor]) -> "TokenizerCheck":
+        """The tokenizer's PSNR on the user's images and on the world's (when there is one)."""
+        return cls(reconstruction_psnr(vae, user_B3HW), None if world_B3HW is None else reconstruction_psnr(vae, world_B3HW))
+
+    def adapt(self, vae, user_B3HW: torch.Tensor, world_B3HW: Optional[torch.Tensor], steps: int, seed: int) -> None:
+        """`adapt_decoder` on `vae` in place, then measure again."""
+        adapt_decoder(vae, user_B3HW, world_B3HW, steps, seed)
+        after = TokenizerCheck.measure(vae, user_B3HW, world_B3HW)
+        self.adapted, self.steps = True, steps
+        self.adapted_user_psnr, self.adapted_reference_psnr = after.user_psnr, after.reference_psnr
+
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
 
