@@ -40,7 +40,7 @@ from hart.training.export import export_pipeline
 from hart.training.heldout import WorldCheck, report as validation_report
 from hart.training.lora import add_lora, unused_adapters
 from hart.training.objective import hart_loss
-from hart.training.tokenizer_adapt import USER_IMAGES, TokenizerCheck, needs_adapting, world_images
+from hart.training.tokenizer_adapt import check_and_adapt
 from hart.training.prior import MixedBatchSampler, MixedExamples, describe as describe_prior, make_prior_folder, prior_examples
 from hart.training.runtime import (MetricsLog, StopRequest, any_process, full_parameters,
                                    mean_over_processes, report_step, sum_over_processes, warmup_cosine)
@@ -186,39 +186,6 @@ class _Run:
             "lora_layers": len(self.lora_targets), "config": dataclasses.asdict(self.cfg),
         }
 
-    def _check_tokenizer(self) -> Optional[TokenizerCheck]:
-        """Measure the tokenizer on the user's images and adapt its decoder when they fall short
-        (`hart.training.tokenizer_adapt`); the adapted one is used for validation and exported. Every
-        process measures (so all know whether it was adapted, which decides what trains); only the main
-        one, which decodes, adapts. Returns the check when it adapted now."""
-        cfg, saved = self.cfg, self.out / "tokenizer"
-        self.tokenizer_adapted = False
-        if cfg.resume and (saved / "check.json").exists():  # adapted when the run started
-            self.vae.load_state_dict(type(self.vae).from_pretrained(saved).state_dict())
-            check = TokenizerCheck.load(saved / "check.json")
-            self.tokenizer_adapted = check.adapted
-            logger.info("%s (kept from the run's start)", check.summary())
-            return None
-        if cfg.adapt_tokenizer == "never":
-            return None
-        if cfg.data_dir is None:
-            logger.info("tokenizer not checked: the run reads a cache, which holds no pixels")
-            return None
-        folder = ImageCaptionFolder(cfg.data_dir, self.resolution, crop="center", flip=False, seed=cfg.seed,
-                                    min_size=cfg.min_image_size)
-        user = torch.stack([folder[(0, i)]["pixel_values"] for i in range(min(len(folder), USER_IMAGES))])
-        world = world_images(model_world(cfg.pretrained))
-        check = TokenizerCheck.measure(self.vae, user, world)
-        if not needs_adapting(check, cfg.adapt_tokenizer):
-            logger.info("%s: kept as it is", check.summary())
-            return None
-        self.tokenizer_adapted = True
-        if not self.acc.is_main_process:
-            return None
-        check.adapt(self.vae, user, world, cfg.tokenizer_steps, cfg.seed)
-        logger.info("%s", check.summary())
-        return check
-
     # ---- checkpoints ---------------------------------------------------------------------------
     def _train_state(self) -> dict:
         trained = [local_part(p).detach().double().sum() for p in self.acc.unwrap_model(self.objective).parameters()
@@ -296,7 +263,8 @@ class _Run:
         log_path = self.out / "logs" / "metrics.csv"
         if cfg.cache_only:
             return FinetuneResult(0, False, None, log_path, self.dataset.report)
-        adapted = self._check_tokenizer()
+        # the tokenizer check (all processes: whether it adapts decides what trains); the main one adapts
+        self.tokenizer_adapted, adapted = check_and_adapt(self.vae, cfg, self.resolution, acc.is_main_process)
         self._model()
         if cfg.resume:
             self.resume(manager)

@@ -20,11 +20,14 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from hart.training.checks import model_world
+from hart.training.data import ImageCaptionFolder
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +141,35 @@ def adapt_decoder(vae, user_B3HW: torch.Tensor, world_B3HW: Optional[torch.Tenso
         vae.eval()
         vae.requires_grad_(False)
 
+
+
+def check_and_adapt(vae, cfg, resolution: int, adapt_here: bool) -> Tuple[bool, Optional[TokenizerCheck]]:
+    """A fine-tune's tokenizer check (`cfg`: its `FinetuneConfig`): measure `vae` on the run's images
+    and, where they fall short, adapt it in place when `adapt_here` (the process that decodes). A
+    resumed run reloads the tokenizer it adapted at its start from OUTPUT/tokenizer/.
+
+    Returns (whether the run's tokenizer is adapted, the check to save when it was adapted now)."""
+    saved = Path(cfg.output_dir) / "tokenizer"
+    if cfg.resume and (saved / "check.json").exists():  # adapted when the run started
+        vae.load_state_dict(type(vae).from_pretrained(saved).state_dict())
+        check = TokenizerCheck.load(saved / "check.json")
+        logger.info("%s (kept from the run's start)", check.summary())
+        return check.adapted, None
+    if cfg.adapt_tokenizer == "never":
+        return False, None
+    if cfg.data_dir is None:
+        logger.info("tokenizer not checked: the run reads a cache, which holds no pixels")
+        return False, None
+    folder = ImageCaptionFolder(cfg.data_dir, resolution, crop="center", flip=False, seed=cfg.seed,
+                                min_size=cfg.min_image_size)
+    user = torch.stack([folder[(0, i)]["pixel_values"] for i in range(min(len(folder), USER_IMAGES))])
+    world = world_images(model_world(cfg.pretrained))
+    check = TokenizerCheck.measure(vae, user, world)
+    if not needs_adapting(check, cfg.adapt_tokenizer):
+        logger.info("%s: kept as it is", check.summary())
+        return False, None
+    if not adapt_here:
+        return True, None
+    check.adapt(vae, user, world, cfg.tokenizer_steps, cfg.seed)
+    logger.info("%s", check.summary())
+    return True, check
