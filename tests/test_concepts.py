@@ -5,10 +5,10 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from hart.data.concepts import CONCEPT_COLOURS, CONCEPT_SHAPES, render_concept, write_concept_dataset
-from hart.data.shapes import PALETTE, render, sample_scene
+from hart.data.shapes import BACKGROUNDS, GREY, PALETTE, render, sample_scene
 from hart.eval.concepts import find_concepts, shows_concept
 from tests.utils import REPO_ROOT
 
@@ -56,3 +56,23 @@ def test_script_writes_a_folder_and_refuses_a_full_one(tmp_path):
     again = subprocess.run(script, capture_output=True, text=True)
     assert again.returncode == 2 and "not empty" in again.stderr
     assert len(list((tmp_path / "stars").glob("*.png"))) == 4
+
+
+def _ring_with_stretch(stretch_rgb, start=20, end=80):
+    """A blurred pink ring of which the arc from `start` to `end` degrees has another colour."""
+    image = render_concept("ring", CONCEPT_COLOURS["pink"], 30, 30, 56)
+    ImageDraw.Draw(image).arc((30, 30, 85, 85), start, end, fill=stretch_rgb, width=14)
+    return image.filter(ImageFilter.GaussianBlur(1.0))
+
+
+@pytest.mark.parametrize("stretch", [(245, 140, 30), (170, 105, 95)])  # orange; a dull blend near grey
+def test_a_ring_with_a_stretch_of_another_colour_is_still_a_ring(stretch):
+    assert find_concepts(_ring_with_stretch(stretch), CONCEPT_COLOURS["pink"]) == ["ring"]
+
+
+def test_an_open_ring_and_a_disk_are_no_rings():
+    opened = _ring_with_stretch(BACKGROUNDS[GREY], 20, 70)  # a gap of 50 degrees: a "C"
+    assert "ring" not in find_concepts(opened, CONCEPT_COLOURS["pink"])
+    disk = Image.new("RGB", (128, 128), BACKGROUNDS[GREY])
+    ImageDraw.Draw(disk).ellipse((30, 30, 85, 85), fill=CONCEPT_COLOURS["pink"])
+    assert find_concepts(disk.filter(ImageFilter.GaussianBlur(1.0)), CONCEPT_COLOURS["pink"]) == ["other"]

@@ -26,6 +26,7 @@ POINT_PROMINENCE = 0.06  # how far a point stands out, as a share of the mean ra
 ANGLE_BINS = 72  # 5 degree sectors of the outline
 MAX_ASPECT = 1.6  # bounding boxes more elongated than this are no concept object
 COLOUR_SHARE = 0.7  # least share of an object's pixels in the concept's colour
+BACKGROUND_MARGIN = 40.0  # RGB distance from the background colour that makes a pixel part of an object
 
 
 def _outline_radii(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -87,8 +88,8 @@ def classify(mask: np.ndarray) -> str:
 
 def find_concepts(image: ImageLike, rgb: Sequence[int]) -> List[str]:
     """The kinds ("ring", "star", "other") of the objects of colour `rgb` in the image: objects (pixels
-    off the background) of which at least `COLOUR_SHARE` have that colour, so that a ring with a
-    stretch of another colour stays one object."""
+    that stand out from the background) of which at least `COLOUR_SHARE` have that colour, so that a
+    ring with a stretch of another colour stays one object."""
     colours = [tuple(c) for c in BACKGROUNDS.values()]
     if tuple(rgb) not in colours:
         colours.append(tuple(rgb))
@@ -104,7 +105,8 @@ def find_concepts(image: ImageLike, rgb: Sequence[int]) -> List[str]:
     border = np.ones(nearest.shape, bool)
     border[BORDER:-BORDER, BORDER:-BORDER] = False
     background = np.bincount(nearest[border], minlength=len(colours)).argmax()
-    objects = _neighbourhood(_neighbourhood(close & (nearest != background), np.logical_and), np.logical_or)
+    off_background = dist2[:, background].reshape(IMAGE_SIZE, IMAGE_SIZE) > BACKGROUND_MARGIN ** 2
+    objects = _neighbourhood(_neighbourhood(off_background, np.logical_and), np.logical_or)
     labels, n = connected_components(objects)
     kinds = []
     for k in range(1, n + 1):
