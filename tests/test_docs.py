@@ -23,7 +23,8 @@ README = REPO_ROOT / "README.md"
 DOC_PAGES = [README, *sorted((REPO_ROOT / "docs").glob("*.md"))]
 FIXTURE_CKPT = REPO_ROOT / "tests" / "fixtures" / "official-tiny" / "ckpt"
 
-# Flag values replaced to run a command at toy size; the command is still parsed as written first.
+# Flag values that run a command at toy size (replaced, or added where the command leaves the flag at
+# its default); the command is still parsed as written first.
 TOY = {
     "hart benchmark": {"--config": "tiny", "--warmup": "0", "--iters": "1"},
     "hart convert": {"--model": str(FIXTURE_CKPT), "--text-encoder": str(FIXTURE_CKPT / "text_encoder"),
@@ -60,6 +61,8 @@ def with_toy_values(argv, toy: dict):
     for flag, value in toy.items():
         if flag in argv:
             argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
     return argv
 
 
