@@ -11,6 +11,7 @@ import hart.training.prior as prior
 from hart.bundled import BUNDLED_MODEL
 from hart.data.shapes_dataset import write_dataset
 from hart.training.checks import SettingError, made_before, model_world
+from hart.training.config import with_defaults
 from hart.training.finetune import FinetuneConfig, finetune
 from hart.training.prior import MixedBatchSampler
 from hart.training.runtime import read_metrics
@@ -70,6 +71,8 @@ def test_world_prior_mixes_in_half_of_the_images(live_run):
     assert seen == {0: 6, 1: 6}  # 6 steps x 2 images: user and prior samples in turn
     rows = read_metrics(result.log_path)
     assert [r["prior_images_seen"] for r in rows[1:]] == [r["images_seen"] / 2 for r in rows[1:]]
+    # distillation (on by default with LoRA): nothing to correct at the first step, then the adapters pull away
+    assert abs(rows[1]["prior_kl"]) < 1e-6 and all(r["prior_kl"] > 0 for r in rows[2:])
     folder = result.export_dir.parent / "prior"
     lines = (folder / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 8 and len(list(folder.glob("*.png"))) == 8
@@ -106,7 +109,7 @@ def test_resume_with_the_mix_and_a_cache_reproduces_the_uninterrupted_run(data_d
     made = (tmp_path / "split" / "prior" / "cache" / "cache_info.json").stat().st_mtime_ns
     second = finetune(FinetuneConfig(**settings, output_dir=out, resume="latest"))
     assert (tmp_path / "split" / "prior" / "cache" / "cache_info.json").stat().st_mtime_ns == made  # reused
-    assert_same_run(full, second, ("loss", "token_loss", "diffusion_loss", "grad_norm", "prior_images_seen"))
+    assert_same_run(full, second, ("loss", "token_loss", "diffusion_loss", "grad_norm", "prior_images_seen", "prior_kl"))
     with pytest.raises(SettingError, match="prior images made otherwise .--prior_images differ"):
         finetune(FinetuneConfig(**{**settings, "prior_images": 4}, output_dir=out, resume="latest"))
     with pytest.raises(Exception, match="prior_ratio: checkpoint 0.5, now 0.25"):
@@ -138,3 +141,17 @@ def test_prompt_prior_is_drawn_by_the_base_model(fixtures, tmp_path):
     assert made_before(folder, recipe)
     with pytest.raises(SettingError, match="--prior_prompts differ"):
         made_before(folder, {**recipe, "prompts": ["a dog"]})
+
+
+def test_prior_distillation_defaults_and_refusals(data_dir, tmp_path):
+    base = dict(pretrained=BUNDLED_MODEL, data_dir=str(data_dir), output_dir=str(tmp_path / "o"))
+    assert with_defaults(FinetuneConfig(**base)).prior_distill == 1.0  # LoRA + the world's prior samples
+    assert with_defaults(FinetuneConfig(**base, lora_rank=0)).prior_distill == 0.0
+    assert with_defaults(FinetuneConfig(**base, prior_ratio=0)).prior_distill == 0.0
+    assert with_defaults(FinetuneConfig(**base, prior_distill=0)).prior_distill == 0.0
+    with pytest.raises(SettingError, match="--prior_distill.*--lora_rank 0"):
+        FinetuneConfig(**base, lora_rank=0, prior_distill=1.0)
+    with pytest.raises(SettingError, match="--prior_distill.*--prior_ratio 0"):
+        FinetuneConfig(**base, prior_ratio=0, prior_distill=1.0)
+    with pytest.raises(SettingError, match="--prior_distill"):
+        FinetuneConfig(**base, prior_distill=-1)

@@ -5,7 +5,7 @@ import torch
 from hart import rng
 from hart.loading import load_official_tokenizer, load_official_transformer, read_weights
 from hart.text import TextConditioning
-from hart.training.objective import draw_dropped, draw_kept_tokens, hart_loss
+from hart.training.objective import draw_dropped, draw_kept_tokens, drop_conditions, hart_loss
 from tests.utils import assert_close
 
 
@@ -162,3 +162,46 @@ def test_config_that_disagrees_with_the_weights_names_the_keys(fixtures, tmp_pat
     (folder / "config.json").write_text(json.dumps({**cfg, "depth": cfg["depth"] + 1}))
     with pytest.raises(CheckpointError, match=rf"missing keys: blocks\.{cfg['depth']}\."):
         load_official_transformer(folder)
+
+
+def test_prior_distillation_compares_the_model_with_its_adapters_off(recorded, fixtures):
+    import copy
+
+    from hart.training.lora import adapters_off, add_lora
+    from hart.training.objective import base_model_kl
+
+    base = load_official_transformer(fixtures / "ckpt" / "llm")
+    tok = load_official_tokenizer(fixtures / "ckpt" / "tokenizer")
+    tuned, vae, inp, rec, gt_idx, cond, keep_idx_BK = _reference_case(recorded, (copy.deepcopy(base), tok))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        add_lora(tuned, rank=2, alpha=2, groups=("attention", "head"))
+    B = cond.batch_size
+    loss = lambda: hart_loss(tuned, vae.quantize, cond, inp["x_BLCv_wo_first_l"], gt_idx, inp["last_layer_gt"],
+                             keep_idx_BK=keep_idx_BK, drop_B=torch.tensor([True] + [False] * (B - 1)),
+                             sampled_idx_BK=rec["idx_BL_sampled"], diffusion_t=rec["diffusion_t"],
+                             diffusion_noise=rec["diffusion_noise"])
+    prior_B = torch.tensor([True] * (B - 1) + [False])
+    zero = base_model_kl(tuned, lambda: adapters_off(tuned), cond, inp["x_BLCv_wo_first_l"], loss(), prior_B)
+    assert zero.abs().max() < 1e-6 and zero[-1] == 0  # fresh adapters (B = 0) change nothing
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    out = loss()
+    kl_B = base_model_kl(tuned, lambda: adapters_off(tuned), cond, inp["x_BLCv_wo_first_l"], out, prior_B)
+    assert (kl_B[:-1] > 0).all() and kl_B[-1] == 0  # only the prior rows
+    # the base model read the same inputs (the first row's dropped condition included)
+    dropped = drop_conditions(cond, out.drop_B)
+    with torch.no_grad():
+        want, _ = base(*dropped, inp["x_BLCv_wo_first_l"], keep_idx_BK)
+    expected = torch.nn.functional.kl_div(out.logits_BLV.log_softmax(-1), want.log_softmax(-1), log_target=True,
+                                          reduction="none").sum(-1).mean(-1)
+    assert_close(kl_B[:-1], expected[:-1].detach(), 1e-5, "kl")
+    kl_B.sum().backward()
+    lora = [p for n, p in tuned.named_parameters() if "lora_" in n]
+    assert all(p.grad is not None for p in lora) and any(p.grad.abs().sum() > 0 for p in lora)
+    assert all(not p.requires_grad for n, p in tuned.named_parameters() if "lora_" not in n)
+    with pytest.raises(RuntimeError), adapters_off(tuned):
+        raise RuntimeError("inside")
+    assert all(not m._disable_adapters for m in tuned.modules() if hasattr(m, "_disable_adapters"))  # back on

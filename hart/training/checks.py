@@ -65,7 +65,7 @@ FINETUNE_RULES = dict(
     tokenizer_steps=POSITIVE_INT,
     validation_prompts=TEXT, validation_every=NON_NEGATIVE_INT, validation_guidance=GUIDANCE,
     validation_world_prompts=WORLD_PROMPTS, export_weights=one_of("ema", "raw"), prior_ratio=DECAY,
-    prior_images=POSITIVE_INT, prior_prompts=PATH,
+    prior_images=POSITIVE_INT, prior_prompts=PATH, prior_distill=NON_NEGATIVE_NUMBER,
 )
 TOKENIZER_RULES = dict(
     _COMMON, model_config=PATH, trainable=one_of("all", "decoder"), recon_weight=NON_NEGATIVE_NUMBER,

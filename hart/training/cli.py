@@ -125,6 +125,9 @@ def finetune_parser() -> argparse.ArgumentParser:
     flag(g, "--prior_prompts",
          help="a file of prompts, one per line, for the base model to draw the prior samples from "
               "(needed when the model declares no world)")
+    flag(g, "--prior_distill",
+         help="LoRA: weight of a loss that holds the token predictions on prior samples to the base model's "
+              "(the adapters turned off); default 1 with prior samples, 0: off")
     g = p.add_argument_group("checkpoints and feedback")
     flag(g, "--checkpoint_every")
     flag(g, "--keep_checkpoints")

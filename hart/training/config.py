@@ -13,11 +13,13 @@ from hart.limits import GUIDANCE_SCALE
 from hart.training.checks import FINETUNE_RULES, LORA_GROUP_NAMES, TOKENIZER_RULES, check_settings, model_world, require
 
 # Defaults chosen by measurement (docs/training.md, "Teach the bundled model a new shape"): LoRA on
-# every group, and half of the images from the model's own world where it declares one.
+# every group, and half of the images from the model's own world where it declares one, on which the
+# model is held to the base model's predictions.
 LORA_RANK = 16
 LORA_LR = 3e-3
 FULL_LR = 1e-4
 PRIOR_RATIO = 0.5
+PRIOR_DISTILL = 1.0
 _RESUME_OR_OVERWRITE = "--overwrite starts a new run and --resume continues one: give only one of them"
 
 
@@ -64,6 +66,8 @@ class FinetuneConfig:
     # where the model declares a world or `prior_prompts` is given, else 0
     prior_images: int = 256
     prior_prompts: Optional[str] = None  # a file of prompts for the base model to draw the prior images from
+    prior_distill: Optional[float] = None  # weight of the KL to the base model on prior samples (LoRA only);
+    # None: PRIOR_DISTILL with LoRA and prior samples, else 0
     tensorboard: bool = False
     export_weights: str = "ema"  # "ema" or "raw"
     overwrite: bool = False  # move an earlier run in output_dir aside (to OUTPUT_DIR.old-N) instead of refusing
@@ -77,16 +81,27 @@ class FinetuneConfig:
         require(not (self.overwrite and self.resume), _RESUME_OR_OVERWRITE)
         require(self.prior_ratio != 0 or self.prior_prompts is None,
                 "--prior_prompts configures prior preservation, which --prior_ratio 0 turns off: drop one of them")
+        require(not self.prior_distill or bool(self.lora_rank),
+                "--prior_distill compares the model with its LoRA adapters on and off; full fine-tuning "
+                "(--lora_rank 0) has no base model at hand: drop --prior_distill")
+        require(not self.prior_distill or self.prior_ratio != 0,
+                "--prior_distill works on prior samples, which --prior_ratio 0 turns off: drop one of them")
 
 
 def with_defaults(cfg: FinetuneConfig) -> FinetuneConfig:
     """`cfg` with the defaults that depend on other settings filled in: the learning rate (by LoRA or
-    full fine-tuning) and prior preservation (on where the model declares a world or prompts are given)."""
+    full fine-tuning), prior preservation (on where the model declares a world or prompts are given)
+    and its distillation (on with LoRA)."""
     lr = cfg.lr if cfg.lr is not None else (LORA_LR if cfg.lora_rank else FULL_LR)
     prior = cfg.prior_ratio
     if prior is None:
         prior = PRIOR_RATIO if cfg.prior_prompts is not None or model_world(cfg.pretrained) else 0.0
-    return dataclasses.replace(cfg, lr=lr, prior_ratio=prior)
+    distill = cfg.prior_distill
+    if distill is None:
+        distill = PRIOR_DISTILL if prior and cfg.lora_rank else 0.0
+    require(not distill or bool(prior), f"--prior_distill works on prior samples, and {cfg.pretrained} declares no "
+            "world to render them from: give --prior_prompts too, or drop --prior_distill")
+    return dataclasses.replace(cfg, lr=lr, prior_ratio=prior, prior_distill=distill)
 
 
 @dataclasses.dataclass

@@ -38,8 +38,8 @@ from hart.training.ema import EMA, local_part
 from hart.training.encoding import encode_examples, loss_inputs
 from hart.training.export import export_pipeline
 from hart.training.heldout import WorldCheck, report as validation_report
-from hart.training.lora import add_lora, unused_adapters
-from hart.training.objective import hart_loss
+from hart.training.lora import adapters_off, add_lora, unused_adapters
+from hart.training.objective import base_model_kl, hart_loss
 from hart.training.tokenizer_adapt import check_and_adapt
 from hart.training.prior import MixedBatchSampler, MixedExamples, describe as describe_prior, make_prior_folder, prior_examples
 from hart.training.runtime import (MetricsLog, StopRequest, any_process, full_parameters,
@@ -50,7 +50,7 @@ from hart.training.validation import sample_images, save_grid
 logger = logging.getLogger(__name__)
 
 METRICS = ["loss", "token_loss", "diffusion_loss", "lr", "grad_norm", "epoch", "images_seen", "images_per_sec",
-           "prior_images_seen", "old_world_score"]
+           "prior_images_seen", "prior_kl", "old_world_score"]
 # settings a resumed run must share with the checkpoint (they decide the data order and the state shapes)
 RESUME_KEYS = ("batch_size", "grad_accum", "seed", "lora_rank", "lora_targets", "ema_decay", "prior_ratio",
                "prior_images")
@@ -71,15 +71,22 @@ class TransformerObjective(torch.nn.Module):
     The frozen quantizer is kept outside the module tree (it is neither trained nor sharded).
     """
 
-    def __init__(self, transformer, quantizer):
+    def __init__(self, transformer, quantizer, prior_distill: float = 0.0):
         super().__init__()
         self.transformer = transformer
         self._frozen = (quantizer,)
+        self.prior_distill = prior_distill
 
-    def forward(self, cond, x_BLCv_wo_first_l, gt_idx, target_BLCv, generator):
+    def forward(self, cond, x_BLCv_wo_first_l, gt_idx, target_BLCv, generator, prior_B=None):
+        """(loss, token loss, diffusion loss, prior KL); `prior_B` marks the prior samples of the batch."""
         out = hart_loss(self.transformer, self._frozen[0], cond, x_BLCv_wo_first_l, gt_idx, target_BLCv,
                         generator=generator)
-        return out.loss, out.token_loss, out.diffusion_loss
+        if not self.prior_distill or prior_B is None:
+            return out.loss, out.token_loss, out.diffusion_loss, out.loss.new_zeros(())
+        rows_B = prior_B.to(out.logits_BLV.device).bool()
+        kl = base_model_kl(self.transformer, lambda: adapters_off(self.transformer), cond, x_BLCv_wo_first_l,
+                           out, rows_B).mean()
+        return out.loss + self.prior_distill * kl, out.token_loss, out.diffusion_loss, kl
 
 
 def finetune(cfg: FinetuneConfig, step_callback: Optional[Callable[[int, Dict[str, float]], None]] = None) -> FinetuneResult:
@@ -168,7 +175,7 @@ class _Run:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-        self.objective, self.optimizer = self.acc.prepare(TransformerObjective(tr, self.vae.quantize), optimizer)
+        self.objective, self.optimizer = self.acc.prepare(TransformerObjective(tr, self.vae.quantize, cfg.prior_distill), optimizer)
         named = [(n, p) for n, p in self.acc.unwrap_model(self.objective).named_parameters() if p.requires_grad]
         self.ema = EMA(named, cfg.ema_decay) if cfg.ema_decay > 0 else None
         rank = self.acc.process_index
@@ -225,7 +232,7 @@ class _Run:
             return loss_inputs(enc, self.vae.quantize, self.patch_nums)
 
     def _step(self, batches, replaced: SkipReport) -> Dict[str, float]:
-        cfg, totals, images = self.cfg, torch.zeros(3, dtype=torch.float64), 0
+        cfg, totals, images = self.cfg, torch.zeros(4, dtype=torch.float64), 0
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             self.consumed += 1
@@ -236,7 +243,7 @@ class _Run:
             inputs = self._batch_inputs(batch)
             sync = micro == cfg.grad_accum - 1
             with self.acc.no_sync(self.objective) if not sync else nullcontext():
-                losses = self.objective(*inputs, self.generator)
+                losses = self.objective(*inputs, self.generator, batch.get("prior"))
                 self.acc.backward(losses[0] / cfg.grad_accum)
             totals += torch.stack([l.detach().double().cpu() for l in losses])
         if self.step == 0 and self.lora_targets:
@@ -253,7 +260,8 @@ class _Run:
         self.step += 1
         self.images_seen += sum_over_processes(self.acc, images)
         mean = (totals / cfg.grad_accum).tolist()
-        metrics = mean_over_processes(self.acc, {"loss": mean[0], "token_loss": mean[1], "diffusion_loss": mean[2]})
+        metrics = mean_over_processes(self.acc, {"loss": mean[0], "token_loss": mean[1], "diffusion_loss": mean[2],
+                                                 **({"prior_kl": mean[3]} if cfg.prior_distill else {})})
         return {**metrics, "lr": lr, "grad_norm": float(norm), "images_seen": self.images_seen}
 
     # ---- the loop ------------------------------------------------------------------------------

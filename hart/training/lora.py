@@ -13,7 +13,8 @@ the adapter layers, giving a plain `HARTTransformer` state dict again.
 from __future__ import annotations
 
 import re
-from typing import List, Sequence
+from contextlib import contextmanager
+from typing import Iterator, List, Sequence
 
 import torch
 import torch.nn as nn
@@ -52,6 +53,21 @@ def add_lora(model: nn.Module, rank: int, alpha: float, groups: Sequence[str]) -
     model.requires_grad_(False)
     inject_adapter_in_model(config, model)  # leaves only the adapter weights trainable
     return targets
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` computing as its base model inside the block: every adapter bypassed. Only peft's flag
+    is switched (not `enable_adapters`, which also flips `requires_grad` and would break the step's
+    graph built before)."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False
 
 
 def lora_state_dict(model: nn.Module) -> dict:
