@@ -77,7 +77,7 @@ class TransformerObjective(torch.nn.Module):
         self._frozen = (quantizer,)
         self.prior_distill = prior_distill
 
-    def forward(self, cond, x_BLCv_wo_first_l, gt_idx, target_BLCv, generator, prior_B=None):
+    def forward(self, cond, x_BLCv_wo_first_l, gt_idx, target_BLCv, generator, *, prior_B=None):
         """(loss, token loss, diffusion loss, prior KL); `prior_B` marks the prior samples of the batch."""
         out = hart_loss(self.transformer, self._frozen[0], cond, x_BLCv_wo_first_l, gt_idx, target_BLCv,
                         generator=generator)
@@ -243,7 +243,7 @@ class _Run:
             inputs = self._batch_inputs(batch)
             sync = micro == cfg.grad_accum - 1
             with self.acc.no_sync(self.objective) if not sync else nullcontext():
-                losses = self.objective(*inputs, self.generator, batch.get("prior"))
+                losses = self.objective(*inputs, self.generator, prior_B=batch.get("prior"))
                 self.acc.backward(losses[0] / cfg.grad_accum)
             totals += torch.stack([l.detach().double().cpu() for l in losses])
         if self.step == 0 and self.lora_targets:
