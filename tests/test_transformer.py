@@ -167,8 +167,7 @@ def test_config_that_disagrees_with_the_weights_names_the_keys(fixtures, tmp_pat
 def test_prior_distillation_compares_the_model_with_its_adapters_off(recorded, fixtures):
     import copy
 
-    from hart.training.lora import adapters_off, add_lora
-    from hart.training.objective import base_model_kl
+    from hart.training.lora import adapters_off, add_lora, base_model_kl
 
     base = load_official_transformer(fixtures / "ckpt" / "llm")
     tok = load_official_tokenizer(fixtures / "ckpt" / "tokenizer")
@@ -182,14 +181,14 @@ def test_prior_distillation_compares_the_model_with_its_adapters_off(recorded, f
                              sampled_idx_BK=rec["idx_BL_sampled"], diffusion_t=rec["diffusion_t"],
                              diffusion_noise=rec["diffusion_noise"])
     prior_B = torch.tensor([True] * (B - 1) + [False])
-    zero = base_model_kl(tuned, lambda: adapters_off(tuned), cond, inp["x_BLCv_wo_first_l"], loss(), prior_B)
+    zero = base_model_kl(tuned, cond, inp["x_BLCv_wo_first_l"], loss(), prior_B)
     assert zero.abs().max() < 1e-6 and zero[-1] == 0  # fresh adapters (B = 0) change nothing
     with torch.no_grad():
         for name, p in tuned.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     out = loss()
-    kl_B = base_model_kl(tuned, lambda: adapters_off(tuned), cond, inp["x_BLCv_wo_first_l"], out, prior_B)
+    kl_B = base_model_kl(tuned, cond, inp["x_BLCv_wo_first_l"], out, prior_B)
     assert (kl_B[:-1] > 0).all() and kl_B[-1] == 0  # only the prior rows
     # the base model read the same inputs (the first row's dropped condition included)
     dropped = drop_conditions(cond, out.drop_B)

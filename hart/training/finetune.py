@@ -38,8 +38,8 @@ from hart.training.ema import EMA, local_part
 from hart.training.encoding import encode_examples, loss_inputs
 from hart.training.export import export_pipeline
 from hart.training.heldout import WorldCheck, report as validation_report
-from hart.training.lora import adapters_off, add_lora, unused_adapters
-from hart.training.objective import base_model_kl, hart_loss
+from hart.training.lora import add_lora, base_model_kl, unused_adapters
+from hart.training.objective import hart_loss
 from hart.training.tokenizer_adapt import check_and_adapt
 from hart.training.prior import MixedBatchSampler, MixedExamples, describe as describe_prior, make_prior_folder, prior_examples
 from hart.training.runtime import (MetricsLog, StopRequest, any_process, full_parameters,
@@ -84,8 +84,7 @@ class TransformerObjective(torch.nn.Module):
         if not self.prior_distill or prior_B is None:
             return out.loss, out.token_loss, out.diffusion_loss, out.loss.new_zeros(())
         rows_B = prior_B.to(out.logits_BLV.device).bool()
-        kl = base_model_kl(self.transformer, lambda: adapters_off(self.transformer), cond, x_BLCv_wo_first_l,
-                           out, rows_B).mean()
+        kl = base_model_kl(self.transformer, cond, x_BLCv_wo_first_l, out, rows_B).mean()
         return out.loss + self.prior_distill * kl, out.token_loss, out.diffusion_loss, kl
 
 

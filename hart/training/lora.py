@@ -8,7 +8,8 @@ residual diffusion head).
 
 `add_lora` injects adapters in place, so the transformer keeps its class and methods (the sampler
 and the objective call them directly). `merge_lora` folds them into the base weights and removes
-the adapter layers, giving a plain `HARTTransformer` state dict again.
+the adapter layers, giving a plain `HARTTransformer` state dict again. `base_model_kl` compares a
+model with its adapters on and off (prior distillation).
 """
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ from typing import Iterator, List, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+
+from hart.text import TextConditioning
+from hart.training.objective import LossOutput, drop_conditions
 
 LORA_GROUPS = {
     "attention": r"blocks\.\d+\.attn\.(qkv_proj|proj)",
@@ -89,3 +94,26 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def unused_adapters(model: nn.Module) -> List[str]:
     """Adapter weights that received no gradient in the last backward pass."""
     return [n for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad and p.grad is None]
+
+
+def base_model_kl(
+    transformer: nn.Module, cond: TextConditioning, x_BLCv_wo_first_l: torch.Tensor, out: LossOutput,
+    rows_B: torch.Tensor,
+) -> torch.Tensor:
+    """Prior distillation: KL(base || tuned) of the token predictions, summed over the vocabulary and
+    averaged over the tokens of each row, for the rows `rows_B` (0 for the others), `(B,)`.
+
+    `out` is `hart_loss`'s output for the same batch; the base model (`transformer` with its LoRA
+    adapters off) reads the same inputs: the same dropped conditions and kept last-scale tokens.
+    Gradients flow through the tuned logits only.
+    """
+    kl_B = out.logits_BLV.new_zeros(out.logits_BLV.shape[0])
+    if not bool(rows_B.any()):
+        return kl_B
+    c = drop_conditions(cond, out.drop_B)
+    with torch.no_grad(), adapters_off(transformer):
+        base_BLV, _ = transformer(c.features_BTC[rows_B], c.mask_BT[rows_B], c.position_ids_BT[rows_B],
+                                  x_BLCv_wo_first_l[rows_B], out.keep_idx_BK[rows_B])
+    kl_BLV = F.kl_div(out.logits_BLV[rows_B].log_softmax(-1), base_BLV.float().log_softmax(-1), log_target=True,
+                      reduction="none")
+    return kl_B.index_put((rows_B.nonzero()[:, 0],), kl_BLV.sum(-1).mean(-1))

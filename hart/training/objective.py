@@ -118,25 +118,3 @@ def hart_loss(
     diffusion_loss = diff.loss.mean()
     return LossOutput(token_loss + diffusion_loss, token_loss, diffusion_loss, logits_BLV, keep_idx_BK, drop_B)
 
-
-def base_model_kl(
-    transformer: HARTTransformer, base_model, cond: TextConditioning, x_BLCv_wo_first_l: torch.Tensor,
-    out: LossOutput, rows_B: torch.Tensor,
-) -> torch.Tensor:
-    """Prior distillation: KL(base || tuned) of the token predictions, summed over the vocabulary and
-    averaged over the tokens of each row, for the rows `rows_B` (0 for the others), `(B,)`.
-
-    `out` is `hart_loss`'s output for the same batch; the base model (`base_model()`: a context in
-    which `transformer` computes as the model the run started from) reads the same inputs: the
-    same dropped conditions and kept last-scale tokens. Gradients flow through the tuned logits only.
-    """
-    kl_B = out.logits_BLV.new_zeros(out.logits_BLV.shape[0])
-    if not bool(rows_B.any()):
-        return kl_B
-    c = drop_conditions(cond, out.drop_B)
-    with torch.no_grad(), base_model():
-        base_BLV, _ = transformer(c.features_BTC[rows_B], c.mask_BT[rows_B], c.position_ids_BT[rows_B],
-                                  x_BLCv_wo_first_l[rows_B], out.keep_idx_BK[rows_B])
-    kl_BLV = F.kl_div(out.logits_BLV[rows_B].log_softmax(-1), base_BLV.float().log_softmax(-1), log_target=True,
-                      reduction="none")
-    return kl_B.index_put((rows_B.nonzero()[:, 0],), kl_BLV.sum(-1).mean(-1))
