@@ -166,7 +166,7 @@ class _Run:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)  # the adapters' initialisation
                 self.lora_targets = add_lora(tr, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_targets)
-            if self.tokenizer_adapted:  # the head draws the residual, which now carries what the decoder learned
+            if self.tokenizer_adapted:  # the head draws the residual, part of what the adapted decoder reads
                 tr.diffusion_head.requires_grad_(True)
                 logger.info("the tokenizer was adapted: the diffusion head trains in full, besides the adapters")
         tr.to(self.device).train()

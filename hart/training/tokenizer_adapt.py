@@ -9,10 +9,10 @@ fall more than `ADAPT_MARGIN_DB` short.
 
 Adapting trains the decoder (and the conv before it) on the user's images mixed one to one with
 world images: the encoder, its quant conv and the codebook stay frozen, so every token index and
-residual the transformer is trained on keeps its meaning. The hybrid latent (codes plus residual)
-is the encoder's output itself, so the new detail travels in the continuous residual; the
-fine-tune then trains the diffusion head, which produces that residual (`hart.training.finetune`
-adds LoRA's `diffusion` group).
+residual the transformer is trained on keeps its meaning. The decoder learns to draw the new colour
+from the code combinations the user's images get (a pink ring decoded from its codes alone comes
+back pink) and from the continuous residual, which carries the finer detail; the fine-tune then
+trains the diffusion head, which draws that residual, in full (`hart.training.finetune`).
 """
 from __future__ import annotations
 
