@@ -1,7 +1,6 @@
 """The Gradio demo, launched in-process on 127.0.0.1 around the tiny fixture pipeline, driven by gradio_client."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.utils import REPO_ROOT
+from tests.utils import REPO_ROOT, free_port
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
@@ -33,12 +32,6 @@ from hart.limits import MAX_GUIDANCE_SCALE, MAX_SEED  # noqa: E402
 pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
 WAIT = 120  # seconds: generous for 2 busy CPU cores; nothing waits this long when it works
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from hart.cli import METADATA_KEY, main
-from tests.utils import REPO_ROOT, fixture_sizes
+from tests.utils import REPO_ROOT, fixture_sizes, free_port
 
 METADATA_FIELDS = {"prompt", "negative_prompt", "seed", "guidance_scale", "top_k", "top_p", "more_smooth",
                    "model", "text_encoder", "dtype", "hart_version", "prompt_index", "image_index", "batch"}
@@ -162,7 +162,8 @@ def test_accelerate_launch_splits_a_prompts_file_exactly(official, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hart.cli", *args, "--out", str(out)],
+         "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "hart.cli", *args, "--out", str(out)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

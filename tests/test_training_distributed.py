@@ -15,7 +15,7 @@ import torch
 
 from hart.training.runtime import read_metrics
 from tests.test_training_data import make_folder
-from tests.utils import REPO_ROOT, fixture_sizes
+from tests.utils import REPO_ROOT, fixture_sizes, free_port
 
 DRIVER = """
 import sys
@@ -46,7 +46,8 @@ def test_two_process_gloo_runs(fixtures, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", str(tmp_path / "driver.py"),
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "bf16",
+           "--dynamo_backend", "no", str(tmp_path / "driver.py"),
            "--pretrained", str(ckpt), "--text_encoder", str(ckpt / "text_encoder"), "--data_dir", str(data),
            "--output_dir", str(ft), "--max_steps", "3", "--batch_size", "2", "--grad_accum", "2", "--lr", "1e-3",
            "--gradient_checkpointing", "--checkpoint_every", "2", "--validation_prompt", "a cat",

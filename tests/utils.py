@@ -1,6 +1,7 @@
 """Test helpers: the reference fixture folder, recorded calls and a tolerance check."""
 import json
 import os
+import socket
 from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
@@ -76,3 +77,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name
     assert tuple(actual.shape) == tuple(expected.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     diff = (actual.double().cpu() - expected.double().cpu()).abs().max().item() if actual.numel() else 0.0
     assert diff <= atol, f"{name}: max abs difference {diff:.3g} > {atol:g}"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for servers and `accelerate launch --main_process_port`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
