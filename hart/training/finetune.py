@@ -174,7 +174,8 @@ class _Run:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-        self.objective, self.optimizer = self.acc.prepare(TransformerObjective(tr, self.vae.quantize, cfg.prior_distill), optimizer)
+        objective = TransformerObjective(tr, self.vae.quantize, cfg.prior_distill)
+        self.objective, self.optimizer = self.acc.prepare(objective, optimizer)
         named = [(n, p) for n, p in self.acc.unwrap_model(self.objective).named_parameters() if p.requires_grad]
         self.ema = EMA(named, cfg.ema_decay) if cfg.ema_decay > 0 else None
         rank = self.acc.process_index

@@ -27,8 +27,7 @@ class LossOutput(NamedTuple):
     diffusion_loss: torch.Tensor
     logits_BLV: torch.Tensor
     keep_idx_BK: torch.Tensor
-    drop_B: torch.Tensor
-    drop_B: torch.Tensor
+    drop_B: torch.Tensor  # the rows whose condition was dropped (classifier-free guidance training)
 
 
 def draw_kept_tokens(batch: int, num_tokens: int, generator, device) -> torch.Tensor:
@@ -117,4 +116,3 @@ def hart_loss(
     )
     diffusion_loss = diff.loss.mean()
     return LossOutput(token_loss + diffusion_loss, token_loss, diffusion_loss, logits_BLV, keep_idx_BK, drop_B)
-
