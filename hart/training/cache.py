@@ -164,7 +164,8 @@ def build_cache(cache_dir, dataset: ImageCaptionFolder, spec: CacheSpec, vae, te
             part.unlink()
         info = {"format": CACHE_FORMAT, "spec": spec.to_dict(), "num_samples": len(dataset),
                 "shards": sorted(p.name for p in tmp.glob("shard-*.safetensors")),
-                "names": [e.name for e in dataset.entries], "skipped": report.to_dict()}
+                "names": [e.name for e in dataset.entries],
+                "captions": [e.caption for e in dataset.entries], "skipped": report.to_dict()}
         (tmp / CACHE_INFO).write_text(json.dumps(info, indent=1))
         tmp.rename(cache_dir)
         logger.info("cached %d images in %s (%s)", len(dataset), cache_dir, report.summary())

@@ -62,7 +62,7 @@ FINETUNE_RULES = dict(
     _COMMON, text_encoder=PATH, cache_dir=PATH, cache_dtype=one_of("float32", "bfloat16", "float16"),
     cond_drop_rate=FRACTION, ema_decay=DECAY, lora_rank=NON_NEGATIVE_INT, lora_alpha=POSITIVE_NUMBER,
     lora_targets=one_of(*LORA_GROUP_NAMES), adapt_tokenizer=one_of("auto", "always", "never"),
-    tokenizer_steps=POSITIVE_INT,
+    tokenizer_steps=POSITIVE_INT, new_words=TEXT,
     validation_prompts=TEXT, validation_every=NON_NEGATIVE_INT, validation_guidance=GUIDANCE,
     validation_world_prompts=WORLD_PROMPTS, export_weights=one_of("ema", "raw"), prior_ratio=DECAY,
     prior_images=POSITIVE_INT, prior_prompts=PATH, prior_distill=NON_NEGATIVE_NUMBER,

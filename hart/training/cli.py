@@ -112,6 +112,9 @@ def finetune_parser() -> argparse.ArgumentParser:
     flag(g, "--lora_alpha", help="default: the rank")
     flag(g, "--lora_targets", nargs="+", metavar="GROUP",
          help="layer groups that get adapters, some of: attention mlp modulation context head diffusion")
+    flag(g, "--new_words",
+         help="caption words that get text tokens of their own: 'none' (default), 'auto' (words the tokenizer spells "
+              "letter by letter and the model's own captions never use), or a comma-separated list")
     g = p.add_argument_group("image tokenizer")
     flag(g, "--adapt_tokenizer", choices=("auto", "always", "never"),
          help="train the tokenizer's decoder on your images first: 'auto' when they reconstruct 3 dB worse "

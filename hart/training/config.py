@@ -54,6 +54,7 @@ class FinetuneConfig:
     lora_targets: Tuple[str, ...] = LORA_GROUP_NAMES
     adapt_tokenizer: str = "auto"  # "auto": when the user's images reconstruct 3 dB worse than the world's; "always", "never"
     tokenizer_steps: int = 200  # decoder training steps when adapting
+    new_words: str = "none"  # words that get text tokens of their own: "none", "auto" or "word1,word2"
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2

@@ -22,15 +22,17 @@ from hart.models.transformer import HARTTransformer
 from hart.pipelines import HARTPipeline
 from hart.training.checks import WORLD_FILE
 from hart.training.lora import add_lora, lora_state_dict, merge_lora
+from hart.training.new_words import add_words
 
 logger = logging.getLogger(__name__)
 
 
-def export_pipeline(accelerator, objective, ema, cfg, out_dir, *, vae=None) -> Optional[Path]:
+def export_pipeline(accelerator, objective, ema, cfg, out_dir, *, vae=None, new_words=()) -> Optional[Path]:
     """Write the pipeline to `out_dir` (atomically); every process calls this, the main one writes.
 
     `ema`: the averaged weights to export, or None for the trained weights as they are; `vae`: the image
-    tokenizer to export (the run's adapted one), None for the base pipeline's.
+    tokenizer to export (the run's adapted one), None for the base pipeline's; `new_words`: the words the run gave
+    text tokens of their own (`hart.training.new_words`), added again, identically, to the exported text model.
     """
     with ema.swapped() if ema is not None else nullcontext():
         state_dict = accelerator.get_state_dict(objective)  # gathers FSDP shards (a collective)
@@ -53,6 +55,8 @@ def export_pipeline(accelerator, objective, ema, cfg, out_dir, *, vae=None) -> O
         transformer.requires_grad_(True).eval()
 
         base = HARTPipeline.from_folder(cfg.pretrained, cfg.text_encoder)
+        if new_words:
+            add_words(base.tokenizer, base.text_encoder, new_words, cfg.seed)
         notes = detect_layout(cfg.pretrained)[1] / WORLD_FILE  # the model's notes on itself (its world) stay true
         pipe = type(base)(tokenizer=base.tokenizer, text_encoder=base.text_encoder, transformer=transformer,
                           vae=base.vae if vae is None else vae)

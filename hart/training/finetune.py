@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from hart.pipelines import HARTPipeline
 from hart.text import SYSTEM_PROMPT, encode_prompts, split_words
-from hart.training.cache import CacheSpec, CachedExamples, build_cache
+from hart.training.cache import CacheSpec, CachedExamples, build_cache, read_cache_info
 from hart.training.checkpoint import (CheckpointError, CheckpointManager, describe_mismatch, load_train_state,
                                       load_training_files, out_of_space, save_training_files, space_error)
 from hart.training.checks import check_finetune_folders, model_world, move_earlier_run_aside, prior_recipe
@@ -39,6 +39,7 @@ from hart.training.encoding import encode_examples, loss_inputs
 from hart.training.export import export_pipeline
 from hart.training.heldout import WorldCheck, report as validation_report
 from hart.training.lora import add_lora, base_model_kl, unused_adapters
+from hart.training.new_words import add_words, pick_new_words
 from hart.training.objective import hart_loss
 from hart.training.tokenizer_adapt import check_and_adapt
 from hart.training.prior import MixedBatchSampler, MixedExamples, describe as describe_prior, make_prior_folder, prior_examples
@@ -53,7 +54,7 @@ METRICS = ["loss", "token_loss", "diffusion_loss", "lr", "grad_norm", "epoch", "
            "prior_images_seen", "prior_kl", "old_world_score"]
 # settings a resumed run must share with the checkpoint (they decide the data order and the state shapes)
 RESUME_KEYS = ("batch_size", "grad_accum", "seed", "lora_rank", "lora_targets", "ema_decay", "prior_ratio",
-               "prior_images")
+               "prior_images", "new_words")
 
 
 @dataclasses.dataclass
@@ -126,11 +127,20 @@ class _Run:
         self.vae.encoder.to("cpu")
 
     # ---- set-up --------------------------------------------------------------------------------
-    def _warn_spelled_words(self, folder: ImageCaptionFolder) -> None:
-        words = split_words(self.pipe.tokenizer, [entry.caption for entry in folder.entries])
+    def _new_words(self, captions) -> None:
+        """Tokens of their own for the captions' new words (`hart.training.new_words`); a warning for the
+        other words the tokenizer spells out."""
+        cfg, tokenizer = self.cfg, self.pipe.tokenizer
+        self.new_words = pick_new_words(cfg.new_words, tokenizer, captions, prior_recipe(cfg) if cfg.prior_ratio else None)
+        if self.new_words:
+            add_words(tokenizer, self.text_encoder, self.new_words, cfg.seed)
+            logger.info("new words get text tokens of their own (the tokenizer spelled them letter by letter, and the "
+                        "model's own captions never use them): %s", ", ".join(self.new_words))
+        words = split_words(tokenizer, captions)
         if words:
             logger.warning("the text tokenizer spells out %d caption word(s) letter by letter (%s): the model "
-                           "learns such words slowly, if at all; words it knows whole learn faster",
+                           "learns such words slowly, if at all; words it knows whole learn faster (--new_words gives "
+                           "words tokens of their own)",
                            len(words), ", ".join(words[:10]) + (", ..." if len(words) > 10 else ""))
 
     def _dataset(self):
@@ -138,19 +148,20 @@ class _Run:
         if cfg.cache_dir is None:
             folder = ImageCaptionFolder(cfg.data_dir, self.resolution, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed,
                                         min_size=cfg.min_image_size)
-            self._warn_spelled_words(folder)
+            self._new_words([entry.caption for entry in folder.entries])
             return folder
-        spec = CacheSpec.create(self.vae, self.text_encoder, self.pipe.tokenizer, system_prompt=self.system_prompt,
-                                max_length=self.transformer.config.context_tokens, patch_nums=self.patch_nums,
-                                resolution=self.resolution, crop=cfg.crop, flip=cfg.flip,
-                                features_dtype=cfg.cache_dtype)
-        cache = Path(cfg.cache_dir)
+        cache, source = Path(cfg.cache_dir), None
         if not cache.exists() or not any(cache.iterdir()):  # else it must be a cache (checked when read)
             if cfg.data_dir is None:
                 raise DataError(f"no cache in {cfg.cache_dir} yet: give the data folder (--data_dir) to build it")
             source = ImageCaptionFolder(cfg.data_dir, self.resolution, crop="center", flip=False, seed=cfg.seed,
                                         min_size=cfg.min_image_size)
-            self._warn_spelled_words(source)
+        self._new_words([e.caption for e in source.entries] if source else read_cache_info(cache).get("captions", []))
+        spec = CacheSpec.create(self.vae, self.text_encoder, self.pipe.tokenizer, system_prompt=self.system_prompt,
+                                max_length=self.transformer.config.context_tokens, patch_nums=self.patch_nums,
+                                resolution=self.resolution, crop=cfg.crop, flip=cfg.flip,
+                                features_dtype=cfg.cache_dtype)
+        if source is not None:
             check_enough_samples(len(source), cfg.batch_size, self.acc.num_processes)  # before the work of caching
             build_cache(cfg.cache_dir, source, spec, self.vae, self.text_encoder, self.pipe.tokenizer,
                         system_prompt=self.system_prompt, state=self.acc, batch_size=cfg.batch_size)
@@ -375,7 +386,7 @@ class _Run:
         use_ema = self.ema is not None and self.cfg.export_weights == "ema"
         try:
             return export_pipeline(self.acc, self.objective, self.ema if use_ema else None, self.cfg, self.out / "pipeline",
-                                   vae=self.vae)
+                                   vae=self.vae, new_words=self.new_words)
         except Exception as e:
             if not out_of_space(e):
                 raise
