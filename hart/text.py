@@ -8,7 +8,7 @@ itself are dropped.
 from __future__ import annotations
 
 import logging
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Set, Union
 
 import torch
 
@@ -74,13 +74,18 @@ def check_prompts(prompt: Union[str, Sequence[str]], name: str = "prompt") -> Li
     return list(prompt)
 
 
+def caption_words(texts: Iterable[str]) -> Set[str]:
+    """The distinct words of `texts`, lower-cased, without surrounding punctuation."""
+    return {w.strip(".,;:!?\"'()").lower() for text in texts for w in text.split()} - {""}
+
+
 def split_words(tokenizer, texts: Sequence[str]) -> List[str]:
     """The words of `texts` that the tokenizer spells out: three or more pieces averaging under 2.5
     characters ("star" -> "▁s", "t", "ar"). A text model reads such a word letter by letter, so
     fine-tuning learns it slowly, if at all; a large tokenizer splits long words into whole syllables,
     which this leaves alone."""
     spelled = []
-    for word in sorted({w.strip(".,;:!?\"'()").lower() for text in texts for w in text.split()} - {""}):
+    for word in sorted(caption_words(texts)):
         pieces = [p.lstrip("▁Ġ") for p in tokenizer.tokenize(" " + word)]
         if len(pieces) >= 3 and sum(map(len, pieces)) / len(pieces) < 2.5:
             spelled.append(word)

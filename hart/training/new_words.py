@@ -14,35 +14,28 @@ it is spelled.
 """
 from __future__ import annotations
 
-import logging
-from typing import Iterable, List, Sequence, Set
+from typing import List, Sequence, Set
 
 import numpy as np
 import torch
 from tokenizers import AddedToken
 
-from hart.text import split_words
+from hart.text import caption_words, split_words
 from hart.training.checks import SettingError
 
-logger = logging.getLogger(__name__)
-
 WORLD_CAPTIONS = 4096  # captions drawn from a world to collect its words (every template shows up)
-
-
-def _words(texts: Iterable[str]) -> Set[str]:
-    return {w.strip(".,;:!?\"'()").lower() for text in texts for w in text.split()} - {""}
 
 
 def known_words(recipe: dict) -> Set[str]:
     """The words of the base model's own captions: those of its world, or of the prior prompts."""
     if "prompts" in recipe:
-        return _words(recipe["prompts"])
+        return caption_words(recipe["prompts"])
     from hart.data.captions import caption
     from hart.data.shapes import sample_scene
 
     assert recipe["world"] == "shapes", recipe  # `model_world` admits only known worlds
     rng = np.random.default_rng(0)
-    return _words(caption(sample_scene(rng), rng) for _ in range(WORLD_CAPTIONS))
+    return caption_words(caption(sample_scene(rng), rng) for _ in range(WORLD_CAPTIONS))
 
 
 def pick_new_words(setting: str, tokenizer, captions: Sequence[str], recipe) -> List[str]:
