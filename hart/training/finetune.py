@@ -131,7 +131,8 @@ class _Run:
         """Tokens of their own for the captions' new words (`hart.training.new_words`); a warning for the
         other words the tokenizer spells out."""
         cfg, tokenizer = self.cfg, self.pipe.tokenizer
-        self.new_words = pick_new_words(cfg.new_words, tokenizer, captions, prior_recipe(cfg) if cfg.prior_ratio else None)
+        known = prior_recipe(cfg) if cfg.new_words == "auto" and cfg.prior_ratio else None  # what the model's captions say
+        self.new_words = pick_new_words(cfg.new_words, tokenizer, captions, known)
         if self.new_words:
             add_words(tokenizer, self.text_encoder, self.new_words, cfg.seed)
             logger.info("new words get text tokens of their own (the tokenizer spelled them letter by letter, and the "
