@@ -27,7 +27,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from hart.limits import (GUIDANCE_SCALE, MAX_GUIDANCE_SCALE, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS,  # noqa: E402
+from hart.limits import (MAX_GUIDANCE_SCALE, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS,  # noqa: E402
                          MAX_SEED)
 from hart.text import count_tokens  # noqa: E402
 
@@ -297,10 +297,12 @@ def build_demo(pipe, *, max_images: int = MAX_IMAGES_PER_REQUEST, concurrency: i
 
     `concurrency` generations run at once (1: one per device), at most `max_queue` wait; more are
     refused with "Queue is full". `safety_checker(prompt) -> True` refuses a prompt (see `hart.app.safety`).
-    The example prompts are the model's own (`example_prompts`).
+    The example prompts and the guidance the sliders start at are the model's own (`example_prompts`,
+    `pipe.config.guidance_scale`).
     """
     config = pipe.transformer.config
     side = pipe.transformer.patch_nums[-1] * pipe.vae.downsample_factor
+    model_guidance = pipe.config.guidance_scale  # the sliders start at the model's own guidance
     last_run = LastRun(pipe)
     # Each event shows its progress and error badge on its status box only, so that an error leaves the
     # seed, preview and result as they were; CLEAR_TOASTS_JS closes earlier error toasts when a run starts.
@@ -329,7 +331,8 @@ def build_demo(pipe, *, max_images: int = MAX_IMAGES_PER_REQUEST, concurrency: i
                             randomize_seed = gr.Checkbox(label="Randomize seed", value=True, elem_id="randomize-seed")
                         num_images = gr.Slider(1, max_images, value=1, step=1, label="Number of images")
                         with gr.Accordion("Sampling options", open=False):
-                            guidance_scale = gr.Slider(0.0, GUIDANCE_SLIDER_MAX, value=GUIDANCE_SCALE, step=0.1, label="Guidance scale")
+                            guidance_scale = gr.Slider(0.0, GUIDANCE_SLIDER_MAX, value=model_guidance, step=0.1,
+                                                       label="Guidance scale")
                             top_k = gr.Slider(0, config.vocab_size, value=0, step=1, label="Top-k",
                                               info="0 uses the model's own schedule")
                             top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p", info="1 is off")
@@ -367,7 +370,7 @@ def build_demo(pipe, *, max_images: int = MAX_IMAGES_PER_REQUEST, concurrency: i
                                                      maximum=MAX_SEED)
                             inpaint_randomize = gr.Checkbox(label="Randomize seed", value=True)
                         with gr.Accordion("Options", open=False):
-                            inpaint_guidance = gr.Slider(0.0, GUIDANCE_SLIDER_MAX, value=GUIDANCE_SCALE, step=0.1,
+                            inpaint_guidance = gr.Slider(0.0, GUIDANCE_SLIDER_MAX, value=model_guidance, step=0.1,
                                                          label="Guidance scale")
                             blend_radius = gr.Slider(0, side // 4, value=0, step=1, label="Blend radius (px)",
                                                      info="soft seam at the mask border; 0 keeps the rest exactly")

@@ -18,8 +18,9 @@ from hart import limits
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 METADATA_KEY = "hart"  # PNG text chunk holding the JSON of everything needed to regenerate the image
-# Sampling flags and their values when not given (flags default to None so a replay can tell what was given).
-SAMPLING_DEFAULTS = dict(seed=limits.SEED, guidance_scale=limits.GUIDANCE_SCALE, top_k=None, top_p=None,
+# Sampling flags and their values when not given (flags default to None so a replay can tell what was given;
+# guidance None: the model's own, filled in once the model is loaded).
+SAMPLING_DEFAULTS = dict(seed=limits.SEED, guidance_scale=None, top_k=None, top_p=None,
                          more_smooth=limits.MORE_SMOOTH, negative_prompt=None, prune=1.0, compact_text=True)
 DEFAULT_PRUNE_KEEP = 0.5  # a bare --prune; the same as hart.pruning.DEFAULT_KEEP (kept here: --help imports no torch)
 
@@ -185,7 +186,8 @@ def add_sampling_arguments(p, what: str = "the images") -> None:
                    help=f"image i of the run uses seed+i (default {limits.SEED})")
     p.add_argument("--guidance-scale", type=checked(float, lambda v: 0 <= v <= limits.MAX_GUIDANCE_SCALE,
                                                      f"a number in [0, {limits.MAX_GUIDANCE_SCALE:g}]"),
-                   help=f"classifier-free guidance (default {limits.GUIDANCE_SCALE:g})")
+                   help="classifier-free guidance (default: the model's own, saved with it; "
+                        f"{limits.GUIDANCE_SCALE:g} for the release)")
     p.add_argument("--negative-prompt", type=checked(str, lambda v: v.strip() != "", "a non-empty text"),
                    help=f"what {what} should not show")
     p.add_argument("--top-k", type=POSITIVE_INT, help="top-k sampling (default: the release's schedule)")
@@ -208,7 +210,10 @@ def sampling_settings(args) -> dict:
 
 
 def check_settings_fit(pipe, settings: dict) -> None:
-    """What only the loaded model can tell: --top-k within its codebook."""
+    """What only the loaded model can tell: --top-k within its codebook; an unset --guidance-scale becomes
+    the model's own (so the PNGs record the number used)."""
+    if settings["guidance_scale"] is None:
+        settings["guidance_scale"] = pipe.config.guidance_scale
     vocab = pipe.transformer.config.vocab_size
     if settings["top_k"] is not None and settings["top_k"] > vocab:
         raise UsageError(f"--top-k: expected an integer in [1, {vocab}] (the model's codebook size), "

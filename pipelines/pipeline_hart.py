@@ -46,6 +46,14 @@ def _decode(vae: HybridTokenizer, f_hat_BChw: torch.Tensor) -> torch.Tensor:
     return vae.decode_latent(f_hat_BChw)
 
 
+def check_guidance(guidance_scale, name: str) -> None:
+    """A clear error for a guidance weight that is not a number in [0, MAX_GUIDANCE_SCALE]."""
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= limits.MAX_GUIDANCE_SCALE:
+        raise ValueError(f"{name} must be a finite number >= 0 and at most {limits.MAX_GUIDANCE_SCALE:g} "
+                         f"(usual values 1-10), got {guidance_scale!r}.")
+
+
 class HARTPipeline(DiffusionPipeline):
     r"""Text-to-image generation with HART (Hybrid Autoregressive Transformer).
 
@@ -55,14 +63,21 @@ class HARTPipeline(DiffusionPipeline):
         transformer ([`HARTTransformer`]): predicts each scale's tokens; owns the residual diffusion head.
         vae ([`HybridTokenizer`]): HART's hybrid tokenizer (multi-scale codebook + continuous
             residual); decodes the latent into pixels.
+
+    Config:
+        guidance_scale: the model's own classifier-free guidance weight, used when a call gives none
+            (saved in `model_index.json`; the release's 4.5 where a folder names none).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _callback_tensor_inputs = list(CALLBACK_TENSORS)
 
-    def __init__(self, tokenizer, text_encoder, transformer: HARTTransformer, vae: HybridTokenizer):
+    def __init__(self, tokenizer, text_encoder, transformer: HARTTransformer, vae: HybridTokenizer,
+                 guidance_scale: float = limits.GUIDANCE_SCALE):
         super().__init__()
+        check_guidance(guidance_scale, "the model's `guidance_scale`")
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae)
+        self.register_to_config(guidance_scale=float(guidance_scale))
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
         self._interrupt = False
 
@@ -125,11 +140,8 @@ class HARTPipeline(DiffusionPipeline):
                 )
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
-        guidance_scale, top_k, top_p = options.guidance_scale, options.top_k, options.top_p
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= limits.MAX_GUIDANCE_SCALE:
-            raise ValueError(f"`guidance_scale` must be a finite number >= 0 and at most {limits.MAX_GUIDANCE_SCALE:g} "
-                             f"(usual values 1-10), got {guidance_scale!r}.")
+        check_guidance(options.guidance_scale, "`guidance_scale`")
+        top_k, top_p = options.top_k, options.top_p
         vocab = self.transformer.config.vocab_size
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab):
             raise ValueError(f"`top_k` must be an integer in [1, {vocab}] (the codebook size) or None, got {top_k!r}.")
@@ -248,7 +260,7 @@ class HARTPipeline(DiffusionPipeline):
         negative_prompt: Optional[Union[str, List[str]]] = None,
         *,
         num_images_per_prompt: int = 1,
-        guidance_scale: float = limits.GUIDANCE_SCALE,
+        guidance_scale: Optional[float] = None,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
         more_smooth: bool = limits.MORE_SMOOTH,
@@ -273,6 +285,7 @@ class HARTPipeline(DiffusionPipeline):
                 text features) is used, as the released model was trained with.
             num_images_per_prompt: images per prompt.
             guidance_scale: classifier-free guidance weight in [0, 1000]; scale k of S uses `w * k / (S - 1)`.
+                None: the model's own (`pipe.config.guidance_scale`).
             top_k: keep the k most likely tokens at every scale; None uses the release's schedule
                 (600 for the first 7 scales, then 300).
             top_p: nucleus sampling threshold in (0, 1]; None (or 1) is off, as released.
@@ -304,6 +317,8 @@ class HARTPipeline(DiffusionPipeline):
             `ImagePipelineOutput` with `.images`, or a tuple `(images,)`.
         """
         # 1. Check inputs, all before any heavy work
+        if guidance_scale is None:
+            guidance_scale = self.config.guidance_scale
         options = SamplingOptions(
             guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, more_smooth=more_smooth,
             stale_last_scale_guidance=stale_last_scale_guidance, num_maskgit_iters=num_maskgit_iters,

@@ -149,11 +149,8 @@ def bundled():
 
 
 @pytest.fixture(scope="module")
-def guidance():
-    from hart.bundled import BUNDLED_MODEL
-    from pathlib import Path
-
-    return json.loads((Path(BUNDLED_MODEL) / "bundled.json").read_text())["guidance_scale"]
+def guidance(bundled):
+    return bundled.config.guidance_scale  # the model's own, saved in its model_index.json
 
 
 def scene_image(objects, background="grey"):

@@ -86,6 +86,20 @@ def test_from_png_regenerates_the_identical_image(package_model, tmp_path):
     assert metadata(again / "00000_01.png") == metadata(first / "00000_01.png")
 
 
+def test_without_guidance_scale_the_model_s_own_is_used_and_recorded(fixture_pipe, tmp_path):
+    from hart import HARTPipeline
+
+    HARTPipeline(**fixture_pipe.components, guidance_scale=2.0).save_pretrained(tmp_path / "model")
+    runs = {}
+    for name, extra in (("own", []), ("given", ["--guidance-scale", "2"]), ("release", ["--guidance-scale", "4.5"])):
+        assert main(["generate", "a blue house", "--seed", "3", "--model", str(tmp_path / "model"),
+                     "--out", str(tmp_path / name)] + extra) == 0
+        runs[name] = tmp_path / name / "00000_00.png"
+    assert metadata(runs["own"])["guidance_scale"] == 2.0
+    assert np.array_equal(pixels(runs["own"]), pixels(runs["given"]))
+    assert not np.array_equal(pixels(runs["own"]), pixels(runs["release"]))
+
+
 def test_prompts_file_grid_and_steps(package_model, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a cat"}\n\n{"prompt": "a dog", "id": 7}\n{"prompt": "a bird"}\n')

@@ -35,6 +35,22 @@ def test_save_load_round_trip_is_exact(pipe, tmp_path):
     assert torch.equal(run(pipe), run(loaded))
 
 
+def test_a_model_folder_carries_its_own_guidance(pipe, tmp_path):
+    assert pipe.config.guidance_scale == 4.5  # the official layout: the release's guidance
+    HARTPipeline(**pipe.components, guidance_scale=2.0).save_pretrained(tmp_path / "own")
+    own = HARTPipeline.from_folder(tmp_path / "own")
+    own.set_progress_bar_config(disable=True)
+    assert own.config.guidance_scale == 2.0
+    assert torch.equal(run(own), run(own, guidance_scale=2.0))
+    assert torch.equal(run(own, guidance_scale=4.5), run(pipe)) and not torch.equal(run(own), run(pipe))
+    with pytest.raises(ValueError, match="the model's `guidance_scale` must be a finite number >= 0"):
+        HARTPipeline(**pipe.components, guidance_scale=-1.0)
+    index = tmp_path / "own" / "model_index.json"
+    index.write_text(index.read_text().replace('"guidance_scale": 2.0', '"guidance_scale": "high"'))
+    with pytest.raises(CheckpointError, match="guidance_scale"):
+        HARTPipeline.from_folder(tmp_path / "own")
+
+
 def test_same_generator_same_image_and_seeds_differ(pipe):
     assert torch.equal(run(pipe, seed=3), run(pipe, seed=3))
     assert not torch.equal(run(pipe, seed=3), run(pipe, seed=4))

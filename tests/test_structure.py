@@ -98,7 +98,9 @@ def test_no_function_takes_more_than_six_positional_parameters():
 def test_defaults_come_from_the_one_module():
     call = inspect.signature(HARTPipeline.__call__).parameters
     options = SamplingOptions()
-    assert call["guidance_scale"].default == options.guidance_scale == SAMPLING_DEFAULTS["guidance_scale"] \
+    # guidance: a call without one (and `hart generate` without --guidance-scale) uses the model's own
+    assert call["guidance_scale"].default is None and SAMPLING_DEFAULTS["guidance_scale"] is None
+    assert inspect.signature(HARTPipeline.__init__).parameters["guidance_scale"].default == options.guidance_scale \
         == limits.GUIDANCE_SCALE
     assert call["more_smooth"].default == options.more_smooth == SAMPLING_DEFAULTS["more_smooth"] == limits.MORE_SMOOTH
     assert call["stale_last_scale_guidance"].default == options.stale_last_scale_guidance

@@ -10,7 +10,7 @@ import pytest
 import hart.training.prior as prior
 from hart.bundled import BUNDLED_MODEL
 from hart.data.shapes_dataset import write_dataset
-from hart.training.checks import SettingError, made_before, model_world
+from hart.training.checks import SettingError, made_before, model_guidance, model_world
 from hart.training.config import with_defaults
 from hart.training.finetune import FinetuneConfig, finetune
 from hart.training.prior import MixedBatchSampler
@@ -92,6 +92,8 @@ def test_old_world_score_is_logged_at_step_0_and_every_validation(live_run):
     assert len(report["scores"]) == 9 and report["prompts"] == 8  # eight categories and 'overall'
     assert (validation / "world-step-00000003.png").is_file() and (validation / "step-00000006.png").is_file()
     assert model_world(result.export_dir) == "shapes"  # the export keeps the declaration
+    # and the bundled model's own guidance, at which the validation sampled
+    assert report["guidance_scale"] == model_guidance(result.export_dir) == model_guidance(BUNDLED_MODEL)
 
 
 def test_resume_with_the_mix_and_a_cache_reproduces_the_uninterrupted_run(data_dir, tmp_path):
@@ -138,7 +140,7 @@ def test_prompt_prior_is_drawn_by_the_base_model(fixtures, tmp_path):
     rows = read_metrics(result.log_path)
     assert [r["prior_images_seen"] for r in rows] == [1.0, 2.0] and "old_world_score" not in rows[-1]
     recipe = json.loads((folder / "prior_info.json").read_text())
-    assert made_before(folder, recipe)
+    assert made_before(folder, recipe) and recipe["guidance_scale"] == 4.5  # the official layout's own
     with pytest.raises(SettingError, match="--prior_prompts differ"):
         made_before(folder, {**recipe, "prompts": ["a dog"]})
 

@@ -272,10 +272,29 @@ def check_prior_source(cfg) -> None:
         made_before(Path(cfg.output_dir) / PRIOR_DIR, prior_recipe(cfg))
 
 
+def model_guidance(pretrained) -> float:
+    """The guidance a model samples at by default (`HARTPipeline`'s config in its `model_index.json`; the
+    release's for the official layout), read without loading the model."""
+    from hart.loading import detect_layout
+
+    layout, folder = detect_layout(pretrained)
+    path = folder / "model_index.json"
+    if layout != "pipeline" or not path.is_file():
+        return GUIDANCE_SCALE
+    try:
+        guidance = json.loads(path.read_text(encoding="utf-8")).get("guidance_scale", GUIDANCE_SCALE)
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise SettingError(f"--pretrained: {path} is not a JSON object ({e})") from None
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE_SCALE:
+        raise SettingError(f"--pretrained: {path} gives guidance_scale {guidance!r}; expected a number from 0 to "
+                           f"{MAX_GUIDANCE_SCALE:g}")
+    return float(guidance)
+
+
 def prior_recipe(cfg) -> dict:
     """What decides the prior images (recorded in `prior_info.json`)."""
     if cfg.prior_prompts is not None:
-        source = {"prompts": read_prompts(cfg.prior_prompts), "guidance_scale": GUIDANCE_SCALE}
+        source = {"prompts": read_prompts(cfg.prior_prompts), "guidance_scale": model_guidance(cfg.pretrained)}
     else:
         source = {"world": model_world(cfg.pretrained)}
     return {"num_images": cfg.prior_images, "seed": cfg.seed, **source}

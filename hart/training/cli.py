@@ -140,7 +140,8 @@ def finetune_parser() -> argparse.ArgumentParser:
     flag(g, "--validation_prompt", dest="validation_prompts", action="append", default=[],
          help="a prompt for the validation grid (repeat the flag for several)")
     flag(g, "--validation_every", help="steps between validation grids (0: at the end)")
-    flag(g, "--validation_guidance")
+    flag(g, "--validation_guidance", help="guidance of the validation images and the old-world check (default: the "
+                                         "base model's own)")
     flag(g, "--validation_world_prompts",
          help="with a model of the shapes world: ShapesEval prompts scored at each validation and at step 0, "
               "logged as old_world_score (0: none)")

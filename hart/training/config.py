@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
-from hart.limits import GUIDANCE_SCALE
 from hart.training.checks import FINETUNE_RULES, LORA_GROUP_NAMES, TOKENIZER_RULES, check_settings, model_world, require
 
 # Defaults chosen by measurement (docs/training.md, "Teach the bundled model a new shape"): LoRA on
@@ -61,7 +60,7 @@ class FinetuneConfig:
     resume: Optional[str] = None  # "latest" or a checkpoint folder
     validation_prompts: Tuple[str, ...] = ()
     validation_every: int = 0  # 0: only at the end
-    validation_guidance: float = GUIDANCE_SCALE
+    validation_guidance: Optional[float] = None  # None: the base model's own (`HARTPipeline.config.guidance_scale`)
     validation_world_prompts: int = 64  # old-world prompts scored at each validation (0: none), world models only
     prior_ratio: Optional[float] = None  # fraction of the images that are prior samples (0: off); None: PRIOR_RATIO
     # where the model declares a world or `prior_prompts` is given, else 0

@@ -3,8 +3,8 @@
 The text encoder, its tokenizer and the image tokenizer are taken unchanged from the pipeline the
 run started from; the transformer gets the trained (by default EMA) weights with any LoRA adapters
 merged, so `HARTPipeline.from_pretrained(folder)` loads it like any other. With LoRA, the adapter
-weights alone are also written beside it (`lora_weights.safetensors`). The base model's
-`bundled.json` (its sampling settings and the world it draws) is copied along.
+weights alone are also written beside it (`lora_weights.safetensors`). The base model's own guidance
+(its pipeline config) and its `bundled.json` (the world it draws) are kept.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def export_pipeline(accelerator, objective, ema, cfg, out_dir, *, vae=None, new_
             add_words(base.tokenizer, base.text_encoder, new_words, cfg.seed)
         notes = detect_layout(cfg.pretrained)[1] / WORLD_FILE  # the model's notes on itself (its world) stay true
         pipe = type(base)(tokenizer=base.tokenizer, text_encoder=base.text_encoder, transformer=transformer,
-                          vae=base.vae if vae is None else vae)
+                          vae=base.vae if vae is None else vae, guidance_scale=base.config.guidance_scale)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:

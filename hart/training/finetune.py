@@ -111,9 +111,10 @@ class _Run:
         self.val_cond = None
         if cfg.validation_prompts:
             self.val_cond = self._encode(list(cfg.validation_prompts))
+        self.guidance = self.pipe.config.guidance_scale if cfg.validation_guidance is None else cfg.validation_guidance
         self.world_check = None
         if cfg.validation_world_prompts and model_world(cfg.pretrained) == "shapes":
-            self.world_check = WorldCheck(cfg.validation_world_prompts, self._encode, cfg.seed, cfg.validation_guidance)
+            self.world_check = WorldCheck(cfg.validation_world_prompts, self._encode, cfg.seed, self.guidance)
         if cfg.cache_dir and not cfg.prior_ratio:  # batches come from the cache (prior samples: once they are cached)
             self._drop_encoders()
 
@@ -374,7 +375,7 @@ class _Run:
         with (self.ema.swapped() if self.ema is not None else nullcontext()), full_parameters(self.acc, self.objective):
             if self.val_cond is not None:
                 seeds = [self.cfg.seed + i for i in range(self.val_cond.batch_size)]
-                images = sample_images(transformer, self.vae, self.val_cond, seeds, self.cfg.validation_guidance)
+                images = sample_images(transformer, self.vae, self.val_cond, seeds, self.guidance)
             if self.world_check is not None:
                 world_images = self.world_check.sample(transformer, self.vae)
         if not self.acc.is_main_process:

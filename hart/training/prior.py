@@ -6,9 +6,8 @@ own world, so a fine-tune that teaches a new concept keeps drawing what the mode
 `metadata.jsonl`, as `hart.training.data` reads) and reused by a resumed run:
 
 - with `--prior_prompts FILE` (one prompt per line; used even where the model declares a world), the
-  base model draws them (guidance
-  `hart.limits.GUIDANCE_SCALE`, as the pipeline by default), prompt after prompt in turn, image `i`
-  from the seed `seed + i`;
+  base model draws them at its own guidance (`HARTPipeline.config.guidance_scale`, as the pipeline by
+  default), prompt after prompt in turn, image `i` from the seed `seed + i`;
 - otherwise from the world the model declares (`"world": "shapes"` in its folder's `bundled.json`):
   shapes-world scenes rendered with their captions (`hart.data.shapes`, `hart.data.captions`), drawn
   from the run's seed.
