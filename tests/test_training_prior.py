@@ -93,7 +93,7 @@ def test_old_world_score_is_logged_at_step_0_and_every_validation(live_run):
     assert (validation / "world-step-00000003.png").is_file() and (validation / "step-00000006.png").is_file()
     assert model_world(result.export_dir) == "shapes"  # the export keeps the declaration
     # and the bundled model's own guidance, at which the validation sampled
-    assert report["guidance_scale"] == model_guidance(result.export_dir) == model_guidance(BUNDLED_MODEL)
+    assert report["guidance_scale"] == model_guidance(result.export_dir) == model_guidance(BUNDLED_MODEL) == 3.0
 
 
 def test_resume_with_the_mix_and_a_cache_reproduces_the_uninterrupted_run(data_dir, tmp_path):
