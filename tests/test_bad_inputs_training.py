@@ -331,6 +331,9 @@ PATH_CASES = {
                                   None], ["declares the world 'oceans'", "known worlds: shapes"]),
     "world-notes-not-json": lambda ws: (["--prior_ratio", 0.5, "--pretrained", ws.pipe_declaring(None), "--text_encoder",
                                          None], ["bundled.json", "is not a JSON file"]),
+    "model-guidance-not-a-number": lambda ws: (["--prior_ratio", 0.5, "--prior_prompts", ws.file_of("a cat\n"),
+                                                "--pretrained", ws.pipe_guided_by("high"), "--text_encoder", None],
+                                               ["cannot load the pipeline", "guidance_scale", "'high'"]),
 }
 
 
@@ -356,7 +359,12 @@ def test_finetune_path_is_refused_before_any_work(run, ws, case):
         (ws.pipe / "bundled.json").write_text("{" if world is None else json.dumps({"world": world}))
         return ws.pipe
 
-    ws.file_of, ws.pipe_declaring = file_of, pipe_declaring
+    def pipe_guided_by(guidance):
+        index = json.loads((ws.pipe / "model_index.json").read_text())
+        (ws.pipe / "model_index.json").write_text(json.dumps(dict(index, guidance_scale=guidance)))
+        return ws.pipe
+
+    ws.file_of, ws.pipe_declaring, ws.pipe_guided_by = file_of, pipe_declaring, pipe_guided_by
     extra, parts = PATH_CASES[case](ws)
     argv = [str(a) for a in ws.finetune_argv()]
     for name, value in zip(extra[::2], extra[1::2]):  # replace or drop the flag

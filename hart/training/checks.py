@@ -276,6 +276,7 @@ def model_guidance(pretrained) -> float:
     """The guidance a model samples at by default (`HARTPipeline`'s config in its `model_index.json`; the
     release's for the official layout), read without loading the model."""
     from hart.loading import detect_layout
+    from hart.pipelines.pipeline_hart import check_guidance
 
     layout, folder = detect_layout(pretrained)
     path = folder / "model_index.json"
@@ -285,9 +286,10 @@ def model_guidance(pretrained) -> float:
         guidance = json.loads(path.read_text(encoding="utf-8")).get("guidance_scale", GUIDANCE_SCALE)
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise SettingError(f"--pretrained: {path} is not a JSON object ({e})") from None
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= MAX_GUIDANCE_SCALE:
-        raise SettingError(f"--pretrained: {path} gives guidance_scale {guidance!r}; expected a number from 0 to "
-                           f"{MAX_GUIDANCE_SCALE:g}")
+    try:
+        check_guidance(guidance, f"the `guidance_scale` of {path}")
+    except ValueError as e:
+        raise SettingError(f"--pretrained: {e}") from None
     return float(guidance)
 
 
