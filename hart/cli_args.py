@@ -252,7 +252,7 @@ def device_and_dtype(device_arg: Optional[str], dtype_arg: Optional[str]):
         from hart.device import auto_dtype
 
         choice = auto_dtype(device)
-        print(f"--dtype auto: {choice.reason}", file=sys.stderr)
+        print(f"--dtype auto: {choice.reason}")  # a progress note (stdout), not a warning
         dtype = choice.name
     if dtype == "fp16" and device.type != "cuda":
         raise UsageError(f"--dtype fp16 needs a CUDA device (device is {device.type}); use fp32 or bf16")

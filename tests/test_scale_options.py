@@ -98,7 +98,8 @@ def test_generate_flags_reach_the_pipeline_and_the_metadata(fixtures, tmp_path, 
     out = tmp_path / "out"
     assert main(["generate", "a cat", "--prune", "--no-compact-text", "--dtype", "auto", "--device", "cpu",
                  "--out", str(out), *model]) == 0
-    assert f"--dtype auto: {auto_dtype('cpu').reason}" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert f"--dtype auto: {auto_dtype('cpu').reason}" in said.out and "--dtype auto" not in said.err
     meta = json.loads(Image.open(out / "00000_00.png").text[METADATA_KEY])
     assert (meta["prune"], meta["compact_text"], meta["dtype"], meta["int8"]) == (0.5, False, auto_dtype("cpu").name, False)
     again = tmp_path / "again"
