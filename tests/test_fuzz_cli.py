@@ -67,7 +67,8 @@ def fake_generation(fixture_pipe):
 
 @pytest.fixture(scope="module")
 def world(fixtures, fixture_pipe, tmp_path_factory):
-    """Paths a user might give: models in every layout, images, masks, prompt files, folders, odd names."""
+    """Paths a user might give: models in every layout, images, masks, prompt files, folders, odd names. All of
+    them lie under a temporary folder: a drawn `--out` may name any of them, and a run writes its images there."""
     root = tmp_path_factory.mktemp("fuzz-cli")
     pipeline = root / "pipeline"
     fixture_pipe.save_pretrained(pipeline)
@@ -84,7 +85,8 @@ def world(fixtures, fixture_pipe, tmp_path_factory):
     (root / "prompts.jsonl").write_text('{"prompt": "a cat"}\n{"text": "no prompt"}\n')
     (root / "latin1.txt").write_bytes("café\n".encode("latin-1"))
     (root / "file.txt").write_text("x")
-    ckpt = fixtures / "ckpt"
+    ckpt = root / "official"  # a copy: the repository's fixture folder must never become an --out
+    shutil.copytree(fixtures / "ckpt", ckpt)
     paths = [ckpt, ckpt / "text_encoder", pipeline, run, root / "photo.png", root / "wide.png", root / "mask.png",
              root / "prompts.txt", root / "prompts.jsonl", root / "latin1.txt", root / "file.txt", root,
              root / "missing" / "deeper", root / "file.txt" / "below", root / ("n" * 300)]
