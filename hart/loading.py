@@ -196,6 +196,11 @@ def load_text_encoder(name_or_path: PathLike, torch_dtype: torch.dtype = torch.f
         model = AutoModel.from_pretrained(folder, dtype=torch_dtype)
     except (OSError, ValueError) as e:  # missing, truncated or mismatched files, in transformers' words
         raise CheckpointError(f"cannot load the text encoder in {folder}: {first_line(e)}") from e
+    # Without tokenizer files, AutoTokenizer still builds an empty tokenizer that turns every prompt into
+    # padding: the images would ignore the prompt without a word said
+    if not tokenizer("a photo", add_special_tokens=False)["input_ids"]:
+        raise CheckpointError(f"{folder} holds a text model but no usable tokenizer (tokenizer.json, or "
+                              "vocab.json and merges.txt): every prompt would encode to nothing")
     return tokenizer, model.eval()
 
 

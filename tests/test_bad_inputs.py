@@ -331,6 +331,17 @@ def model_text_encoder_of_wrong_width(env):
     assert not (env.tmp / "out").exists()
 
 
+def model_text_encoder_without_tokenizer(env):
+    folder = env.tmp / "bare_text_encoder"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):  # the model, none of its tokenizer files
+        shutil.copy(env.text_encoder / name, folder)
+    status, err = env.generate(env.ckpt, text_encoder=folder)
+    assert status == 2
+    assert_names(err, str(folder), "no usable tokenizer", "tokenizer.json")
+    assert not (env.tmp / "out").exists()
+
+
 class _RunsCode:
     """Unpickling this runs a shell command (creates a marker file)."""
 
@@ -939,7 +950,8 @@ CASES = [
     # model loading, through `hart generate` / `hart convert` and the loaders
     model_folder_missing, model_folder_empty, model_folder_in_neither_layout,
     model_official_layout_without_text_encoder, model_truncated_safetensors, model_config_disagrees_with_weights,
-    model_missing_keys, model_extra_keys, model_text_encoder_of_wrong_width, model_pickle_that_runs_code_is_refused,
+    model_missing_keys, model_extra_keys, model_text_encoder_of_wrong_width, model_text_encoder_without_tokenizer,
+    model_pickle_that_runs_code_is_refused,
     convert_into_a_non_empty_folder, convert_a_broken_model_leaves_no_output,
     # `hart generate` arguments
     cli_guidance_nan,
