@@ -260,6 +260,8 @@ def _ft_argv(work: Path, cfg: dict):
             "--batch_size", str(t["batch_size"]), "--max_steps", str(t["max_steps"]), "--lr", str(t["lr"]),
             "--warmup_steps", str(t["warmup_steps"]), "--min_lr_ratio", str(t["min_lr_ratio"]),
             "--ema_decay", str(t["ema_decay"]), "--checkpoint_every", "100000", "--seed", "0",
+            # every weight of the random transformer trains (not LoRA adapters on it), on the recipe's data alone
+            "--lora_rank", "0", "--prior_ratio", "0", "--adapt_tokenizer", "never",
             "--validation_prompt", "a red circle on a blue background", "--validation_guidance", str(cfg["guidance_scale"])]
 
 

@@ -125,6 +125,17 @@ def test_recipe_data_with_grammar_captions_keeps_every_caption_of_the_first_imag
         mod.make_data(tmp_path / "grammar", cfg)
 
 
+def test_recipe_trains_every_weight_of_its_transformer(tmp_path):
+    """The transformer phase is full training of a random model, whatever the fine-tuning defaults (LoRA,
+    prior preservation, tokenizer adaptation) are for users' fine-tunes."""
+    from hart.training.cli import config_from_args, finetune_parser
+
+    mod = _recipe()
+    cfg = config_from_args(finetune_parser().parse_args(mod._ft_argv(tmp_path, dict(mod.FULL))))
+    assert (cfg.lora_rank, cfg.prior_ratio, cfg.adapt_tokenizer) == (0, 0, "never")
+    assert (cfg.max_steps, cfg.lr, cfg.batch_size) == (2500, 2e-3, 16)
+
+
 def test_throughput_phase_reports_both_models_and_dtypes(tmp_path):
     mod = _recipe()
     mod.throughput(tmp_path, json.loads(json.dumps(dict(mod.QUICK, throughput=dict(batch_size=2, steps=1,
