@@ -3,7 +3,7 @@
     python scripts/train_bundled.py --work /tmp/bundled            # the full recipe
     python scripts/train_bundled.py --work /tmp/bundled-smoke --quick   # minutes: a smoke test of every phase
     python scripts/train_bundled.py --work /tmp/bundled --install   # ...and copy the result to hart/bundled/shapes-128
-    python scripts/train_bundled.py --work /tmp/bundled-v2 --grammar_variants 4   # captions from the caption grammar
+    python scripts/train_bundled.py --work /tmp/bundled-v2 --grammar_variants 2 --text_facts   # wordings of the grammar
     python scripts/train_bundled.py --work /tmp/speed --only throughput            # training speed of this machine
 
 Phases (each prints its CPU and wall time; a phase whose output already exists in WORK is reused,
@@ -13,13 +13,16 @@ so an interrupted run continues where it stopped; `--redo PHASE` forces one agai
                the transformer, a set for the tokenizer, 500 held-out renders for the tokenizer's PSNR.
                `--grammar_variants K` captions the training set with the caption grammar (hart.data.grammar,
                training wordings), K captions per image; the cache stores each as its own example
-  text         sentencepiece unigram tokenizer + Qwen2 causal LM trained on the training captions (frozen after)
+  text         sentencepiece unigram tokenizer + Qwen2 causal LM trained on the training captions (frozen after);
+               `--text_facts`: on template and grammar captions of its own scenes, read after the system prompt,
+               with the fact loss besides (hart.data.facts)
   tokenizer    the hybrid tokenizer from scratch (hart.training.cli tokenizer_main --model_config)
   init         the starting pipeline: text model + tokenizer + a random HARTTransformer (VAR-style init)
   cache        pre-encoded training set (finetune_main --cache_only)
   transformer  the transformer (finetune_main on the cache)
   eval         ShapesEval (2 seeds per prompt) with and without the residual diffusion, tokenizer PSNR on
-               the held-out renders (hybrid vs discrete-only), a sample grid; `WORK/report.json`
+               the held-out renders (hybrid vs discrete-only), a fact probe of the text features on three
+               kinds of wording (hart.eval.text_probe), a sample grid; `WORK/report.json`
   diagnose     ShapesEval when the first K scales come from each prompt's ground-truth render (K = 0 to S-1),
                and of the tokenizer's reconstructions: which scales the transformer gets wrong;
                `WORK/diagnose.json`
@@ -51,6 +54,12 @@ PATCH_NUMS = [1, 2, 3, 4, 6, 8, 11, 16]
 FULL = dict(
     train_images=24000, tok_images=8000, heldout_images=500, ft_images=12000,
     text=dict(vocab_size=256, hidden=128, layers=2, heads=4, steps=600, batch_size=64, lr=3e-3),
+    # --text_facts: the text model reads captions of its own scenes instead (per scene one caption of the fixed
+    # templates, how the committed prompts are worded, and `grammar` of the caption grammar), after the system
+    # prompt, and learns each caption's facts besides (hart.data.facts)
+    text_facts=False,
+    text_corpus=dict(scenes=24000, grammar=4, seed=1),
+    text_facts_train=dict(vocab_size=384, steps=1200),
     # 4 x 4 pixel patches folded into channels, then two levels (32 x 32 and 16 x 16): a 16 x 16 latent
     # (downsample 8). The release's layout scaled down (five levels, downsample 16, full-resolution
     # convolutions) learnt too slowly on CPU: 19-20 dB held-out PSNR after 1,200 steps.
@@ -70,15 +79,18 @@ FULL = dict(
     eval_seeds=2, guidance_scale=3.0,
     grammar_variants=0,  # 0: the fixed templates of hart.data.captions, one caption per image
     throughput=dict(batch_size=32, steps=20, warmup_steps=3, text_tokens=32),
+    probe=dict(train_scenes=4000, test_scenes=2000, steps=1500),
 )
 QUICK = dict(
     FULL, train_images=64, tok_images=32, heldout_images=16, ft_images=32,
+    text_corpus=dict(FULL["text_corpus"], scenes=64), text_facts_train=dict(FULL["text_facts_train"], steps=5),
     text=dict(FULL["text"], steps=5, batch_size=8),
     tok_train=dict(FULL["tok_train"], max_steps=2, batch_size=4),
     dec_train=dict(FULL["dec_train"], max_steps=2, batch_size=4),
     ft_train=dict(FULL["ft_train"], max_steps=2, batch_size=4),
     eval_seeds=1, eval_prompts=16,
     throughput=dict(batch_size=4, steps=2, warmup_steps=1, text_tokens=32),
+    probe=dict(train_scenes=64, test_scenes=16, steps=5),
 )
 # The tokenizer trains on scenes with several objects (more edges per image) and on the one category with
 # coloured backgrounds (every other scene is on grey); the transformer on all categories.
@@ -139,11 +151,32 @@ def make_data(work: Path, cfg: dict) -> None:
     (ft / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def text_corpus(scenes: int, grammar: int, seed: int):
+    """(captions, specs): for each of `scenes` fresh scenes, a caption of the fixed templates and `grammar`
+    captions of the caption grammar's training wordings."""
+    from hart.data import captions as templates
+    from hart.data import grammar as wordings
+    from hart.data.shapes import CATEGORIES, sample_scene
+
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(scenes):
+        scene = sample_scene(rng, CATEGORIES[int(rng.integers(len(CATEGORIES)))])
+        pairs += [templates.describe(scene, rng)] + [wordings.describe(scene, rng) for _ in range(grammar)]
+    return [c for c, _ in pairs], [s for _, s in pairs]
+
+
 def train_text(work: Path, cfg: dict) -> None:
     from hart.data.text_model import train_text_model
+    from hart.text import SYSTEM_PROMPT
 
-    captions = [json.loads(l)["text"] for l in (work / "data" / "train" / "metadata.jsonl").read_text().splitlines()]
-    train_text_model(captions, work / "text_model", **cfg["text"])
+    if not cfg["text_facts"]:
+        captions = [json.loads(l)["text"] for l in (work / "data" / "train" / "metadata.jsonl").read_text().splitlines()]
+        train_text_model(captions, work / "text_model", **cfg["text"])
+        return
+    captions, specs = text_corpus(**cfg["text_corpus"])
+    train_text_model(captions, work / "text_model", specs=specs, system_prompt=SYSTEM_PROMPT,
+                     max_length=cfg["transformer"]["context_tokens"], **{**cfg["text"], **cfg["text_facts_train"]})
 
 
 def init_tokenizer(work: Path, cfg: dict) -> Path:
@@ -397,6 +430,7 @@ GRID_PROMPTS = [
 
 def evaluate(work: Path, cfg: dict) -> None:
     from hart.eval.shapes_eval import load_prompts, score
+    from hart.eval.text_probe import wording_report
 
     pipe = load_pipeline(work / "pipeline")
     records = load_prompts()
@@ -419,6 +453,9 @@ def evaluate(work: Path, cfg: dict) -> None:
         print(key, json.dumps(report[f"shapes_eval_{key}"]), flush=True)
     report["tokenizer"] = tokenizer_psnr(pipe.vae, work / "data" / "heldout", cfg["heldout_images"])
     print("tokenizer", json.dumps(report["tokenizer"]), flush=True)
+    # what the text features carry: a fact probe's accuracy on template, grammar and held-out wordings
+    report["text_probe"] = wording_report(pipe.text_encoder, pipe.tokenizer, **cfg["probe"])
+    print("text probe", json.dumps({k: round(v["all"], 3) for k, v in report["text_probe"].items()}), flush=True)
     # latency of one 128 px image (after one warm-up call)
     pipe("a red circle on a blue background", generator=torch.Generator().manual_seed(0))
     t0 = time.time()
@@ -530,18 +567,23 @@ def main(argv=None) -> int:
     p.add_argument("--install", action="store_true", help="copy WORK/pipeline to hart/bundled/shapes-128")
     p.add_argument("--tok_steps", type=int, help="tokenizer steps (default: the recipe's)")
     p.add_argument("--ft_steps", type=int, help="transformer steps (default: the recipe's)")
-    p.add_argument("--grammar_variants", type=int, default=0, metavar="K",
+    p.add_argument("--grammar_variants", type=int, metavar="K",
                    help="caption the training set with the caption grammar, K captions per image (default 0: the "
                         "fixed templates); the cache, and its caching time, grow K-fold")
+    p.add_argument("--text_facts", action="store_true",
+                   help="train the text model on template and grammar captions of its own scenes, after the "
+                        "system prompt, with the fact loss (hart.data.facts)")
     args = p.parse_args(argv)
     cfg = json.loads(json.dumps(QUICK if args.quick else FULL))
     if args.tok_steps:
         cfg["tok_train"]["max_steps"] = args.tok_steps
     if args.ft_steps:
         cfg["ft_train"]["max_steps"] = args.ft_steps
-    if args.grammar_variants < 0:
-        p.error("--grammar_variants must be 0 or more")
-    cfg["grammar_variants"] = args.grammar_variants
+    if args.grammar_variants is not None:
+        if args.grammar_variants < 0:
+            p.error("--grammar_variants must be 0 or more")
+        cfg["grammar_variants"] = args.grammar_variants
+    cfg["text_facts"] = args.text_facts
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(cfg, indent=2))

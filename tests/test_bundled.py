@@ -125,6 +125,24 @@ def test_recipe_data_with_grammar_captions_keeps_every_caption_of_the_first_imag
         mod.make_data(tmp_path / "grammar", cfg)
 
 
+def test_recipe_text_facts_phase(tmp_path):
+    """--text_facts: the text model learns from a template caption and grammar captions of each scene, read
+    after the system prompt, with the fact loss."""
+    from hart.data.facts import fact_targets
+
+    mod = _recipe()
+    texts, specs = mod.text_corpus(scenes=40, grammar=2, seed=0)
+    assert len(texts) == len(specs) == 120
+    categories = [fact_targets(s)["category"] for s in specs]
+    assert categories[0::3] == categories[1::3] == categories[2::3]  # three captions of each scene
+    plain = [t == t.lower() and t[-1].isalnum() for t in texts]  # templates: lower case, no final punctuation
+    assert all(plain[0::3]) and not all(plain[1::3] + plain[2::3])
+    mod.train_text(tmp_path, json.loads(json.dumps(dict(mod.QUICK, text_facts=True))))
+    report = json.loads((tmp_path / "text_model" / "training.json").read_text())
+    assert report["system_prompt"] and report["captions"] == 64 * 5 and report["steps"] == 5
+    assert report["final_fact_loss"] > 0
+
+
 def test_recipe_trains_every_weight_of_its_transformer(tmp_path):
     """The transformer phase is full training of a random model, whatever the fine-tuning defaults (LoRA,
     prior preservation, tokenizer adaptation) are for users' fine-tunes."""

@@ -22,6 +22,12 @@ recover each position's own piece and the piece before it from the final hidden 
 predicts the next piece, and its final state keeps what was said. (Measured on the shapes world with a
 transformer trained on the first four scales alone, held-out cross-entropy of the 1 x 1 token: 1.71
 nats on next-piece-only features, 0.89 on plain word identities, 0.84 with the readout.)
+
+Why a third, optional loss: the readout keeps the words, not what they mean, so "big" and "large", or
+"there are 3 circles" and "a picture showing three circles", still give features the image
+transformer must learn to read alike. Given each caption's spec, a throw-away `FactHead` must
+name the scene's facts (objects, sizes, cell, count, relation, background) from the features, which
+pulls every wording of one scene towards one reading (`hart.data.facts`).
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from hart.data.facts import FactHead, targets_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +103,14 @@ def qwen2_config(vocab_size: int, hidden: int, layers: int, heads: int, max_posi
 
 def train_text_model(captions: Sequence[str], folder, *, vocab_size: int = 256, hidden: int = 128, layers: int = 2,
                      heads: int = 4, steps: int = 600, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-                     max_positions: int = 256, log_every: int = 100) -> Path:
+                     max_positions: int = 256, log_every: int = 100, specs: Optional[Sequence[dict]] = None,
+                     system_prompt: Optional[str] = None, max_length: int = 32) -> Path:
     """Train the tokenizer and a Qwen2 causal LM on `captions`; save both into `folder`.
+
+    With `specs` (one per caption, as `hart.data.grammar.describe` returns them), a `FactHead` must also
+    name each caption's facts from the final hidden states (`hart.data.facts`). With `system_prompt`, every
+    caption is read after it, tokenized and cut to `max_length` tokens as `hart.text.encode_prompts` does,
+    so the losses shape exactly the features the image transformer is given.
 
     Returns the folder, which `hart.loading.load_text_encoder(folder)` loads as (tokenizer, Qwen2Model).
     """
@@ -111,7 +125,11 @@ def train_text_model(captions: Sequence[str], folder, *, vocab_size: int = 256, 
         torch.manual_seed(seed)  # the initialisation (the only torch draws); the caller's RNG state is kept
         model = Qwen2ForCausalLM(qwen2_config(len(tokenizer), hidden, layers, heads, max_positions))
         readout = torch.nn.Linear(hidden, 2 * len(tokenizer))  # this piece and the previous one; not saved
-    params = list(model.parameters()) + list(readout.parameters())
+        fact_head = FactHead(hidden) if specs is not None else None  # not saved either
+    params = [*model.parameters(), *readout.parameters(), *(fact_head.parameters() if fact_head else ())]
+    if specs is not None and len(specs) != len(captions):
+        raise ValueError(f"specs must give one spec per caption: {len(specs)} specs for {len(captions)} captions")
+    prefix = tokenizer(system_prompt, truncation=True, max_length=max_length)["input_ids"] if system_prompt else []
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
@@ -119,26 +137,32 @@ def train_text_model(captions: Sequence[str], folder, *, vocab_size: int = 256, 
     model.train()
     t0 = time.time()
     for step in range(steps):
-        batch = [rnd.choice(captions) for _ in range(batch_size)]
-        enc = tokenizer([tokenizer.bos_token + c + tokenizer.eos_token for c in batch], padding=True,
-                        return_tensors="pt", add_special_tokens=False)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels,
-                    output_hidden_states=True)
+        rows = [rnd.randrange(len(captions)) for _ in range(batch_size)]
+        ids_BT, mask_BT = _caption_batch(tokenizer, [captions[r] for r in rows], prefix, max_length)
+        labels = ids_BT.masked_fill(~mask_BT, -100)
+        labels[:, :len(prefix)] = -100  # the system prompt is given, not learnt
+        out = model(input_ids=ids_BT, attention_mask=mask_BT.long(), labels=labels, output_hidden_states=True)
         lm_loss = out.loss
-        # hidden_states[-1] is exactly what `hart.text.encode_prompts` hands to the transformer
-        this_BTV, prev_BTV = readout(out.hidden_states[-1]).chunk(2, dim=-1)
+        # hidden_states[-1] is what `hart.text.encode_prompts` hands to the transformer
+        hidden_BTC = out.hidden_states[-1]
+        this_BTV, prev_BTV = readout(hidden_BTC).chunk(2, dim=-1)
         readout_loss = (F.cross_entropy(this_BTV.flatten(0, 1), labels.flatten(), ignore_index=-100)
                         + F.cross_entropy(prev_BTV[:, 1:].flatten(0, 1), labels[:, :-1].flatten(), ignore_index=-100))
         loss = lm_loss + readout_loss
+        fact_loss = torch.zeros(())
+        if fact_head is not None:
+            caption_mask_BT = mask_BT.clone()
+            caption_mask_BT[:, :len(prefix)] = False
+            fact_loss = fact_head.loss(hidden_BTC, caption_mask_BT, targets_tensor([specs[r] for r in rows]))
+            loss = loss + fact_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
-            logger.info("text model step %d/%d next-piece loss %.4f readout loss %.4f (%.0fs)", step, steps,
-                        lm_loss.item(), readout_loss.item(), time.time() - t0)
+            logger.info("text model step %d/%d next-piece loss %.4f readout loss %.4f fact loss %.4f (%.0fs)", step,
+                        steps, lm_loss.item(), readout_loss.item(), fact_loss.item(), time.time() - t0)
     model.eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -149,8 +173,23 @@ def train_text_model(captions: Sequence[str], folder, *, vocab_size: int = 256, 
     (folder / "training.json").write_text(json.dumps({
         "captions": len(captions), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
         "final_lm_loss": float(lm_loss.item()),
-        "final_readout_loss": float(readout_loss.item()), "seconds": round(time.time() - t0, 1)}, indent=2))
+        "final_readout_loss": float(readout_loss.item()), "final_fact_loss": float(fact_loss.item()),
+        "system_prompt": bool(system_prompt), "seconds": round(time.time() - t0, 1)}, indent=2))
     return folder
+
+
+def _caption_batch(tokenizer, captions: Sequence[str], prefix: List[int], max_length: int):
+    """(ids_BT, mask_BT) of the captions for training: after `prefix` (the system prompt's ids) and cut to
+    `max_length` pieces as `hart.text.encode_prompts` cuts them, or, without a prefix, between <s> and </s>."""
+    if prefix:
+        rows = [prefix + ids[:max_length] for ids in tokenizer(list(captions))["input_ids"]]
+    else:
+        rows = [[tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id]
+                for ids in tokenizer(list(captions), add_special_tokens=False)["input_ids"]]
+    width = max(map(len, rows))
+    ids_BT = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask_BT = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])
+    return ids_BT, mask_BT
 
 
 def load_text_model(folder):
