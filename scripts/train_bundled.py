@@ -16,10 +16,13 @@ so an interrupted run continues where it stopped; `--redo PHASE` forces one agai
   text         sentencepiece unigram tokenizer + Qwen2 causal LM trained on the training captions (frozen after);
                `--text_facts`: on template and grammar captions of its own scenes, read after the system prompt,
                with the fact loss besides (hart.data.facts)
-  tokenizer    the hybrid tokenizer from scratch (hart.training.cli tokenizer_main --model_config)
+  tokenizer    the hybrid tokenizer from scratch (hart.training.cli tokenizer_main)
+  decoder      the tokenizer's decoder alone, longer (encoder and codebook frozen, so the cache stays valid)
   init         the starting pipeline: text model + tokenizer + a random HARTTransformer (VAR-style init)
   cache        pre-encoded training set (finetune_main --cache_only)
-  transformer  the transformer (finetune_main on the cache)
+  transformer  the transformer (finetune_main on the cache; a checkpoint every 1,000 steps, so a stopped
+               phase resumes)
+  assemble     WORK/pipeline: the trained pipeline with the decoder of its own phase, and its guidance
   eval         ShapesEval (2 seeds per prompt) with and without the residual diffusion, tokenizer PSNR on
                the held-out renders (hybrid vs discrete-only), a fact probe of the text features on three
                kinds of wording (hart.eval.text_probe), a sample grid; `WORK/report.json`
@@ -73,7 +76,7 @@ FULL = dict(
     transformer=dict(patch_nums=PATCH_NUMS, context_tokens=32, embed_dim=128, depth=4, num_heads=4, mlp_ratio=3.0,
                      vocab_size=128, latent_channels=16, diff_width=128, diff_depth=2, num_sampling_steps="8",
                      cond_drop_rate=0.1),
-    ft_train=dict(max_steps=2500, batch_size=16, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05, ema_decay=0.995),
+    ft_train=dict(max_steps=10000, batch_size=16, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05, ema_decay=0.998),
     # the model's own guidance (its pipeline config: what the CLI, app and pipeline use when given none), so
     # `hart generate` without options gives what was measured; 3 scores above the release's 4.5 on this model
     eval_seeds=2, guidance_scale=3.0,
@@ -292,7 +295,7 @@ def _ft_argv(work: Path, cfg: dict):
             "--cache_dir", str(work / "cache"), "--output_dir", str(work / "runs" / "ft"), "--mixed_precision", "no",
             "--batch_size", str(t["batch_size"]), "--max_steps", str(t["max_steps"]), "--lr", str(t["lr"]),
             "--warmup_steps", str(t["warmup_steps"]), "--min_lr_ratio", str(t["min_lr_ratio"]),
-            "--ema_decay", str(t["ema_decay"]), "--checkpoint_every", "100000", "--seed", "0",
+            "--ema_decay", str(t["ema_decay"]), "--checkpoint_every", "1000", "--seed", "0",
             # every weight of the random transformer trains (not LoRA adapters on it), on the recipe's data alone
             "--lora_rank", "0", "--prior_ratio", "0", "--adapt_tokenizer", "never",
             "--validation_prompt", "a red circle on a blue background", "--validation_guidance", str(cfg["guidance_scale"])]

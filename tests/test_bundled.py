@@ -151,7 +151,8 @@ def test_recipe_trains_every_weight_of_its_transformer(tmp_path):
     mod = _recipe()
     cfg = config_from_args(finetune_parser().parse_args(mod._ft_argv(tmp_path, dict(mod.FULL))))
     assert (cfg.lora_rank, cfg.prior_ratio, cfg.adapt_tokenizer) == (0, 0, "never")
-    assert (cfg.max_steps, cfg.lr, cfg.batch_size) == (2500, 2e-3, 16)
+    assert (cfg.max_steps, cfg.lr, cfg.batch_size, cfg.ema_decay) == (10000, 2e-3, 16, 0.998)
+    assert cfg.checkpoint_every == 1000  # a stopped phase resumes from its last checkpoint
 
 
 def test_throughput_phase_reports_both_models_and_dtypes(tmp_path):
