@@ -41,14 +41,19 @@ def quantize_transformer_int8(transformer: nn.Module) -> nn.Module:
     """Swap the block projections of a HARTTransformer for int8 ones, in place; returns it.
 
     Irreversible (the float weights are dropped); quantize after loading and after any LoRA merge,
-    and only for inference. Raises if the model is training or has no block projections.
+    and only for inference. Projections already in int8 are left as they are, so a second call changes
+    nothing. Raises if the model is training or has no block projections.
     """
     if transformer.training:
         raise ValueError("int8 weights are for inference: call transformer.eval() first")
     names = set(quantizable_linears(transformer))
     if not names:
         raise ValueError("no block projections to quantize: is this a HARTTransformer?")
-    quantize_, Int8Config = _torchao_int8()
     modules = dict(transformer.named_modules())
+    # torchao swaps a quantized weight for its own tensor subclass; quantizing that again fails inside torchao
+    names = {n for n in names if type(modules[n].weight) is nn.Parameter}
+    if not names:
+        return transformer
+    quantize_, Int8Config = _torchao_int8()
     quantize_(transformer, Int8Config(), filter_fn=lambda module, fqn: fqn in names and modules[fqn] is module)
     return transformer

@@ -48,3 +48,12 @@ def test_bad_models_are_refused(transformer):
         quantize_transformer_int8(copy.deepcopy(transformer).train())
     with pytest.raises(ValueError, match="no block projections"):
         quantize_transformer_int8(torch.nn.Sequential(torch.nn.Linear(4, 4)).eval())
+
+
+def test_quantizing_twice_changes_nothing(recorded, transformer):
+    """A second call (e.g. `pipe.quantize_int8()` on a pipeline already in int8) leaves the weights as they are."""
+    inp = recorded("transformer_forward/inputs")
+    once = quantize_transformer_int8(copy.deepcopy(transformer))
+    before = _teacher_forced_logits(once, inp)
+    assert quantize_transformer_int8(once) is once
+    assert torch.equal(_teacher_forced_logits(once, inp), before)
