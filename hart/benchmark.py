@@ -183,7 +183,7 @@ def analytic_flops(t: dict, vae: dict, text_tokens: Optional[int] = None, keep: 
     phi = 2 * P * P * Cv * Cv * 9 if vae["num_phi"] > 0 and abs(vae["phi_ratio"]) > 1e-6 else 0
     scales, seen = [], 0
     for si, p in enumerate(pn):
-        L = T if si == 0 else num_kept(p, keep) if si in pruned else p * p
+        L = T if si == 0 else num_kept(p, pruned[si]) if si in pruned else p * p
         seen += L
         f = 2 * t["depth"] * (L * per_token + 4 * L * seen * C)  # blocks (attention)
         f += 2 * (2 * C * 2 * C + p * p * 2 * C * V) + p * p * 2 * V * Cv  # head (AdaLN, logits), soft codes

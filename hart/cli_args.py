@@ -22,7 +22,7 @@ METADATA_KEY = "hart"  # PNG text chunk holding the JSON of everything needed to
 # guidance None: the model's own, filled in once the model is loaded).
 SAMPLING_DEFAULTS = dict(seed=limits.SEED, guidance_scale=None, top_k=None, top_p=None,
                          more_smooth=limits.MORE_SMOOTH, negative_prompt=None, prune=1.0, compact_text=True)
-DEFAULT_PRUNE_KEEP = 0.5  # a bare --prune; the same as hart.pruning.DEFAULT_KEEP (kept here: --help imports no torch)
+DEFAULT_PRUNE_KEEP = 0.25  # a bare --prune; the same as hart.pruning.DEFAULT_KEEP (kept here: --help imports no torch)
 
 
 class UsageError(Exception):
@@ -197,7 +197,8 @@ def add_sampling_arguments(p, what: str = "the images") -> None:
                    help=f"soft codes (default {'on' if limits.MORE_SMOOTH else 'off'})")
     p.add_argument("--prune", nargs="?", const=DEFAULT_PRUNE_KEEP, metavar="KEEP",
                    type=checked(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-                   help=f"token pruning at the two largest scales: the fraction of tokens forwarded (bare --prune: "
+                   help=f"token pruning at the largest scales: the fraction of tokens forwarded at the last one, twice that "
+                        f"at the one before, and so on while under 1 (bare --prune: "
                         f"{DEFAULT_PRUNE_KEEP:g}; default 1, off); faster, changes images slightly")
     p.add_argument("--compact-text", action=argparse.BooleanOptionalAction,
                    help="attend to the prompt's distinct text positions plus one weighted padding key instead of "

@@ -1,6 +1,6 @@
 """Training-free cached token pruning at the largest scales (after FastVAR, Guo et al., ICCV 2025).
 
-Most of a 1024 px image's transformer time goes to its two largest scales (48 and 64: 6400 of the
+Most of a 1024 px image's transformer time goes to its largest scales (36, 48 and 64: 7696 of the
 9451 image tokens), where most tokens only refine what the coarser scales already settled. At those
 scales only the *pivotal* tokens are forwarded through the blocks' attention and SwiGLU branches; the
 branch outputs of the other tokens are restored from the same block's branch outputs at the scale
@@ -9,17 +9,19 @@ the next scale see every token.
 
 How the per-scale transformer step uses these functions (scale `si`, side `p`, CFG rows `2B`):
 
-- Which scales: `pruned_scales(patch_nums, keep)`, the two largest (48 and 64 at 1024 px, 27 and 32
-  at 512 px, 12 and 16 at 256 px, 11 and 16 for the bundled model); none when `keep` is 1. The one
-  knob is `keep`, the fraction of tokens forwarded at each of those scales: off (1.0) by default,
-  `DEFAULT_KEEP` (0.5) when pruning is asked for without a value. Under MaskGIT
-  (`num_maskgit_iters > 1`) the last scale is left whole: its steps already forward subsets.
+- Which scales, and how much of each: `pruned_scales(patch_nums, keep)`. The one knob `keep` is the
+  fraction of tokens forwarded at the largest scale; the scale before forwards twice as much, and so
+  on while the fraction stays under 1. At the default `DEFAULT_KEEP` (0.25, what pruning gets when
+  asked for without a value) that is 0.25 and 0.5 of the two largest scales (48 and 64 at 1024 px,
+  27 and 32 at 512 px, 12 and 16 at 256 px, 11 and 16 for the bundled model); 1.0 (the library's
+  default) is off. Under MaskGIT (`num_maskgit_iters > 1`) the last scale is left whole: its steps
+  already forward subsets.
 - `hart.sampling.sample_scales` picks the pivotal tokens and passes them to
   `HARTTransformer.scale_step(..., pivotal_Bk=...)`; the blocks' branches go through `BranchCache`.
 - At the scale before the first pruned one, the step keeps every block's two branch outputs
   (attention and SwiGLU, before the gates), `(2B, p_prev^2, C)` each: the cache.
-- At a pruned scale, once per scale: `idx_2Bk = pivotal_indices(input_BCpp, prev_input_BCqq, keep)
-  .repeat(2, 1)` on the latent inputs of this scale and the one before (both CFG halves read the
+- At a pruned scale, once per scale: `idx_2Bk = pivotal_indices(input_BCpp, prev_input_BCqq,
+  pruned[si]).repeat(2, 1)` on the latent inputs of this scale and the one before (both CFG halves read the
   same input, so they share the choice); the RoPE angles of the kept tokens come from
   `stage_rope(si, offset, index_Bl=idx_2Bk)`, as for MaskGIT. Then in every block:
       h = modulated_norm(x_2BlC)                                    # full size: element-wise
@@ -42,8 +44,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-DEFAULT_KEEP = 0.5  # fraction of tokens forwarded at each pruned scale when pruning is on
-NUM_PRUNED_SCALES = 2
+DEFAULT_KEEP = 0.25  # fraction forwarded at the largest scale when pruning is on (0.5 at the one before)
 
 
 def check_keep(keep: float) -> float:
@@ -52,16 +53,23 @@ def check_keep(keep: float) -> float:
     return float(keep)
 
 
-def pruned_scales(patch_nums: Sequence[int], keep: float) -> Tuple[int, ...]:
-    """Indices of the scales whose tokens are pruned: the two largest, never scales 0 and 1.
+def pruned_scales(patch_nums: Sequence[int], keep: float) -> Dict[int, float]:
+    """The pruned scales' indices, ascending, each with the fraction of its tokens forwarded.
 
-    Scale 0 is the text prefix and scale 1 the first image scale: a pruned scale needs an image
-    scale before it to restore from.
+    `keep` is the largest scale's fraction; each smaller scale forwards twice its successor's
+    fraction, as long as that is under 1. Doubling keeps the forwarded token count nearly level
+    across the pruned scales (a scale has about 1.8x the tokens of the one before at the released
+    sizes), and `keep=0.25` is FastVAR's setting for HART (0.5 at 48, 0.25 at 64). Scales 0 and 1
+    are never pruned: scale 0 is the text prefix, and a pruned scale needs an image scale before it
+    to restore from.
     """
-    if check_keep(keep) == 1.0:
-        return ()
-    first = max(2, len(patch_nums) - NUM_PRUNED_SCALES)
-    return tuple(range(first, len(patch_nums)))
+    fraction, pruned = check_keep(keep), {}
+    for si in range(len(patch_nums) - 1, 1, -1):
+        if fraction >= 1:
+            break
+        pruned[si] = fraction
+        fraction *= 2
+    return dict(sorted(pruned.items()))
 
 
 def num_kept(side: int, keep: float) -> int:

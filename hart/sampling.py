@@ -34,9 +34,10 @@ class SamplingOptions:
     more_smooth: the release's gumbel-softmax soft codes instead of hard codes.
     stale_last_scale_guidance: the release's last-scale weight `w (S-2)/(S-1)` (True) or the full `w`.
     num_maskgit_iters: MaskGIT steps at the last scale; 1 predicts all its tokens at once.
-    prune: the fraction of tokens the blocks' branches forward at the two largest scales, the others
-        restored from the scale before (hart/pruning.py); 1.0 (the default) is off, and
-        `hart.pruning.DEFAULT_KEEP` (0.5) the value the CLI's bare `--prune` gives. Changes images.
+    prune: the fraction of tokens the blocks' branches forward at the largest scale, twice that at the
+        scale before and so on while under 1, the others restored from the scale before
+        (hart/pruning.py); 1.0 (the default) is off, and `hart.pruning.DEFAULT_KEEP` (0.25) the value
+        the CLI's bare `--prune` gives. Changes images.
         With `num_maskgit_iters` > 1 the last scale is not pruned (MaskGIT forwards subsets there).
     compact_text: attend to each row's distinct text positions plus one weighted key for its padding
         (hart/text_keys.py) instead of all 300 positions: the same images up to float rounding.
@@ -222,10 +223,11 @@ def sample_scales(
     if options.compact_text:
         cond, uncond, key_bias_NT = compact_text(cond, uncond)
     text = TextConditioning(*(torch.cat(pair) for pair in zip(cond, uncond))) if guided else cond
-    pruned = [si for si in pruned_scales(pn, options.prune) if si < S - 1 or options.num_maskgit_iters == 1]
+    pruned = {si: keep for si, keep in pruned_scales(pn, options.prune).items()
+              if si < S - 1 or options.num_maskgit_iters == 1}
     state = transformer.prepare_inference(
         text, text_key_bias_NT=key_bias_NT if guided or key_bias_NT is None else key_bias_NT[:B],
-        record_from=pruned[0] - 1 if pruned else None,
+        record_from=min(pruned) - 1 if pruned else None,
     )
     device = state.text_BTC.device
     codebook_VCv = quantizer.embedding.weight.float().to(device)
@@ -233,7 +235,7 @@ def sample_scales(
     tokens_BlCv = input_BCpp = prev_input_BCqq = None
     for si, p in enumerate(pn):
         # token pruning: the pivotal tokens are where this scale's input departs from the previous one's
-        pivotal_Bk = pivotal_indices(input_BCpp, prev_input_BCqq, options.prune).to(device) if si in pruned else None
+        pivotal_Bk = pivotal_indices(input_BCpp, prev_input_BCqq, pruned[si]).to(device) if si in pruned else None
         ratio = options.guidance_ratio(si, S)
         draw = dict(codebook_VCv=codebook_VCv, top_k=top_ks[si], top_p=options.top_p,
                     soft_ratio=ratio if options.more_smooth else None, generator=generator)

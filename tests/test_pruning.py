@@ -10,11 +10,13 @@ from hart.pruning import (
 SCALES_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 
 
-def test_the_two_largest_scales_are_pruned():
-    assert pruned_scales(SCALES_1024, DEFAULT_KEEP) == (12, 13)  # sides 48 and 64
-    assert pruned_scales((1, 2, 3, 4, 6, 8, 11, 16), 0.3) == (6, 7)  # the bundled model: 11 and 16
-    assert pruned_scales((1, 2, 3), 0.5) == (2,)  # scale 1 has nothing before it to restore from
-    assert pruned_scales(SCALES_1024, 1.0) == ()  # keeping everything is no pruning
+def test_the_kept_fraction_doubles_at_each_smaller_scale_while_under_one():
+    assert pruned_scales(SCALES_1024, DEFAULT_KEEP) == {12: 0.5, 13: 0.25}  # sides 48 and 64, as FastVAR's HART
+    assert pruned_scales(SCALES_1024, 0.1) == pytest.approx({10: 0.8, 11: 0.4, 12: 0.2, 13: 0.1})
+    assert pruned_scales(SCALES_1024, 0.5) == {13: 0.5}
+    assert pruned_scales((1, 2, 3, 4, 6, 8, 11, 16), 0.25) == {6: 0.5, 7: 0.25}  # the bundled model: 11 and 16
+    assert pruned_scales((1, 2, 3, 4), 0.01) == {2: 0.02, 3: 0.01}  # scale 1 has nothing before it to restore from
+    assert pruned_scales(SCALES_1024, 1.0) == {}  # keeping everything is no pruning
 
 
 def test_num_kept_rounds_and_stays_in_range():

@@ -46,8 +46,9 @@ def test_pruning_that_keeps_every_token_changes_nothing(models, cond):
 
 def test_pruning_forwards_only_the_kept_tokens(models, cond, monkeypatch):
     transformer, _ = models
-    pn, keep = transformer.patch_nums, 0.5
+    pn, keep = transformer.patch_nums, 0.25
     pruned = pruned_scales(pn, keep)
+    assert len(pruned) == 2  # the largest scale at 0.25, the one before at 0.5
     seen = []
     original = transformer.blocks[0].attn.forward
     monkeypatch.setattr(transformer.blocks[0].attn, "forward",
@@ -58,10 +59,10 @@ def test_pruning_forwards_only_the_kept_tokens(models, cond, monkeypatch):
         assert seen[0] < text_positions
     else:  # leading pads do not merge
         assert seen[0] == text_positions
-    assert seen[1:] == [num_kept(p, keep) if si in pruned else p * p for si, p in enumerate(pn) if si > 0]
+    assert seen[1:] == [num_kept(p, pruned[si]) if si in pruned else p * p for si, p in enumerate(pn) if si > 0]
     unpruned = _sample(models, cond)
     assert latent.shape == unpruned.shape and torch.isfinite(latent).all()
-    assert not torch.equal(latent, unpruned)  # half the tokens at the largest scales: a different image
+    assert not torch.equal(latent, unpruned)  # fewer tokens at the largest scales: a different image
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -76,12 +77,12 @@ def test_bad_speed_options_are_refused(settings, message):
 
 def test_pruning_under_maskgit_leaves_the_last_scale_whole(models, cond, monkeypatch):
     transformer, _ = models
-    pn, keep = transformer.patch_nums, 0.5
+    pn, keep = transformer.patch_nums, 0.25
     seen = []
     original = transformer.blocks[0].ffn.forward
     monkeypatch.setattr(transformer.blocks[0].ffn, "forward", lambda x: seen.append(x.shape[1]) or original(x))
     _sample(models, cond, prune=keep, num_maskgit_iters=2)
-    assert seen[len(pn) - 2] == num_kept(pn[-2], keep)  # the second largest scale is pruned
+    assert seen[len(pn) - 2] == num_kept(pn[-2], 2 * keep)  # the second largest scale is pruned
     assert sum(seen[len(pn) - 1:]) == pn[-1] ** 2  # the last scale's MaskGIT steps forward every token once
 
 
@@ -101,7 +102,7 @@ def test_generate_flags_reach_the_pipeline_and_the_metadata(fixtures, tmp_path, 
     said = capsys.readouterr()
     assert f"--dtype auto: {auto_dtype('cpu').reason}" in said.out and "--dtype auto" not in said.err
     meta = json.loads(Image.open(out / "00000_00.png").text[METADATA_KEY])
-    assert (meta["prune"], meta["compact_text"], meta["dtype"], meta["int8"]) == (0.5, False, auto_dtype("cpu").name, False)
+    assert (meta["prune"], meta["compact_text"], meta["dtype"], meta["int8"]) == (0.25, False, auto_dtype("cpu").name, False)
     again = tmp_path / "again"
     assert main(["generate", "--from-png", str(out / "00000_00.png"), "--out", str(again)]) == 0
     assert Image.open(again / "00000_00.png").tobytes() == Image.open(out / "00000_00.png").tobytes()
