@@ -133,19 +133,21 @@ class BranchCache:
     Created by `HARTTransformer.prepare_inference` when pruning is on; each block's attention and
     SwiGLU branch go through `run`. At a recording scale (`idx_Bk` None) a branch runs on every token;
     at a pruned scale on the pivotal ones, the others restored from the recorded outputs. Either way
-    the full output is recorded for the next scale.
+    the full output is recorded for the next scale, except at the last scale, which has none: there
+    each recorded output is dropped once restored from (at 1024 px the 64 x 64 scale's outputs would
+    hold 0.8 GB in bf16).
     """
 
     def __init__(self, record_from: int):
         self.record_from = record_from  # the scale before the first pruned one
         self.idx_Bk: Optional[torch.Tensor] = None
-        self.side = 0
+        self.side, self.record = 0, True
         self.outputs: Dict[Tuple[int, str], torch.Tensor] = {}
 
-    def start_scale(self, side: int, idx_Bk: Optional[torch.Tensor]) -> None:
+    def start_scale(self, side: int, idx_Bk: Optional[torch.Tensor], record: bool = True) -> None:
         if idx_Bk is not None and not self.outputs:
             raise ValueError("a pruned scale needs the branch outputs of the scale before it: none were recorded")
-        self.side, self.idx_Bk = side, idx_Bk
+        self.side, self.idx_Bk, self.record = side, idx_Bk, record
 
     def run(self, key: Tuple[int, str], h_BlC: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if self.idx_Bk is None:
@@ -153,5 +155,8 @@ class BranchCache:
         else:
             out_BkC = branch(gather_tokens(h_BlC, self.idx_Bk))
             out_BlC = restore_tokens(out_BkC, self.idx_Bk, self.outputs[key], self.side)
-        self.outputs[key] = out_BlC
+        if self.record:
+            self.outputs[key] = out_BlC
+        else:
+            self.outputs.pop(key, None)
         return out_BlC

@@ -324,6 +324,7 @@ def _last_scale(transformer, state, tokens_BLCv, f_hat, *, t, known, forced, num
     added_BLCv = torch.zeros(B, P * P, Cv, device=device)
     idx_BL = torch.zeros(B, P * P, dtype=torch.long, device=device)
     logits_BLV = None
+    state.cache.keep_new = num_maskgit_iters > 1  # in one step, nothing reads this scale's keys after it
     for pred_Bn in _maskgit_steps(P * P, num_maskgit_iters, B, draw["generator"], device):
         x_BnCv = tokens_BLCv.gather(1, pred_Bn.unsqueeze(-1).expand(-1, -1, Cv))
         hidden_2BnC, logits_2BnV = transformer.scale_step(  # pruning: one step over the whole map

@@ -3,12 +3,14 @@
     python scripts/load_memory.py --config medium --dtype bf16 --image
     python scripts/load_memory.py --config hart-0.7b-1024 --dtype bf16
     python scripts/load_memory.py --config medium --dtype bf16 --pickle   # llm/ema_model.bin, as released
+    python scripts/load_memory.py --config hart-0.7b-1024 --dtype bf16 --image --prune 0.25 --layout pipeline
 
 A benchmark configuration's transformer (with its diffusion head) and tokenizer are built with random
 weights and saved in fp32, as released, both in this package's layout (`transformer/`, `vae/`, as
 `HARTPipeline.from_pretrained` reads them) and in the official one (`llm/`, `tokenizer/`). Each layout
 is then loaded in `--dtype` in a fresh process, whose peak RSS (`ru_maxrss`) is printed: after the
-imports, after loading, and with `--image` after one image from random text features (guidance 4.5).
+imports, after loading, and with `--image` after one image from random text features (guidance 4.5;
+`--prune` as the pipeline's). `--layout` measures one layout only.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def save(config: str, folder: Path, pickle: bool) -> None:
     save_file({k: t.contiguous() for k, t in sd.items()}, folder / "tokenizer" / "model.safetensors")
 
 
-def measure(folder: Path, layout: str, dtype: str, image: bool) -> dict:
+def measure(folder: Path, layout: str, dtype: str, image: bool, prune: float) -> dict:
     """Peak RSS in this process: after the imports, after loading, after one image."""
     import torch
 
@@ -86,7 +88,7 @@ def measure(folder: Path, layout: str, dtype: str, image: bool) -> dict:
         t = transformer.config
         pipe.encode_prompt = lambda prompts, device=None, **kw: bench.random_text_conditioning(
             len(prompts), t.context_tokens, t.context_dim, "cpu")
-        pipe("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt")
+        pipe("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt", prune=prune)
         figures["image_mib"] = peak_mib()
     return figures
 
@@ -96,24 +98,26 @@ def main() -> None:
     p.add_argument("--config", default="medium", choices=CONFIGS)
     p.add_argument("--dtype", default="bf16", choices=DTYPES)
     p.add_argument("--image", action="store_true", help="also generate one image after loading")
+    p.add_argument("--prune", type=float, default=1.0, help="the image's token pruning (default 1, off)")
     p.add_argument("--pickle", action="store_true", help="official layout: the transformer from a torch pickle")
+    p.add_argument("--layout", choices=LAYOUTS, help="measure this layout only (default: both)")
     p.add_argument("--folder", help=argparse.SUPPRESS)  # internal: save into / measure this folder
-    p.add_argument("--layout", choices=("save", *LAYOUTS), help=argparse.SUPPRESS)
+    p.add_argument("--save", action="store_true", help=argparse.SUPPRESS)  # internal: save the weights
     args = p.parse_args()
-    if args.layout == "save":
+    if args.save:
         return save(args.config, Path(args.folder), args.pickle)
     if args.folder:
-        print(json.dumps(measure(Path(args.folder), args.layout, args.dtype, args.image)))
+        print(json.dumps(measure(Path(args.folder), args.layout, args.dtype, args.image, args.prune)))
         return
     # This process imports no torch and the work runs in children: a child's ru_maxrss starts at its
     # parent's resident size (Linux keeps the pre-exec high-water mark), which must stay small.
     print(f"{args.config}, weights saved in fp32, loaded in {args.dtype}; peak RSS (ru_maxrss), MiB")
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, __file__, "--config", args.config, "--folder", tmp, "--layout", "save"]
+        subprocess.run([sys.executable, __file__, "--config", args.config, "--folder", tmp, "--save"]
                        + (["--pickle"] if args.pickle else []), check=True)
-        for layout in LAYOUTS:
+        for layout in [args.layout] if args.layout else LAYOUTS:
             cmd = [sys.executable, __file__, "--config", args.config, "--dtype", args.dtype, "--folder", tmp,
-                   "--layout", layout] + (["--image"] if args.image else [])
+                   "--layout", layout, "--prune", str(args.prune)] + (["--image"] if args.image else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             figures = json.loads(out.strip().splitlines()[-1])
             print(f"  {layout:9s} " + ", ".join(f"{k[:-4]} {v:.0f}" for k, v in figures.items()))

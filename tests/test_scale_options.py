@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from hart.loading import load_official_tokenizer, load_official_transformer
-from hart.pruning import num_kept, pruned_scales
+from hart.models.attention import KVCache
+from hart.pruning import BranchCache, num_kept, pruned_scales
 from hart import rng, sampling
 from hart.sampling import ForcedTokens, SamplingOptions, sample_scales
 from hart.text import TextConditioning
@@ -63,6 +64,32 @@ def test_pruning_forwards_only_the_kept_tokens(models, cond, monkeypatch):
     unpruned = _sample(models, cond)
     assert latent.shape == unpruned.shape and torch.isfinite(latent).all()
     assert not torch.equal(latent, unpruned)  # fewer tokens at the largest scales: a different image
+
+
+@pytest.mark.parametrize("num_maskgit_iters, prune", [(1, 1.0), (1, 0.25), (2, 1.0)])
+def test_the_last_scale_keeps_nothing_it_needs_no_more(models, cond, monkeypatch, num_maskgit_iters, prune):
+    """In one step the last scale's keys and values are attended to but never stored, and the pruning
+    cache drops each recorded output once restored from: memory, not values (the parity tests)."""
+    transformer, _ = models
+    made = {}
+    for cls in (KVCache, BranchCache):
+        monkeypatch.setattr(cls, "__init__", _spy(cls.__init__, made))
+    _sample(models, cond, prune=prune, num_maskgit_iters=num_maskgit_iters, compact_text=False)
+    pn, pruned = transformer.patch_nums, pruned_scales(transformer.patch_nums, prune)
+    stored = cond.mask_BT.shape[1] + sum(num_kept(p, pruned[si]) if si in pruned else p * p
+                                         for si, p in enumerate(pn[:-1]) if si > 0)
+    if num_maskgit_iters > 1:
+        stored += pn[-1] ** 2
+    assert made[KVCache].len == [stored] * len(transformer.blocks)
+    if prune < 1:
+        assert made[BranchCache].outputs == {}
+
+
+def _spy(init, made):
+    def spying_init(self, *args, **kwargs):
+        made[type(self)] = self
+        init(self, *args, **kwargs)
+    return spying_init
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -342,7 +342,8 @@ class HARTTransformer(CastWhileLoading, ConfigMixin):
             index_Bl = pivotal_Bk
         index_Bl = None if index_Bl is None else index_Bl.repeat(rows // B, 1)
         if branches is not None:
-            branches.start_scale(self.patch_nums[si], index_Bl if pivotal_Bk is not None else None)
+            branches.start_scale(self.patch_nums[si], index_Bl if pivotal_Bk is not None else None,
+                                 record=si < len(self.patch_nums) - 1)
         positions = image_positions(self.patch_nums[si], self.patch_nums[-1], state.offset_B, index_Bl)
         mask = self._key_bias(state, x_BlC.shape[1] if index_Bl is None else index_Bl.shape[1])
         hidden_BlC = self._run_blocks(
