@@ -118,7 +118,7 @@ def _number(value, name: str, low: float, high: float, low_open: bool = False) -
 
 
 def validate(prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_k, top_p, more_smooth,
-             num_images, *, vocab_size: int, max_images: int) -> dict:
+             num_images, prune=1.0, *, vocab_size: int, max_images: int) -> dict:
     """The UI's raw values as pipeline arguments, or a `gr.Error` that names the field to fix."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise _invalid("Please enter a prompt: describe the image you want.")
@@ -139,6 +139,7 @@ def validate(prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_
         top_p=None if top_p == 1.0 else top_p,
         more_smooth=bool(more_smooth),
         num_images=_whole(num_images, "Number of images", 1, max_images),
+        prune=_number(prune, "Token pruning", 0.0, 1.0, low_open=True),
     )
 
 
@@ -180,9 +181,9 @@ def make_generate(pipe, max_images: int, last_run: LastRun, safety_checker: Opti
     vocab_size, max_tokens = pipe.transformer.config.vocab_size, pipe.transformer.config.context_tokens
 
     def generate(prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_k, top_p, more_smooth,
-                 num_images):
+                 num_images, prune=1.0):
         args = validate(prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_k, top_p, more_smooth,
-                        num_images, vocab_size=vocab_size, max_images=max_images)
+                        num_images, prune, vocab_size=vocab_size, max_images=max_images)
         _screen(args["prompt"], safety_checker)
         seed, n = args.pop("seed"), args.pop("num_images")
         notes = token_notes(pipe.tokenizer, max_tokens, prompt=args["prompt"], negative_prompt=args["negative_prompt"])
@@ -337,6 +338,9 @@ def build_demo(pipe, *, max_images: int = MAX_IMAGES_PER_REQUEST, concurrency: i
                                               info="0 uses the model's own schedule")
                             top_p = gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p", info="1 is off")
                             more_smooth = gr.Checkbox(label="More smooth (soft codes)", value=True)
+                            prune = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Token pruning",
+                                              info="Share of the last scale's tokens computed, twice that at the "
+                                                   "scale before: 1 is off, 0.25 about halves a large image's time")
                         gr.Examples([[e] for e in example_prompts(pipe)], inputs=[prompt], label="Example prompts",
                                     elem_id="examples")
                     with gr.Column(scale=1):
@@ -349,7 +353,7 @@ def build_demo(pipe, *, max_images: int = MAX_IMAGES_PER_REQUEST, concurrency: i
                 gr.on(
                     [run.click, prompt.submit], make_generate(pipe, max_images, last_run, safety_checker),
                     inputs=[prompt, negative_prompt, seed, randomize_seed, guidance_scale, top_k, top_p, more_smooth,
-                            num_images],
+                            num_images, prune],
                     outputs=[preview, gallery, seed, status], api_name="generate", show_progress_on=[status],
                     # raw values reach `validate`, which names the field in its message (gradio's own bound
                     # checks would not)

@@ -110,8 +110,8 @@ def client(app_url, sandbox):
 
 
 def request(prompt="a red fox in the snow", negative="", seed=7, randomize=False, guidance=4.5, top_k=0, top_p=1.0,
-            more_smooth=True, num_images=1):
-    return [prompt, negative, seed, randomize, guidance, top_k, top_p, more_smooth, num_images]
+            more_smooth=True, num_images=1, prune=1.0):
+    return [prompt, negative, seed, randomize, guidance, top_k, top_p, more_smooth, num_images, prune]
 
 
 def run(client, *args, **kwargs):
@@ -169,7 +169,7 @@ def test_used_seed_reproduces_the_images(client, fixture_pipe):
 def test_sampling_options_reach_the_pipeline(client):
     base = images(run(client)[-1][1])[0]
     for options in (dict(guidance=0.0), dict(top_k=5), dict(top_p=0.3), dict(more_smooth=False),
-                    dict(negative="blurry")):
+                    dict(negative="blurry"), dict(prune=0.25)):
         changed = images(run(client, **options)[-1][1])[0]
         assert not np.array_equal(base, changed), f"{options} made no difference"
 
@@ -188,6 +188,8 @@ def test_sampling_options_reach_the_pipeline(client):
     (dict(num_images=5), "Number of images"),
     (dict(seed=-1), f"Seed must be a whole number from 0 to {MAX_SEED}"),
     (dict(seed=None), "Seed"),
+    (dict(prune=0), "Token pruning must be a number above 0 and at most 1"),
+    (dict(prune=1.5), "Token pruning"),
 ])
 def test_invalid_input_gets_a_friendly_message(client, fixture_pipe, changes, message):
     with pytest.raises(AppError, match=message.format(vocab=fixture_pipe.transformer.config.vocab_size)):
