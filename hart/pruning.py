@@ -21,8 +21,8 @@ How the per-scale transformer step uses these functions (scale `si`, side `p`, C
 - At the scale before the first pruned one, the step keeps every block's two branch outputs
   (attention and SwiGLU, before the gates), `(2B, p_prev^2, C)` each: the cache.
 - At a pruned scale, once per scale: `idx_2Bk = pivotal_indices(input_BCpp, prev_input_BCqq,
-  pruned[si]).repeat(2, 1)` on the latent inputs of this scale and the one before (both CFG halves read the
-  same input, so they share the choice); the RoPE angles of the kept tokens come from
+  pruned[si]).repeat(2, 1)` on the latent inputs of this scale and the one before (both CFG halves
+  read the same input, so they share the choice); the RoPE angles of the kept tokens come from
   `stage_rope(si, offset, index_Bl=idx_2Bk)`, as for MaskGIT. Then in every block:
       h = modulated_norm(x_2BlC)                                    # full size: element-wise
       a_2BkC = attn(gather_tokens(h, idx_2Bk), rope_kept, kv_cache) # only pivotal keys enter the cache
