@@ -6,7 +6,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from hart.data.grammar import HELDOUT, NUMBERS, PHRASES, RELATIONS, SIZE_WORDS, WHERE, Wordings, describe
+from hart.data import captions
+from hart.data.grammar import (HELDOUT, LEADS, NO_SHAPE, NUMBERS, PHRASES, PLURAL, RELATIONS, SIZE_WORDS, WHERE, Wordings,
+                               describe)
 from hart.data.shapes import CATEGORIES, COLOURS, GREY, SHAPES, Scene, render, sample_scene
 from hart.data.shapes_dataset import dumps_prompts, make_eval_prompts, make_heldout_prompts, write_dataset
 from hart.eval.shapes_eval import HELDOUT_PROMPTS_PATH, evaluate, load_prompts
@@ -25,11 +27,23 @@ def _plain(text):
     return text.lower().rstrip(".!")
 
 
+def _alternatives(options):
+    return "(?:" + "|".join(re.escape(o) for o in sorted(set(options), key=len, reverse=True)) + ")"
+
+
+FIELDS = {  # what each field of a phrase may say; a noun phrase ({n}, {m}, {bare}) may say anything
+    "lead": _alternatives(LEADS + tuple(PLURAL.values())), "where": _alternatives(sum(WHERE.values(), ())),
+    "rel": _alternatives(sum(RELATIONS.values(), ())), "count": _alternatives(sum(NUMBERS.values(), ())),
+    "bg": _alternatives(COLOURS + ("grey", "gray")), "colour": _alternatives(COLOURS),
+    "noun": _alternatives(SHAPES + NO_SHAPE),
+}
+
+
 def _template_regex(template):
-    """A template as a regular expression over plain captions: fields match any text, "a" also "an"."""
+    """A template as a regular expression over plain captions: fields match what they may say, "a" also "an"."""
     parts = re.split(r"(\{\w+\})", template)
-    body = "".join(".*?" if p == "{lead}" else ".+?" if p.startswith("{") else re.escape(p) for p in parts)
-    return re.compile(re.sub(r"(^|(?<=\s)|(?<=\?))a\\ ", r"\1an?\\ ", body))
+    return re.compile("".join(FIELDS.get(p[1:-1], ".+?") if p.startswith("{")
+                              else re.sub(r"(^|(?<= ))a\\ ", r"\1an?\\ ", re.escape(p)) for p in parts))
 
 
 def _phrase(phrase):
@@ -40,27 +54,15 @@ def _contains(text, phrase):
     return re.search(_phrase(phrase), text) is not None
 
 
-def _heldout_words():
-    """Every held-out wording that is not a phrase template."""
-    words = list(HELDOUT["leads"]) + list(HELDOUT["no_shape"])
-    for key in ("sizes", "where", "relations", "backgrounds"):
-        words += [w for options in HELDOUT[key].values() for w in options]
-    return [w.strip() for w in words]
-
-
-def _options(wordings):
-    return wordings.train + wordings.heldout
-
-
 def _claims(text):
     """What a plain caption says, read back from its words."""
     words = re.findall(r"[\w-]+", text)
-    sizes = [s for w in words for s, wd in SIZE_WORDS.items() if w in _options(wd)]
-    numbers = [n for w in words for n, wd in NUMBERS.items() if w in _options(wd)]
-    relations = {r for r, wd in RELATIONS.items() for o in _options(wd) if _contains(text, o)}
-    for o in sorted((o for wd in RELATIONS.values() for o in _options(wd)), key=len, reverse=True):
+    sizes = [s for w in words for s, options in SIZE_WORDS.items() if w in options]
+    numbers = [n for w in words for n, options in NUMBERS.items() if w in options]
+    relations = {r for r, options in RELATIONS.items() for o in options if _contains(text, o)}
+    for o in sorted((o for options in RELATIONS.values() for o in options), key=len, reverse=True):
         text = re.sub(_phrase(o), "<relation>", text)  # "on the left of" names no grid cell
-    cells = [(len(o), cell) for cell, wd in WHERE.items() for o in _options(wd) if _contains(text, o)]
+    cells = [(len(o), cell) for cell, options in WHERE.items() for o in options if _contains(text, o)]
     return {"colours": Counter(w for w in words if w in COLOURS),
             "shapes": Counter(w.rstrip("s") for w in words if w.rstrip("s") in SHAPES),
             "sizes": Counter(sizes), "numbers": numbers, "cell": max(cells)[1] if cells else None,
@@ -122,18 +124,29 @@ def test_wordings_vary_case_punctuation_articles_and_numbers():
         assert any(re.search(pattern, t) for t in plain), pattern
 
 
-def test_heldout_wordings_never_appear_in_training_captions():
+def test_heldout_phrases_are_new_sentences_of_known_words():
     train = [_plain(t) for _, t, _ in _draws(3, 5000)]
-    for word in _heldout_words():
-        assert not any(_contains(t, word) for t in train), word
-    for category, options in HELDOUT["phrases"].items():
+    rng = np.random.default_rng(3)
+    templates = [captions.describe(sample_scene(rng, CATEGORIES[i % len(CATEGORIES)]), rng)[0] for i in range(2000)]
+    for category, options in HELDOUT.items():
         assert options, category
-        for template in options:
+        for template in options:  # neither a training phrase of the grammar nor a caption template
             regex = _template_regex(template)
-            assert not any(regex.fullmatch(t) for t in train), template
-    # and every held-out caption is worded with a held-out phrase
+            assert not any(regex.fullmatch(t) for t in train + templates), template
+    # every held-out caption is worded with a held-out phrase, and with words training captions use
+    vocabulary = {w for t in train for w in re.findall(r"[\w-]+", t)}
     for scene, text, spec in _draws(4, 400, heldout=True):
-        assert any(_template_regex(t).fullmatch(_plain(text)) for t in HELDOUT["phrases"][scene.category]), text
+        assert any(_template_regex(t).fullmatch(_plain(text)) for t in HELDOUT[scene.category]), text
+        assert set(re.findall(r"[\w-]+", _plain(text))) <= vocabulary, text
+
+
+def test_issue_synonyms_are_training_words():
+    train = " ".join(_plain(t) for _, t, _ in _draws(6, 5000))
+    for words in (("big", "large", "huge"), ("tiny", "small"), ("above", "over", "on top of"),
+                  ("left of", "to the left of", "on the left side of"), ("2", "two"),
+                  ("there is", "there are", "an image of", "a picture showing")):
+        for w in words:
+            assert _contains(train, w), w
 
 
 def test_drawn_afresh_and_deterministic_by_seed():
@@ -152,7 +165,7 @@ def test_heldout_prompt_set_is_committed_and_matches_its_scenes():
         [(r["index"], r["category"], r["scene"]) for r in committed]
     for r in records:
         assert evaluate(render(Scene.from_dict(r["scene"])), r)["passed"], r["prompt"]
-        assert any(_template_regex(t).fullmatch(_plain(r["prompt"])) for t in HELDOUT["phrases"][r["category"]])
+        assert any(_template_regex(t).fullmatch(_plain(r["prompt"])) for t in HELDOUT[r["category"]])
         _check_claims(r["prompt"], r)
     for c in CATEGORIES:
         prompts = [_plain(r["prompt"]) for r in records if r["category"] == c]
