@@ -155,6 +155,19 @@ def test_recipe_trains_every_weight_of_its_transformer(tmp_path):
     assert cfg.checkpoint_every == 1000  # a stopped phase resumes from its last checkpoint
 
 
+def test_transformer_size_sets_dimensions_learning_rate_and_steps(tmp_path):
+    mod = _recipe()
+    assert mod.main(["--work", str(tmp_path / "m"), "--transformer_size", "medium", "--only", "none"]) == 0
+    cfg = json.loads((tmp_path / "m" / "recipe.json").read_text())
+    assert {k: cfg["transformer"][k] for k in ("embed_dim", "depth", "num_heads", "diff_width")} == \
+        dict(embed_dim=192, depth=6, num_heads=6, diff_width=192)
+    assert (cfg["ft_train"]["lr"], cfg["ft_train"]["max_steps"]) == (1.5e-3, 5000)
+    assert cfg["transformer"]["vocab_size"] == mod.FULL["transformer"]["vocab_size"]  # the rest as before
+    assert mod.main(["--work", str(tmp_path / "q"), "--quick", "--transformer_size", "medium", "--only", "none"]) == 0
+    cfg = json.loads((tmp_path / "q" / "recipe.json").read_text())
+    assert cfg["transformer"]["embed_dim"] == 192 and cfg["ft_train"]["max_steps"] == mod.QUICK["ft_train"]["max_steps"]
+
+
 def test_throughput_phase_reports_both_models_and_dtypes(tmp_path):
     mod = _recipe()
     mod.throughput(tmp_path, json.loads(json.dumps(dict(mod.QUICK, throughput=dict(batch_size=2, steps=1,
