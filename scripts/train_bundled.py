@@ -58,7 +58,8 @@ PATCH_NUMS = [1, 2, 3, 4, 6, 8, 11, 16]
 
 # Transformer sizes (`--transformer_size`): dimensions, and the learning rate and steps of the transformer phase.
 # `small` is the shipped model's (1.4 M parameters with its diffusion head, 33 images/s on two AMD EPYC cores);
-# `medium` has 4.7 M and trains at 15 images/s, so it takes half the steps.
+# `medium` has 4.7 M and trains at 15 images/s, so it takes half the steps; in that time it learns less than
+# `small` (docs/bundled_model.md, "What was tried"): it is for machines that can train it longer.
 SIZES = {
     "small": dict(transformer=dict(embed_dim=128, depth=4, num_heads=4, diff_width=128), lr=2e-3, max_steps=10000),
     "medium": dict(transformer=dict(embed_dim=192, depth=6, num_heads=6, diff_width=192), lr=1.5e-3, max_steps=5000),
