@@ -38,7 +38,7 @@ def _pick(options: Tuple[str, ...], rng: np.random.Generator) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-# Phrases by category. Fields: {lead} a lead-in with its trailing space, or "" (PLURAL_LEADS in counting);
+# Phrases by category. Fields: {lead} a lead-in with its trailing space, or "" (after PLURAL in counting);
 # {n}, {m} the first and second noun phrase with article; {bare} the first without article; {where} a grid
 # cell; {rel} the relation of {n} to {m}; {count} a number; {bg} a background colour; {colour}, {noun}
 # for `colours` ({noun} is the shape, or a word for "shape" when the caption leaves the shape out).
