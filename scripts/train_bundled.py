@@ -458,11 +458,12 @@ def evaluate(work: Path, cfg: dict) -> None:
                                 ("heldout", heldout, False)):
         t0 = time.time()
         images = generate(pipe, [r["prompt"] for r in recs], seeds, cfg["guidance_scale"], discrete)
-        report[f"shapes_eval_{key}"] = score(images, [r for r in recs for _ in seeds])
+        per_image = [r for r in recs for _ in seeds]  # prompt-major, as generated
+        report[f"shapes_eval_{key}"] = score(images, per_image)
         report[f"seconds_per_image_{key}"] = (time.time() - t0) / len(images)
         folder = out / key
         folder.mkdir(exist_ok=True)
-        for r, s, im in zip([r for r in recs for _ in seeds], seeds * len(recs), images):
+        for r, s, im in zip(per_image, seeds * len(recs), images):
             im.save(folder / f"{r['index']:05d}_{s}.png")
         print(key, json.dumps(report[f"shapes_eval_{key}"]), flush=True)
     report["tokenizer"] = tokenizer_psnr(pipe.vae, work / "data" / "heldout", cfg["heldout_images"])
