@@ -155,7 +155,7 @@ def test_recipe_trains_every_weight_of_its_transformer(tmp_path):
     assert cfg.checkpoint_every == 1000  # a stopped phase resumes from its last checkpoint
 
 
-def test_transformer_size_sets_dimensions_learning_rate_and_steps(tmp_path):
+def test_transformer_size_and_ft_lr_set_dimensions_learning_rate_and_steps(tmp_path):
     mod = _recipe()
     assert mod.main(["--work", str(tmp_path / "m"), "--transformer_size", "medium", "--only", "none"]) == 0
     cfg = json.loads((tmp_path / "m" / "recipe.json").read_text())
@@ -166,6 +166,11 @@ def test_transformer_size_sets_dimensions_learning_rate_and_steps(tmp_path):
     assert mod.main(["--work", str(tmp_path / "q"), "--quick", "--transformer_size", "medium", "--only", "none"]) == 0
     cfg = json.loads((tmp_path / "q" / "recipe.json").read_text())
     assert cfg["transformer"]["embed_dim"] == 192 and cfg["ft_train"]["max_steps"] == mod.QUICK["ft_train"]["max_steps"]
+    assert mod.main(["--work", str(tmp_path / "l"), "--ft_lr", "1e-3", "--only", "none"]) == 0
+    cfg = json.loads((tmp_path / "l" / "recipe.json").read_text())
+    assert (cfg["ft_train"]["lr"], cfg["ft_train"]["max_steps"]) == (1e-3, 10000)
+    with pytest.raises(SystemExit):
+        mod.main(["--work", str(tmp_path / "z"), "--ft_lr", "0", "--only", "none"])
 
 
 def test_throughput_phase_reports_both_models_and_dtypes(tmp_path):
