@@ -344,3 +344,30 @@ def test_variations_keep_the_layout_of_the_kept_scales(bundled, guidance):
     for obj in before:
         assert any(o.colour == obj.colour and o.shape == obj.shape and abs(o.center[0] - obj.center[0]) <= 4
                    and abs(o.center[1] - obj.center[1]) <= 4 for o in after), (obj, after)
+
+
+def test_refine_phase_trains_only_the_decoder_and_assemble_takes_it(tmp_path):
+    """`--refine_decoder`: the refine phase draws latents for training images after the transformer's own and
+    trains the decoder on them; assemble ships that decoder, and without the option the decoder phase's."""
+    from hart import HybridTokenizer
+    from hart.bundled import BUNDLED_MODEL
+    from hart.data.shapes_dataset import write_dataset
+
+    mod = _recipe()
+    assert mod.main(["--work", str(tmp_path / "o"), "--refine_decoder", "--only", "none"]) == 0
+    assert json.loads((tmp_path / "o" / "recipe.json").read_text())["refine_decoder"] is True
+    cfg = json.loads(json.dumps(dict(mod.QUICK, ft_images=4, refine=dict(mod.QUICK["refine"], keep_scales={"7": 4, "6": 2}))))
+    (tmp_path / "runs" / "ft").mkdir(parents=True)
+    (tmp_path / "runs" / "dec").mkdir()
+    (tmp_path / "runs" / "ft" / "pipeline").symlink_to(Path(BUNDLED_MODEL))  # stands in for a trained transformer
+    (tmp_path / "runs" / "dec" / "tokenizer").symlink_to(Path(BUNDLED_MODEL) / "vae")
+    write_dataset(tmp_path / "data" / "train", 10, seed=1)
+    mod.refine(tmp_path, cfg)
+    before = HybridTokenizer.from_pretrained(Path(BUNDLED_MODEL) / "vae").state_dict()
+    after = HybridTokenizer.from_pretrained(tmp_path / "runs" / "refine" / "tokenizer").state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"decoder", "post_quant_conv"}
+    for refined, expected in ((True, after), (False, before)):
+        mod.assemble(tmp_path, dict(cfg, refine_decoder=refined))
+        shipped = HybridTokenizer.from_pretrained(tmp_path / "pipeline" / "vae").state_dict()
+        assert all(torch.equal(shipped[k], expected[k]) for k in expected)
