@@ -38,3 +38,14 @@ def fixture_pipe(fixtures):
     from hart import HARTPipeline
 
     return HARTPipeline.from_official(fixtures / "ckpt", text_encoder=fixtures / "ckpt" / "text_encoder")
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """The shipped shapes-world pipeline (hart/bundled/shapes-128), one per test module, progress bars off."""
+    from hart import HARTPipeline
+    from hart.bundled import BUNDLED_MODEL
+
+    pipe = HARTPipeline.from_pretrained(BUNDLED_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

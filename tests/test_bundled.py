@@ -186,15 +186,6 @@ def test_throughput_phase_reports_both_models_and_dtypes(tmp_path):
 
 SIDE = 128
 
-@pytest.fixture(scope="module")
-def bundled():
-    from hart import HARTPipeline
-    from hart.bundled import BUNDLED_MODEL
-
-    pipe = HARTPipeline.from_pretrained(BUNDLED_MODEL)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
 
 @pytest.fixture(scope="module")
 def guidance(bundled):

@@ -10,16 +10,6 @@ from hart.training.decoder_refine import drawn_latents, refine_decoder
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    from hart import HARTPipeline
-    from hart.bundled import BUNDLED_MODEL
-
-    pipe = HARTPipeline.from_pretrained(BUNDLED_MODEL)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def renders():
     rng = np.random.default_rng(5)
     scenes = [sample_scene(rng) for _ in range(4)]
@@ -27,7 +17,8 @@ def renders():
     return pixels, [caption(s, rng) for s in scenes]
 
 
-def test_more_kept_scales_draw_a_latent_closer_to_the_images_own(pipe, renders):
+def test_more_kept_scales_draw_a_latent_closer_to_the_images_own(bundled, renders):
+    pipe = bundled
     pixels, captions = renders
     images = pixels.float() / 127.5 - 1
     S = len(pipe.transformer.patch_nums)
@@ -41,7 +32,8 @@ def test_more_kept_scales_draw_a_latent_closer_to_the_images_own(pipe, renders):
     assert gap[S - 1] < 0.5 * gap[1]
 
 
-def test_drawn_latents_name_bad_arguments(pipe, renders):
+def test_drawn_latents_name_bad_arguments(bundled, renders):
+    pipe = bundled
     pixels, captions = renders
     images = pixels.float() / 127.5 - 1
     S = len(pipe.transformer.patch_nums)
