@@ -369,6 +369,9 @@ def refine(work: Path, cfg: dict) -> None:
     data = work / "data" / "train"
     records = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
     start = cfg["ft_images"]  # the transformer trained on the images before this one
+    if len(records) < start + sum(r["keep_scales"].values()):
+        raise SystemExit(f"refine needs {sum(r['keep_scales'].values())} training images after the transformer's "
+                         f"{start}; data/train has {len(records)}")
     drawn, own, images = [], [], []
     for keep, n in r["keep_scales"].items():
         for i in range(start, start + n, 64):

@@ -353,6 +353,8 @@ def test_refine_phase_trains_only_the_decoder_and_assemble_takes_it(tmp_path):
     (tmp_path / "runs" / "ft" / "pipeline").symlink_to(Path(BUNDLED_MODEL))  # stands in for a trained transformer
     (tmp_path / "runs" / "dec" / "tokenizer").symlink_to(Path(BUNDLED_MODEL) / "vae")
     write_dataset(tmp_path / "data" / "train", 10, seed=1)
+    with pytest.raises(SystemExit, match="refine needs 6 training images after the transformer's 5"):
+        mod.refine(tmp_path, dict(cfg, ft_images=5))
     mod.refine(tmp_path, cfg)
     before = HybridTokenizer.from_pretrained(Path(BUNDLED_MODEL) / "vae").state_dict()
     after = HybridTokenizer.from_pretrained(tmp_path / "runs" / "refine" / "tokenizer").state_dict()
