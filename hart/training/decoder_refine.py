@@ -11,12 +11,12 @@ reconstructions stay as sharp as before.
 """
 from __future__ import annotations
 
-import math
 from typing import List, Sequence, Tuple
 
 import torch
 
 from hart.sampling import ForcedTokens, SamplingOptions
+from hart.training.runtime import warmup_cosine
 
 
 @torch.no_grad()
@@ -48,8 +48,8 @@ def refine_decoder(vae, drawn_NChw: torch.Tensor, own_NChw: torch.Tensor, images
     """Train `vae`'s post-quant convolution and decoder in place; images are uint8 (N, 3, H, W).
 
     Each step decodes `batch_size` latents, each the drawn one or, with probability `own_share`, the
-    image's own, with AdamW and a cosine schedule to `min_lr_ratio` x `lr`. Returns (step, L1 loss) every
-    `log_every` steps and at the last.
+    image's own, with AdamW, a linear warm-up and a cosine decay to `min_lr_ratio` x `lr` (`warmup_cosine`).
+    Returns (step, L1 loss) every `log_every` steps and at the last.
     """
     if not len(drawn_NChw) == len(own_NChw) == len(images_N3HW):
         raise ValueError(f"got {len(drawn_NChw)} drawn latents, {len(own_NChw)} own latents and "
@@ -63,13 +63,11 @@ def refine_decoder(vae, drawn_NChw: torch.Tensor, own_NChw: torch.Tensor, images
     for p in trained:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, steps, min_lr_ratio))
     rng = torch.Generator().manual_seed(seed)
     log = []
     vae.train()
     for step in range(steps):
-        cosine = min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * cosine * min(1.0, (step + 1) / warmup_steps)
         rows = torch.randint(len(images_N3HW), (batch_size,), generator=rng)
         use_own = torch.rand(batch_size, generator=rng) < own_share
         z_BChw = torch.where(use_own[:, None, None, None], own_NChw[rows], drawn_NChw[rows])
@@ -79,6 +77,7 @@ def refine_decoder(vae, drawn_NChw: torch.Tensor, own_NChw: torch.Tensor, images
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         if step % log_every == 0 or step == steps - 1:
             log.append((step, loss.item()))
     vae.requires_grad_(False)
