@@ -49,3 +49,16 @@ def bundled():
     pipe = HARTPipeline.from_pretrained(BUNDLED_MODEL)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session", autouse=True)
+def toy_decoder_refinement():
+    """A fine-tune that refines its decoder (`hart.training.decoder_refine`) draws 4 + 4 latents and trains
+    2 steps in tests, not 256 + 256 and 300: tests check what it does, not how well."""
+    from hart.training import decoder_refine
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decoder_refine, "FINETUNE_USER_DRAWS", 4)
+        mp.setattr(decoder_refine, "FINETUNE_WORLD_DRAWS", 4)
+        mp.setattr(decoder_refine, "FINETUNE_STEPS", 2)
+        yield

@@ -338,15 +338,18 @@ def test_variations_keep_the_layout_of_the_kept_scales(bundled, guidance):
 
 
 def test_refine_phase_trains_only_the_decoder_and_assemble_takes_it(tmp_path):
-    """`--refine_decoder`: the refine phase draws latents for training images after the transformer's own and
-    trains the decoder on them; assemble ships that decoder, and without the option the decoder phase's."""
+    """The refine phase (on unless `--no_refine_decoder`) draws latents for training images after the
+    transformer's own and trains the decoder on them; assemble ships that decoder and says so in bundled.json,
+    and without the phase ships the decoder phase's."""
     from hart import HybridTokenizer
     from hart.bundled import BUNDLED_MODEL
     from hart.data.shapes_dataset import write_dataset
 
     mod = _recipe()
-    assert mod.main(["--work", str(tmp_path / "o"), "--refine_decoder", "--only", "none"]) == 0
+    assert mod.main(["--work", str(tmp_path / "o"), "--only", "none"]) == 0
     assert json.loads((tmp_path / "o" / "recipe.json").read_text())["refine_decoder"] is True
+    assert mod.main(["--work", str(tmp_path / "d"), "--no_refine_decoder", "--only", "none"]) == 0
+    assert json.loads((tmp_path / "d" / "recipe.json").read_text())["refine_decoder"] is False
     cfg = json.loads(json.dumps(dict(mod.QUICK, ft_images=4, refine=dict(mod.QUICK["refine"], keep_scales={"7": 4, "6": 2}))))
     (tmp_path / "runs" / "ft").mkdir(parents=True)
     (tmp_path / "runs" / "dec").mkdir()
@@ -364,3 +367,4 @@ def test_refine_phase_trains_only_the_decoder_and_assemble_takes_it(tmp_path):
         mod.assemble(tmp_path, dict(cfg, refine_decoder=refined))
         shipped = HybridTokenizer.from_pretrained(tmp_path / "pipeline" / "vae").state_dict()
         assert all(torch.equal(shipped[k], expected[k]) for k in expected)
+        assert json.loads((tmp_path / "pipeline" / "bundled.json").read_text())["decoder_refined"] is refined

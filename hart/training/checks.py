@@ -62,7 +62,8 @@ FINETUNE_RULES = dict(
     _COMMON, text_encoder=PATH, cache_dir=PATH, cache_dtype=one_of("float32", "bfloat16", "float16"),
     cond_drop_rate=FRACTION, ema_decay=DECAY, lora_rank=NON_NEGATIVE_INT, lora_alpha=POSITIVE_NUMBER,
     lora_targets=one_of(*LORA_GROUP_NAMES), adapt_tokenizer=one_of("auto", "always", "never"),
-    tokenizer_steps=POSITIVE_INT, new_words=TEXT,
+    tokenizer_steps=POSITIVE_INT, refine_decoder=one_of("auto", "always", "never"), refine_steps=POSITIVE_INT,
+    new_words=TEXT,
     validation_prompts=TEXT, validation_every=NON_NEGATIVE_INT, validation_guidance=GUIDANCE,
     validation_world_prompts=WORLD_PROMPTS, export_weights=one_of("ema", "raw"), prior_ratio=DECAY,
     prior_images=POSITIVE_INT, prior_prompts=PATH, prior_distill=NON_NEGATIVE_NUMBER,
@@ -227,22 +228,31 @@ PRIOR_DIR = "prior"
 PRIOR_INFO = "prior_info.json"
 
 
-def model_world(pretrained) -> Optional[str]:
-    """The world a model folder declares (`"world"` in its `bundled.json`), or None."""
+def model_notes(pretrained) -> dict:
+    """A model folder's notes on itself (its `bundled.json`): `world` (the world it was trained on) and
+    `decoder_refined` (its decoder was refined on latents its transformer drew, `hart.training.decoder_refine`);
+    {} where the folder has none."""
     from hart.loading import detect_layout
 
     layout, folder = detect_layout(pretrained)
     path = folder / WORLD_FILE
     if layout != "pipeline" or not path.is_file():
-        return None
+        return {}
     try:
         notes = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SettingError(f"--pretrained: {path} is not a JSON file ({e})") from None
-    world = notes.get("world") if isinstance(notes, dict) else None
+    if not isinstance(notes, dict):
+        raise SettingError(f"--pretrained: {path} must hold a JSON object, not {type(notes).__name__}")
+    world = notes.get("world")
     if world is not None and world not in WORLDS:
         raise SettingError(f"--pretrained: {path} declares the world {world!r}; known worlds: {', '.join(WORLDS)}")
-    return world
+    return notes
+
+
+def model_world(pretrained) -> Optional[str]:
+    """The world a model folder declares (`"world"` in its `bundled.json`), or None."""
+    return model_notes(pretrained).get("world")
 
 
 def read_prompts(path) -> List[str]:

@@ -120,6 +120,10 @@ def finetune_parser() -> argparse.ArgumentParser:
          help="train the tokenizer's decoder on your images first: 'auto' when they reconstruct 3 dB worse "
               "than the model's own world (default)")
     flag(g, "--tokenizer_steps", help="decoder training steps when adapting")
+    flag(g, "--refine_decoder", choices=("auto", "always", "never"),
+         help="after training, refine the exported decoder on latents the fine-tuned model draws for your images "
+              "and the model's world: 'auto' when the model's decoder was refined so (the bundled model's was; default)")
+    flag(g, "--refine_steps", help="decoder training steps when refining")
     g = p.add_argument_group("prior preservation")
     flag(g, "--prior_ratio",
          help="fraction of the training images that are prior samples of the base model's world (0: off; default "

@@ -53,6 +53,10 @@ class FinetuneConfig:
     lora_targets: Tuple[str, ...] = LORA_GROUP_NAMES
     adapt_tokenizer: str = "auto"  # "auto": when the user's images reconstruct 3 dB worse than the world's; "always", "never"
     tokenizer_steps: int = 200  # decoder training steps when adapting
+    # "auto": refine the exported decoder on the fine-tuned transformer's drawings when the model's decoder was
+    # refined on its own (`"decoder_refined"` in its bundled.json); "always", "never"
+    refine_decoder: str = "auto"
+    refine_steps: Optional[int] = None  # decoder training steps when refining; None: 300 (`decoder_refine.FINETUNE_STEPS`)
     new_words: str = "none"  # words that get text tokens of their own: "none", "auto" or "word1,word2"
     seed: int = 0
     checkpoint_every: int = 500

@@ -4,10 +4,13 @@ The text encoder, its tokenizer and the image tokenizer are taken unchanged from
 run started from; the transformer gets the trained (by default EMA) weights with any LoRA adapters
 merged, so `HARTPipeline.from_pretrained(folder)` loads it like any other. With LoRA, the adapter
 weights alone are also written beside it (`lora_weights.safetensors`). The base model's own guidance
-(its pipeline config) and its `bundled.json` (the world it draws) are kept.
+(its pipeline config) and its `bundled.json` (the world it draws) are kept. Where the run refines the
+decoder (`hart.training.decoder_refine.refining_due`), the exported pipeline's decoder is refined on what
+the exported transformer draws before it is written, and its `bundled.json` says so.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from contextlib import nullcontext
@@ -17,10 +20,10 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from hart.loading import detect_layout
 from hart.models.transformer import HARTTransformer
 from hart.pipelines import HARTPipeline
-from hart.training.checks import WORLD_FILE
+from hart.training.checks import WORLD_FILE, model_notes
+from hart.training.decoder_refine import refine_after_finetune, refining_due
 from hart.training.lora import add_lora, lora_state_dict, merge_lora
 from hart.training.new_words import add_words
 
@@ -57,15 +60,20 @@ def export_pipeline(accelerator, objective, ema, cfg, out_dir, *, vae=None, new_
         base = HARTPipeline.from_folder(cfg.pretrained, cfg.text_encoder)
         if new_words:
             add_words(base.tokenizer, base.text_encoder, new_words, cfg.seed)
-        notes = detect_layout(cfg.pretrained)[1] / WORLD_FILE  # the model's notes on itself (its world) stay true
+        notes = model_notes(cfg.pretrained)  # the model's notes on itself (its world) stay true
         pipe = type(base)(tokenizer=base.tokenizer, text_encoder=base.text_encoder, transformer=transformer,
                           vae=base.vae if vae is None else vae, guidance_scale=base.config.guidance_scale)
+        if refining_due(cfg):
+            done = refine_after_finetune(pipe.to(accelerator.device), cfg, notes.get("world"))
+            if done is not None:
+                logger.info("%s", done)
+                notes["decoder_refined"] = True
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             pipe.save_pretrained(tmp)
-            if notes.is_file():
-                shutil.copy(notes, tmp / WORLD_FILE)
+            if notes:
+                (tmp / WORLD_FILE).write_text(json.dumps(notes, indent=2) + "\n", encoding="utf-8")
             if cfg.lora_rank:
                 save_file(adapters, str(tmp / "lora_weights.safetensors"))
         except BaseException:
