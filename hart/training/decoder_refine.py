@@ -37,10 +37,12 @@ DRAW_BATCH = 64
 
 @torch.no_grad()
 def drawn_latents(pipe, images_B3HW: torch.Tensor, captions: Sequence[str], *, keep_scales: int,
-                  guidance_scale: float, seeds: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+                  guidance_scale: float, seeds: Sequence[int],
+                  use_system_prompt: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """(latent the transformer drew after the images' first `keep_scales` scales, the images' own latent).
 
-    Images are (B, 3, H, W) in [-1, 1]; one seed per image. Both latents are (B, Cvae, h, w) float32.
+    Images are (B, 3, H, W) in [-1, 1]; one seed per image; captions are encoded as the pipeline does
+    (`use_system_prompt` as its argument). Both latents are (B, Cvae, h, w) float32.
     """
     if not 0 < keep_scales < len(pipe.transformer.patch_nums):
         raise ValueError(f"`keep_scales` must be between 1 and {len(pipe.transformer.patch_nums) - 1} "
@@ -51,7 +53,7 @@ def drawn_latents(pipe, images_B3HW: torch.Tensor, captions: Sequence[str], *, k
     vae = pipe.vae
     idx, residual = vae.img_to_tokens(images_B3HW)
     own = vae.quantize.idx_to_fhat(idx, pipe.transformer.patch_nums, residual)
-    cond = pipe.encode_prompt(list(captions), pipe._execution_device)
+    cond = pipe.encode_prompt(list(captions), pipe._execution_device, use_system_prompt=use_system_prompt)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     drawn = pipe.scale_loop(cond, None, SamplingOptions(guidance_scale=guidance_scale), generator=generators,
                             forced=ForcedTokens(idx=list(idx[:keep_scales])))
@@ -135,6 +137,8 @@ def refine_after_finetune(pipe, cfg, world: Optional[str]) -> Optional[str]:
         scenes = [(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1, text)
                   for image, text in render_world(world, FINETUNE_WORLD_DRAWS, cfg.seed)]
     pairs = user + scenes
+    logger.info("refining the decoder on %d latents the fine-tuned model draws for your images%s (a minute or two "
+                "for the bundled model)", len(pairs), " and scenes of its world" if scenes else "")
     device = pipe._execution_device
     drawn, own, images = [], [], []
     for lo in range(0, len(pairs), DRAW_BATCH):
@@ -142,7 +146,8 @@ def refine_after_finetune(pipe, cfg, world: Optional[str]) -> Optional[str]:
         x_B3HW = torch.stack([x for x, _ in batch]).to(device)
         seeds = [cfg.seed * 1_000_003 + lo + i for i in range(len(batch))]
         d, o = drawn_latents(pipe, x_B3HW, [c for _, c in batch], keep_scales=len(patch_nums) - 1,
-                             guidance_scale=pipe.config.guidance_scale, seeds=seeds)
+                             guidance_scale=pipe.config.guidance_scale, seeds=seeds,
+                             use_system_prompt=cfg.use_system_prompt)
         drawn.append(d)
         own.append(o)
         images.append(((x_B3HW.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
