@@ -233,14 +233,17 @@ def test_the_name_bundled_loads_the_shipped_model_and_is_the_fine_tuning_default
     assert resolve_folder("bundled") == Path("bundled")
 
 
-def test_bundled_model_follows_a_simple_prompt(bundled, guidance):
-    images = bundled(["a red circle on a blue background"] * 4, guidance_scale=guidance,
-                     generator=[torch.Generator().manual_seed(s) for s in range(4)]).images
-    found = []
-    for image in images:
-        background, objects = detect(image)
-        found.append(background == "blue" and any(o.colour == "red" for o in objects))
-    assert sum(found) >= 3, found
+def test_bundled_model_follows_simple_prompts(bundled, guidance):
+    """The first 8 single-object prompts of ShapesEval, 2 seeds each: the shipped model draws most of them
+    right (0.85 of that category on 8 seeds, docs/bundled_model.md)."""
+    from hart.eval.shapes_eval import evaluate, load_prompts
+
+    records = [r for r in load_prompts() if r["category"] == "single_object"][:8]
+    jobs = [(r, s) for r in records for s in (0, 1)]
+    images = bundled([r["prompt"] for r, _ in jobs], guidance_scale=guidance,
+                     generator=[torch.Generator().manual_seed(s) for _, s in jobs]).images
+    passed = [evaluate(image, r)["passed"] for image, (r, _) in zip(images, jobs)]
+    assert sum(passed) >= 10, [(r["prompt"], s) for (r, s), ok in zip(jobs, passed) if not ok]
 
 
 # ---- zero-shot editing with the shipped model ------------------------------------------------------------------
