@@ -374,16 +374,14 @@ def refine(work: Path, cfg: dict) -> None:
                          f"{start}; data/train has {len(records)}")
     drawn, own, images = [], [], []
     for keep, n in r["keep_scales"].items():
-        for i in range(start, start + n, 64):
-            chunk = records[i: min(i + 64, start + n)]
-            pixels = torch.stack([torch.from_numpy(np.array(Image.open(data / e["file_name"]).convert("RGB")))
-                                  .permute(2, 0, 1) for e in chunk])
-            d, o = drawn_latents(pipe, pixels.float() / 127.5 - 1, [e["text"] for e in chunk],
-                                 keep_scales=int(keep), guidance_scale=cfg["guidance_scale"],
-                                 seeds=range(i, i + len(chunk)))
-            drawn.append(d)
-            own.append(o)
-            images.append(pixels)
+        chunk = records[start:start + n]
+        pixels = torch.stack([torch.from_numpy(np.array(Image.open(data / e["file_name"]).convert("RGB")))
+                              .permute(2, 0, 1) for e in chunk])
+        d, o = drawn_latents(pipe, pixels, [e["text"] for e in chunk], keep_scales=int(keep),
+                             guidance_scale=cfg["guidance_scale"], seeds=range(start, start + n))
+        drawn.append(d)
+        own.append(o)
+        images.append(pixels)
         start += n
     log = refine_decoder(pipe.vae, torch.cat(drawn), torch.cat(own), torch.cat(images), steps=r["steps"],
                          lr=r["lr"], batch_size=r["batch_size"], own_share=r["own_share"])

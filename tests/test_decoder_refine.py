@@ -23,8 +23,7 @@ def renders():
 
 def test_more_kept_scales_draw_a_latent_closer_to_the_images_own(bundled, renders):
     pipe = bundled
-    pixels, captions = renders
-    images = pixels.float() / 127.5 - 1
+    images, captions = renders
     S = len(pipe.transformer.patch_nums)
     gap = {}
     for keep in (1, S - 1):
@@ -38,14 +37,15 @@ def test_more_kept_scales_draw_a_latent_closer_to_the_images_own(bundled, render
 
 def test_drawn_latents_name_bad_arguments(bundled, renders):
     pipe = bundled
-    pixels, captions = renders
-    images = pixels.float() / 127.5 - 1
+    images, captions = renders
     S = len(pipe.transformer.patch_nums)
     for keep in (0, S):
         with pytest.raises(ValueError, match="keep_scales"):
             drawn_latents(pipe, images, captions, keep_scales=keep, guidance_scale=3.0, seeds=range(4))
     with pytest.raises(ValueError, match="one caption and one seed per image"):
         drawn_latents(pipe, images, captions[:3], keep_scales=2, guidance_scale=3.0, seeds=range(4))
+    with pytest.raises(ValueError, match="uint8"):
+        drawn_latents(pipe, images.float() / 127.5 - 1, captions, keep_scales=2, guidance_scale=3.0, seeds=range(4))
 
 
 def test_refine_decoder_fits_its_pairs_and_trains_only_the_decoding_half(renders):

@@ -36,28 +36,33 @@ DRAW_BATCH = 64
 
 
 @torch.no_grad()
-def drawn_latents(pipe, images_B3HW: torch.Tensor, captions: Sequence[str], *, keep_scales: int,
+def drawn_latents(pipe, images_N3HW: torch.Tensor, captions: Sequence[str], *, keep_scales: int,
                   guidance_scale: float, seeds: Sequence[int],
                   use_system_prompt: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """(latent the transformer drew after the images' first `keep_scales` scales, the images' own latent).
 
-    Images are (B, 3, H, W) in [-1, 1]; one seed per image; captions are encoded as the pipeline does
-    (`use_system_prompt` as its argument). Both latents are (B, Cvae, h, w) float32.
+    Images are uint8 (N, 3, H, W), drawn `DRAW_BATCH` at a time; one seed per image; captions are
+    encoded as the pipeline does (`use_system_prompt` as its argument). Both latents are
+    (N, Cvae, h, w) float32, on the pipeline's device.
     """
     if not 0 < keep_scales < len(pipe.transformer.patch_nums):
         raise ValueError(f"`keep_scales` must be between 1 and {len(pipe.transformer.patch_nums) - 1} "
                          f"(the transformer draws the scales after them), got {keep_scales}.")
-    if not len(images_B3HW) == len(captions) == len(seeds):
-        raise ValueError(f"got {len(images_B3HW)} images, {len(captions)} captions and {len(seeds)} seeds; "
+    if not len(images_N3HW) == len(captions) == len(seeds):
+        raise ValueError(f"got {len(images_N3HW)} images, {len(captions)} captions and {len(seeds)} seeds; "
                          "give one caption and one seed per image.")
-    vae = pipe.vae
-    idx, residual = vae.img_to_tokens(images_B3HW)
-    own = vae.quantize.idx_to_fhat(idx, pipe.transformer.patch_nums, residual)
-    cond = pipe.encode_prompt(list(captions), pipe._execution_device, use_system_prompt=use_system_prompt)
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    drawn = pipe.scale_loop(cond, None, SamplingOptions(guidance_scale=guidance_scale), generator=generators,
-                            forced=ForcedTokens(idx=list(idx[:keep_scales])))
-    return drawn.float(), own.float()
+    if images_N3HW.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 (0-255), got {images_N3HW.dtype}.")
+    vae, device, drawn, own = pipe.vae, pipe._execution_device, [], []
+    for lo in range(0, len(images_N3HW), DRAW_BATCH):
+        x_B3HW = images_N3HW[lo:lo + DRAW_BATCH].to(device).float() / 127.5 - 1
+        idx, residual = vae.img_to_tokens(x_B3HW)
+        own.append(vae.quantize.idx_to_fhat(idx, pipe.transformer.patch_nums, residual).float())
+        cond = pipe.encode_prompt(list(captions[lo:lo + DRAW_BATCH]), device, use_system_prompt=use_system_prompt)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[lo:lo + DRAW_BATCH]]
+        drawn.append(pipe.scale_loop(cond, None, SamplingOptions(guidance_scale=guidance_scale), generator=generators,
+                                     forced=ForcedTokens(idx=list(idx[:keep_scales]))).float())
+    return torch.cat(drawn), torch.cat(own)
 
 
 def refine_decoder(vae, drawn_NChw: torch.Tensor, own_NChw: torch.Tensor, images_N3HW: torch.Tensor, *,
@@ -130,30 +135,22 @@ def refine_after_finetune(pipe, cfg, world: Optional[str]) -> Optional[str]:
     folder = ImageCaptionFolder(cfg.data_dir, patch_nums[-1] * pipe.vae.downsample_factor, crop="center",
                                 flip=False, seed=cfg.seed, min_size=cfg.min_image_size)
     examples = [folder[(0, i)] for i in range(min(len(folder), FINETUNE_USER_DRAWS))]
-    user = [(e["pixel_values"], e["caption"]) for e in examples]
-    user = [user[i % len(user)] for i in range(FINETUNE_USER_DRAWS)]
+    to_uint8 = [((e["pixel_values"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) for e in examples]
+    user = [(to_uint8[i % len(examples)], examples[i % len(examples)]["caption"]) for i in range(FINETUNE_USER_DRAWS)]
     scenes = []
     if world is not None:
-        scenes = [(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1, text)
+        scenes = [(torch.from_numpy(np.array(image)).permute(2, 0, 1), text)
                   for image, text in render_world(world, FINETUNE_WORLD_DRAWS, cfg.seed)]
     pairs = user + scenes
     logger.info("refining the decoder on %d latents the fine-tuned model draws for your images%s (a minute or two "
                 "for the bundled model)", len(pairs), " and scenes of its world" if scenes else "")
-    device = pipe._execution_device
-    drawn, own, images = [], [], []
-    for lo in range(0, len(pairs), DRAW_BATCH):
-        batch = pairs[lo:lo + DRAW_BATCH]
-        x_B3HW = torch.stack([x for x, _ in batch]).to(device)
-        seeds = [cfg.seed * 1_000_003 + lo + i for i in range(len(batch))]
-        d, o = drawn_latents(pipe, x_B3HW, [c for _, c in batch], keep_scales=len(patch_nums) - 1,
-                             guidance_scale=pipe.config.guidance_scale, seeds=seeds,
-                             use_system_prompt=cfg.use_system_prompt)
-        drawn.append(d)
-        own.append(o)
-        images.append(((x_B3HW.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    images = torch.stack([x for x, _ in pairs])
+    drawn, own = drawn_latents(pipe, images, [c for _, c in pairs], keep_scales=len(patch_nums) - 1,
+                               guidance_scale=pipe.config.guidance_scale,
+                               seeds=[cfg.seed * 1_000_003 + i for i in range(len(pairs))],
+                               use_system_prompt=cfg.use_system_prompt)
     steps = cfg.refine_steps or FINETUNE_STEPS
-    refine_decoder(pipe.vae, torch.cat(drawn), torch.cat(own), torch.cat(images), steps=steps, lr=FINETUNE_LR,
-                   seed=cfg.seed)
+    refine_decoder(pipe.vae, drawn, own, images.to(drawn.device), steps=steps, lr=FINETUNE_LR, seed=cfg.seed)
     return (f"refined the decoder for {steps} steps on {len(pairs)} latents the fine-tuned model drew "
             f"({len(user)} for your {len(examples)} images" + (f", {len(scenes)} scenes of its world" if scenes else "")
             + ")")
