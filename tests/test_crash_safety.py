@@ -27,12 +27,12 @@ from hart.training.runtime import read_metrics
 from tests.test_training_data import make_folder
 from tests.utils import REPO_ROOT, fixture_sizes
 
-MAX_STEPS = 16
+MAX_STEPS = 20  # each kill below comes 2-3 steps and less than one step's time after a resume: steps are left to run
 SEED = 20261129  # the kill moments are random, but the same on every run of the test
 WAIT = 300  # seconds: generous for 2 busy CPU cores; nothing waits this long when it works
 
 FORK_SERVER = r"""
-import json, os, signal, sys, traceback
+import json, os, signal, sys, time, traceback
 import torch
 torch.set_num_threads(1)
 import hart.training.finetune as ft
@@ -59,7 +59,7 @@ def run(job):
             os.kill(os.getpid(), signal.SIGKILL)  # ... and the process dies
 
     def with_progress(cfg, step_callback=None):
-        return original_finetune(cfg, lambda step, metrics: progress.write(f"step {step}\n"))
+        return original_finetune(cfg, lambda step, metrics: progress.write(f"step {step} {time.monotonic()}\n"))
 
     ft.save_training_files = torn_save
     ft.finetune = with_progress
@@ -127,8 +127,16 @@ class Run:
     def __init__(self, server: ForkServer, progress: Path, log: Path):
         self.server, self.progress, self.log, self.pid = server, progress, log, None
 
+    def _lines(self):
+        return [x.split() for x in self.progress.read_text().splitlines()] if self.progress.is_file() else []
+
     def steps(self):
-        return [int(x.split()[1]) for x in self.progress.read_text().splitlines()] if self.progress.is_file() else []
+        return [int(x[1]) for x in self._lines()]
+
+    def step_seconds(self) -> float:
+        """How long the last step took, its checkpoint save included (monotonic clock of the same machine)."""
+        times = [float(x[2]) for x in self._lines()]
+        return times[-1] - times[-2]
 
     def wait_for_step(self, step: int) -> None:
         deadline = time.monotonic() + WAIT
@@ -200,8 +208,10 @@ def test_sigkill_at_random_moments_then_resume_finishes_the_run(server, argv, tm
     # 2. killed three times at random moments (during a step or a save), resuming each time
     for _ in range(3):
         run = server.start(argv(out, "--resume", "latest"))
-        run.wait_for_step(reached + rng.randint(1, 2))
-        time.sleep(rng.uniform(0.0, 0.3))
+        run.wait_for_step(reached + rng.randint(2, 3))
+        # within the next step or its save, however fast this machine steps: a fixed delay would let a
+        # fast machine run through all MAX_STEPS before the kills are done
+        time.sleep(rng.uniform(0.0, 1.0) * run.step_seconds())
         run.signal(signal.SIGKILL)
         assert run.exit_code() == -signal.SIGKILL
         latest = step_of(latest_checkpoint(out))
