@@ -38,7 +38,10 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         h_BChw = self.conv1(_norm_silu(self.norm1, x_BChw))
-        h_BChw = self.conv2(self.dropout(_norm_silu(self.norm2, h_BChw)))
+        # One statement per step: rebinding h frees conv1's output before conv2 allocates its own, so the
+        # block holds three activations at most (at 1024 px, 320 MiB each at the decoder's finest level).
+        h_BChw = _norm_silu(self.norm2, h_BChw)
+        h_BChw = self.conv2(self.dropout(h_BChw))
         return h_BChw.add_(self.nin_shortcut(x_BChw))  # in place: the conv output is ours (see _norm_silu)
 
 
