@@ -32,7 +32,10 @@ def test_compacted_text_gives_the_same_latent(models, cond):
     assert cond.mask_BT.sum(1).max() < cond.mask_BT.shape[1]  # the fixture prompts are padded
     full = _sample(models, cond, compact_text=False)
     compact = _sample(models, cond, compact_text=True)
-    assert_close(compact, full, 1e-4, "f_hat")
+    # Merging the padding keys changes the attention's sums, hence float rounding, which the residual
+    # diffusion carries into f_hat (|f_hat| up to 3): 1.2e-4 measured on an AVX-512 Xeon, less on
+    # other CPUs. One token drawn differently would move f_hat by about 1 (another seed: 4).
+    assert_close(compact, full, 1e-3, "f_hat")
 
 
 def test_pruning_that_keeps_every_token_changes_nothing(models, cond):
