@@ -3,7 +3,20 @@
 Names are imported on first use, so that light modules (`hart.data`, `hart.eval`, the CLI's
 argument parsing) start without loading diffusers and transformers.
 """
+import logging
 from importlib import import_module
+
+# Import-time notices of optional libraries that say nothing about this package's work. With torchao
+# (the `int8` extra) installed, importing diffusers imports torchao, which reports its CUDA-only kernel
+# libraries as unloadable on a CPU build of torch and registers enums the way torch 2.13 deprecates,
+# and diffusers reports tensor classes that torchao has moved: six lines before every CLI message.
+_IMPORT_NOTICES = {
+    "torchao": "Failed to load ",
+    "torch.utils._pytree": "%s is an Enum subclass and is now natively supported",
+    "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects",
+}
+for _logger, _start in _IMPORT_NOTICES.items():
+    logging.getLogger(_logger).addFilter(lambda record, start=_start: not str(record.msg).startswith(start))
 
 _EXPORTS = {
     "HARTPipeline": "hart.pipelines",

@@ -266,3 +266,17 @@ def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert lines[0].startswith("hart generate: error: --prompts-file") and not (tmp_path / "out").exists()
+
+
+def test_optional_libraries_import_notices_are_dropped_and_nothing_else(caplog):
+    """With the `int8` extra installed, torchao's import-time notices (its CUDA-only kernel libraries on a
+    CPU build of torch, ...) would precede every CLI message; `import hart` drops those, and only those."""
+    import logging
+
+    import hart
+
+    with caplog.at_level(logging.DEBUG):
+        for name, notice in hart._IMPORT_NOTICES.items():
+            logging.getLogger(name).warning(f"{notice} ...")
+            logging.getLogger(name).warning("quantize_ failed on layer blocks.0.attn.qkv")
+    assert [r.getMessage() for r in caplog.records] == ["quantize_ failed on layer blocks.0.attn.qkv"] * 3
