@@ -9,7 +9,7 @@ from importlib import import_module
 # Import-time notices of optional libraries that say nothing about this package's work. With torchao
 # (the `int8` extra) installed, importing diffusers imports torchao, which reports its CUDA-only kernel
 # libraries as unloadable on a CPU build of torch and registers enums the way torch 2.13 deprecates,
-# and diffusers reports tensor classes that torchao has moved: six lines before every CLI message.
+# and diffusers reports tensor classes that torchao has moved: five lines before every CLI message.
 _IMPORT_NOTICES = {
     "torchao": "Failed to load ",
     "torch.utils._pytree": "%s is an Enum subclass and is now natively supported",
