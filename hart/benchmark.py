@@ -173,12 +173,14 @@ def flop_counter() -> FlopCounterMode:
 
 def analytic_flops(t: dict, vae: dict, text_tokens: Optional[int] = None, keep: float = 1.0) -> Dict[str, object]:
     """Multiply-adds x 2 per image of `sample_scales` (guided: 2 rows per image, soft codes), from the configs;
-    `text_tokens` after text-key compaction (None: all), `keep` the pruning fraction (blocks' branches only)."""
+    `text_tokens` after text-key compaction (None: all), `keep` the pruning fraction (the blocks' branches, and
+    at a pruned last scale the residual diffusion, which runs on its pivotal tokens only)."""
     from hart.models.transformer import swiglu_hidden
 
     C, V, Cv, T, pn = t["embed_dim"], t["vocab_size"], t["latent_channels"], t["context_tokens"], t["patch_nums"]
     T, pruned = text_tokens or T, pruned_scales(pn, keep)
     F, W, P, S = swiglu_hidden(C, t["mlp_ratio"]), t["diff_width"], pn[-1], len(pn)
+    diffused = num_kept(P, pruned[S - 1]) if S - 1 in pruned else P * P  # last-scale tokens the head runs on
     per_token = 2 * (3 * C * C + C * C + 3 * C * F)  # qkv, proj, SwiGLU
     phi = 2 * P * P * Cv * Cv * 9 if vae["num_phi"] > 0 and abs(vae["phi_ratio"]) > 1e-6 else 0
     scales, seen = [], 0
@@ -189,12 +191,12 @@ def analytic_flops(t: dict, vae: dict, text_tokens: Optional[int] = None, keep: 
         f += 2 * (2 * C * 2 * C + p * p * 2 * C * V) + p * p * 2 * V * Cv  # head (AdaLN, logits), soft codes
         if si == 0:
             f += 2 * T * 2 * t["context_dim"] * C + 2 * t["depth"] * 2 * C * 6 * C  # context_embed, blocks' AdaLN
-        f += phi + pn[si + 1] ** 2 * 2 * Cv * C if si < S - 1 else 2 * p * p * 2 * Cv * C  # next input / diffusion condition
+        f += phi + pn[si + 1] ** 2 * 2 * Cv * C if si < S - 1 else 2 * diffused * 2 * Cv * C  # next input / diffusion condition
         scales.append(f)
     # per row and step: input, blocks, output; per step: the timestep's embedding (one row); per row: the
     # condition's embedding (once for all steps)
     per_row = 2 * (Cv * W + t["diff_depth"] * 5 * W * W + 2 * W * W + W * 2 * Cv)
-    steps, rows = int(t["num_sampling_steps"]), 2 * P * P
+    steps, rows = int(t["num_sampling_steps"]), 2 * diffused
     diffusion = steps * (rows * per_row + 2 * (256 * W + W * W)) + rows * 2 * C * W
     return dict(transformer_scales=scales, transformer=sum(scales), diffusion=diffusion)
 

@@ -4,8 +4,9 @@ Most of a 1024 px image's transformer time goes to its largest scales (36, 48 an
 9451 image tokens), where most tokens only refine what the coarser scales already settled. At those
 scales only the *pivotal* tokens are forwarded through the blocks' attention and SwiGLU branches; the
 branch outputs of the other tokens are restored from the same block's branch outputs at the scale
-before, upsampled. The residual stream stays full size, so the logits head, the residual diffusion and
-the next scale see every token.
+before, upsampled. The residual stream stays full size, so the logits head and the next scale see
+every token. At the last scale the residual diffusion runs on the pivotal tokens only: the others get
+no continuous residual (`hart.sampling._diffuse`).
 
 How the per-scale transformer step uses these functions (scale `si`, side `p`, CFG rows `2B`):
 
@@ -29,7 +30,8 @@ How the per-scale transformer step uses these functions (scale `si`, side `p`, C
       a_2BlC = restore_tokens(a_2BkC, idx_2Bk, attn_cache[block], p)
       x_2BlC = x_2BlC + gamma1 * a_2BlC                             # and the same for the SwiGLU branch
       attn_cache[block] = a_2BlC                                    # the next pruned scale restores from it
-- Everything after the blocks (logits, sampling, diffusion, next-scale input) is unchanged.
+- Everything after the blocks (logits, sampling, next-scale input) is unchanged, but for the residual
+  diffusion at a pruned last scale, which runs on its pivotal tokens only.
 
 Where this differs from FastVAR's code, and why: FastVAR scores tokens in every block by their
 distance from the token map's mean and always restores from the last unpruned scale (36). Here the

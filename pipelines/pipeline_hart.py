@@ -308,7 +308,8 @@ class HARTPipeline(DiffusionPipeline):
                 (`w (S-2)/(S-1)`, True) or use the full `w` (False).
             num_maskgit_iters: MaskGIT steps at the last scale (1, as released).
             prune: the fraction of tokens forwarded at the largest scale, twice that at the scale before
-                and so on while under 1, the others restored from the scale before (`hart.pruning`); 1.0
+                and so on while under 1, the others restored from the scale before, and the residual
+                diffusion at the forwarded tokens only (`hart.pruning`); 1.0
                 (default) is off, 0.25 the usual value. Faster, changes images slightly; with
                 `num_maskgit_iters` > 1 the last scale is not pruned.
             compact_text: attend to each prompt's distinct text positions plus one weighted key for its

@@ -69,6 +69,31 @@ def test_pruning_forwards_only_the_kept_tokens(models, cond, monkeypatch):
     assert not torch.equal(latent, unpruned)  # fewer tokens at the largest scales: a different image
 
 
+def test_a_pruned_last_scale_diffuses_only_at_its_pivotal_tokens(models, cond, monkeypatch):
+    """The residual head runs on the pivotal tokens' rows only, and its output lands at their positions
+    of the latent; every other token of the last scale keeps its code's embedding (a zero residual)."""
+    transformer, _ = models
+    P, keep = transformer.patch_nums[-1], 0.25
+    rows = []
+
+    def constant_head(value):
+        def sample(cond_nD, uncond_nD=None, *args, **kwargs):
+            rows.append(len(cond_nD))
+            return torch.full((len(cond_nD), transformer.diffusion_head.latent_channels), value)
+        return sample
+
+    latents = {}
+    for value in (0.0, 5.0):
+        monkeypatch.setattr(transformer.diffusion_head, "sample", constant_head(value))
+        latents[value] = _sample(models, cond, prune=keep)
+    B = cond.batch_size
+    assert rows == [B * num_kept(P, keep)] * 2
+    added_BL = (latents[5.0] - latents[0.0]).flatten(2).transpose(1, 2)  # the head's output at each position
+    diffused_BL = (added_BL - 5.0).abs().amax(-1) < 1e-4
+    assert (diffused_BL | (added_BL.abs().amax(-1) < 1e-6)).all()  # 5 where diffused, 0 elsewhere
+    assert diffused_BL.sum(1).tolist() == [num_kept(P, keep)] * B
+
+
 @pytest.mark.parametrize("num_maskgit_iters, prune", [(1, 1.0), (1, 0.25), (2, 1.0)])
 def test_the_last_scale_keeps_nothing_it_needs_no_more(models, cond, monkeypatch, num_maskgit_iters, prune):
     """In one step the last scale's keys and values are attended to but never stored, and the pruning
@@ -187,7 +212,7 @@ def test_guidance_zero_skips_the_unconditional_rows(models, cond, monkeypatch, o
                              generator=torch.Generator().manual_seed(seed), **options)
 
     skipped = run(0)
-    B, L = cond.batch_size, transformer.patch_nums[-1] ** 2
+    B, L = cond.batch_size, num_kept(transformer.patch_nums[-1], options.get("prune", 1.0))  # pruned: pivotal tokens
     assert set(rows) == {B} and sum(head_rows) == B * L
     monkeypatch.setattr(sampling, "runs_unconditional_rows", lambda *a: True)
     doubled = run(0)
