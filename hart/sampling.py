@@ -354,12 +354,13 @@ def _diffuse(transformer, hidden_2BnC, code_BnCv, pivotal_Bk, *, t, generator):
     """
     B, n, Cv = code_BnCv.shape
     rows = hidden_2BnC.shape[0] // B  # 2 under guidance, 1 when the call is unguided
+    hidden_2BkC, code_BkCv = hidden_2BnC, code_BnCv  # k: the tokens diffused
     if pivotal_Bk is not None:
-        hidden_2BnC = gather_tokens(hidden_2BnC, pivotal_Bk.repeat(rows, 1))
-        code_BnCv = gather_tokens(code_BnCv, pivotal_Bk)
+        hidden_2BkC = gather_tokens(hidden_2BnC, pivotal_Bk.repeat(rows, 1))
+        code_BkCv = gather_tokens(code_BnCv, pivotal_Bk)
     # the diffusion is conditioned on the hard code, even when the soft code is what gets added
-    z_2BkC = transformer.diffusion_condition(hidden_2BnC, code_BnCv.repeat(rows, 1, 1))
-    k = code_BnCv.shape[1]
+    z_2BkC = transformer.diffusion_condition(hidden_2BkC, code_BkCv.repeat(rows, 1, 1))
+    k = code_BkCv.shape[1]
     z_cond, z_uncond = z_2BkC.flatten(0, 1).chunk(2) if rows == 2 else (z_2BkC.flatten(0, 1), None)
     residual_BkCv = transformer.diffusion_head.sample(
         z_cond, z_uncond, guidance_scale=t, generator=generator, num_images=B, guided_noise=True,
