@@ -197,9 +197,9 @@ def add_sampling_arguments(p, what: str = "the images") -> None:
                    help=f"soft codes (default {'on' if limits.MORE_SMOOTH else 'off'})")
     p.add_argument("--prune", nargs="?", const=DEFAULT_PRUNE_KEEP, metavar="KEEP",
                    type=checked(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-                   help=f"token pruning at the largest scales: the fraction of tokens forwarded at the last one, twice that "
-                        f"at the one before, and so on while under 1 (bare --prune: "
-                        f"{DEFAULT_PRUNE_KEEP:g}; default 1, off); faster, changes images slightly")
+                   help=f"token pruning at the largest scales: the fraction of tokens forwarded at the last one (only "
+                        f"those get the residual diffusion), twice that at the one before, and so on while under 1 "
+                        f"(bare --prune: {DEFAULT_PRUNE_KEEP:g}; default 1, off); faster, changes images slightly")
     p.add_argument("--compact-text", action=argparse.BooleanOptionalAction,
                    help="attend to the prompt's distinct text positions plus one weighted padding key instead of "
                         "all 300 (default on; the same images up to float rounding)")
