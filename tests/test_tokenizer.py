@@ -20,7 +20,7 @@ from hart.loading import (
     tokenizer_config_from_official,
 )
 from hart.models.quantizer import MultiScaleQuantizer, area_down, bicubic_up, phi_ticks
-from hart.models.tokenizer import HybridTokenizer
+from hart.models.tokenizer import HybridTokenizer, Upsample
 from tests.utils import assert_close
 
 ATOL = 1e-4
@@ -224,6 +224,28 @@ def test_resampling_helpers_match_interpolate():
             assert_close(bicubic_up(h, P), ref, 1e-6, f"bicubic {p}->{P}")
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_is_nearest_then_conv(channels_last):
+    """The sub-pixel form equals nearest 2x upsampling followed by the 3x3 convolution, on non-square maps,
+    in both memory formats, and passes the same gradients to the input and the weights."""
+    torch.manual_seed(0)
+    up = Upsample(6)
+    x = torch.randn(2, 6, 5, 7)
+    if channels_last:
+        x, up = x.contiguous(memory_format=torch.channels_last), up.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    out = up(x)
+    ref = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert out.shape == (2, 6, 10, 14)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_close(out, ref, 1e-5, "upsample")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, up.conv.weight, up.conv.bias), g)
+    ref_grads = torch.autograd.grad(ref, (x, up.conv.weight, up.conv.bias), g)
+    for name, got, want in zip(("input", "weight", "bias"), grads, ref_grads):
+        assert_close(got, want, 1e-4, f"{name} gradient")
+
+
 # ------------------------------------------------------------------ save / load round trip
 def test_save_pretrained_round_trip(tokenizer, rec, tmp_path, patch_nums):
     tokenizer.save_pretrained(tmp_path)
@@ -292,7 +314,7 @@ def test_state_dict_problems_are_named(tokenizer):
 
 
 def test_norm_groups_change_the_grouping_not_the_weights():
-    from hart.models.tokenizer import HybridTokenizer
+    from hart.models.tokenizer import HybridTokenizer, Upsample
 
     cfg = dict(vocab_size=16, latent_channels=4, base_channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
                patch_nums=(1, 2))
@@ -305,7 +327,7 @@ def test_norm_groups_change_the_grouping_not_the_weights():
 
 
 def test_patch_size_folds_pixels_into_channels():
-    from hart.models.tokenizer import HybridTokenizer
+    from hart.models.tokenizer import HybridTokenizer, Upsample
 
     torch.manual_seed(0)
     vae = HybridTokenizer(vocab_size=16, latent_channels=4, base_channels=16, channel_multipliers=(1, 2),
