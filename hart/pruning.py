@@ -152,11 +152,21 @@ class BranchCache:
         self.side, self.idx_Bk, self.record = side, idx_Bk, record
 
     def run(self, key: Tuple[int, str], h_BlC: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        if self.idx_Bk is None:
-            out_BlC = branch(h_BlC)
-        else:
-            out_BkC = branch(gather_tokens(h_BlC, self.idx_Bk))
-            out_BlC = restore_tokens(out_BkC, self.idx_Bk, self.outputs[key], self.side)
+        return self._complete(key, branch(self._forwarded(h_BlC)))
+
+    # The bookkeeping on either side of a branch stays out of torch.compile graphs (as KVCache.extend):
+    # tracing it would guard on this cache's Python state (how many outputs are recorded, which scale
+    # it is), so each compiled block would compile again at every scale until Dynamo's recompile limit
+    # turned compilation off for it.
+    @torch.compiler.disable
+    def _forwarded(self, h_BlC: torch.Tensor) -> torch.Tensor:
+        """What the branch runs on: every token at a recording scale, the pivotal ones at a pruned one."""
+        return h_BlC if self.idx_Bk is None else gather_tokens(h_BlC, self.idx_Bk)
+
+    @torch.compiler.disable
+    def _complete(self, key: Tuple[int, str], out_BkC: torch.Tensor) -> torch.Tensor:
+        """The branch's full output (restored around the pivotal tokens), recorded for the next scale."""
+        out_BlC = out_BkC if self.idx_Bk is None else restore_tokens(out_BkC, self.idx_Bk, self.outputs[key], self.side)
         if self.record:
             self.outputs[key] = out_BlC
         else:

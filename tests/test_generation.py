@@ -147,10 +147,11 @@ def test_maskgit_iterations_run(models, inputs):
     assert torch.isfinite(f_hat).all()
 
 
-def test_compiled_blocks_match_eager_without_compiling_per_scale(models, inputs, monkeypatch):
-    """`hart benchmark --compile` compiles each block. The KV cache must stay out of the graphs:
-    otherwise every scale of every layer compiles again, until Dynamo's recompile limit silently
-    turns compilation off (here: raises)."""
+@pytest.mark.parametrize("prune", [1.0, 0.5])
+def test_compiled_blocks_match_eager_without_compiling_per_scale(models, inputs, prune):
+    """`hart benchmark --compile` compiles each block. The KV cache and the pruning cache must stay out
+    of the graphs: otherwise every scale of every layer compiles again, until Dynamo's recompile limit
+    silently turns compilation off (here: raises)."""
     import copy
 
     import torch._dynamo
@@ -159,16 +160,16 @@ def test_compiled_blocks_match_eager_without_compiling_per_scale(models, inputs,
     compiled = copy.deepcopy(transformer)
     for block in compiled.blocks:
         block.compile(dynamic=True)
-    config = torch._dynamo.config
-    new_names = hasattr(config, "recompile_limit")  # torch < 2.7: cache_size_limit, fail_on_cache_limit_hit
-    monkeypatch.setattr(config, "recompile_limit" if new_names else "cache_size_limit", 3)
-    monkeypatch.setattr(config, "fail_on_recompile_limit_hit" if new_names else "fail_on_cache_limit_hit", True)
+    # Dynamo's own patching: pytest's monkeypatch deletes these settings when it undoes them.
+    new_names = hasattr(torch._dynamo.config, "recompile_limit")  # torch < 2.7: cache_size_limit, fail_on_cache_limit_hit
+    strict = torch._dynamo.config.patch(**({"recompile_limit": 3, "fail_on_recompile_limit_hit": True} if new_names else
+                                           {"cache_size_limit": 3, "fail_on_cache_limit_hit": True}))
     cond = _conditioning(inputs, 2)
     run = lambda model: sample_scales(model, vae.quantize, cond, guidance_scale=4.5, top_k=1, more_smooth=False,
-                                      generator=torch.Generator().manual_seed(3))
+                                      prune=prune, generator=torch.Generator().manual_seed(3))
     torch._dynamo.reset()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), strict:
             eager, fast = run(transformer), run(compiled)
             again = run(compiled)  # a second call reuses the graphs
     finally:
