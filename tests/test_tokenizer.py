@@ -314,7 +314,7 @@ def test_state_dict_problems_are_named(tokenizer):
 
 
 def test_norm_groups_change_the_grouping_not_the_weights():
-    from hart.models.tokenizer import HybridTokenizer, Upsample
+    from hart.models.tokenizer import HybridTokenizer
 
     cfg = dict(vocab_size=16, latent_channels=4, base_channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
                patch_nums=(1, 2))
@@ -327,7 +327,7 @@ def test_norm_groups_change_the_grouping_not_the_weights():
 
 
 def test_patch_size_folds_pixels_into_channels():
-    from hart.models.tokenizer import HybridTokenizer, Upsample
+    from hart.models.tokenizer import HybridTokenizer
 
     torch.manual_seed(0)
     vae = HybridTokenizer(vocab_size=16, latent_channels=4, base_channels=16, channel_multipliers=(1, 2),
