@@ -56,7 +56,13 @@ def main(argv: Optional[List[str]] = None, prog: str = "hart app") -> int:
             from hart.app.safety import ShieldGemmaChecker
 
             safety_checker = ShieldGemmaChecker(args.safety_model, device=str(device))
-        pipe = load_pipeline(resolve_model(args.model), args.text_encoder, device, dtype, int8=args.int8)
+        pipe = load_pipeline(resolve_model(args.model), args.text_encoder, device, dtype, int8=args.int8,
+                             compile_model=bool(args.compile))
+        if args.compile:  # compile now rather than in the first visitor's request
+            import torch
+
+            print(f"{prog}: compiling the model with one warm-up image (a minute or more on a CPU)", flush=True)
+            pipe("warm-up", output_type="latent", generator=torch.Generator().manual_seed(0))
         from hart.app.demo import build_demo
 
         demo = build_demo(pipe, max_images=args.max_images, concurrency=args.concurrency,

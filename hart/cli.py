@@ -20,8 +20,8 @@ from typing import List, Optional
 from hart.cli_args import (
     METADATA_KEY, PATH, POSITIVE_INT, SAMPLING_DEFAULTS, TORCH_DTYPES, OneLineParser, UsageError, add_device_arguments,
     add_model_arguments, add_run_arguments, add_sampling_arguments, as_recorded, check_output_folder, check_run_size,
-    check_settings_fit, confirm_run, debug_requested, device_and_dtype, input_file, interactive, load_pipeline,
-    package_version, resolve_model, sampling_settings, save_output,
+    check_settings_fit, confirm_run, debug_requested, device_and_dtype, estimates_time, input_file, interactive,
+    load_pipeline, package_version, resolve_model, sampling_settings, save_output,
 )
 from hart.cli_edit import add_inpaint_command, add_outpaint_command, add_vary_command
 from hart.cli_tools import add_app_command, add_benchmark_command
@@ -177,7 +177,8 @@ def run_generate(args) -> int:
     total = sum(map(len, plan["batches"]))
     if state.num_processes > 1:  # only a lone process can ask at the terminal
         check_run_size(total, 0, args.yes, interactive=False)
-    pipe = load_pipeline(plan["model"], plan["text_encoder"], device, dtype, int8=plan["int8"])
+    pipe = load_pipeline(plan["model"], plan["text_encoder"], device, dtype, int8=plan["int8"],
+                         compile_model=bool(args.compile))
     check_settings_fit(pipe, plan["settings"])
     common = dict(plan["settings"], model=plan["model"], text_encoder=plan["text_encoder"], dtype=dtype,
                   int8=plan["int8"], hart_version=package_version())
@@ -185,6 +186,8 @@ def run_generate(args) -> int:
     written = []
     with state.split_between_processes(plan["batches"]) as my_batches:
         for number, batch in enumerate(tqdm(my_batches, desc="batches", disable=not state.is_local_main_process)):
+            if number == 0 and args.compile and estimates_time(sum(map(len, my_batches))):
+                generate_batch(pipe, batch, plan["settings"], False)  # compiles, untimed (`estimates_time`)
             started = time.perf_counter()
             images, previews = generate_batch(pipe, batch, plan["settings"], args.save_steps)
             if number == 0:  # a large run: the estimate from this batch, and the question, before any file

@@ -33,6 +33,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is the single line `PROG: error: MESSAGE` (status 2), no usage dump."""
 
     def error(self, message: str):
+        message = " ".join(message.split())  # an argument's own line breaks (`-\r`) would split the line
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -139,10 +140,16 @@ def check_run_size(num_images: int, first_seed: int, yes: bool, interactive: boo
                          "can take hours); pass --yes to start it")
 
 
+def estimates_time(num_images: int) -> bool:
+    """Whether a run of `num_images` prints an estimate from its first images' time (`confirm_run`). A
+    compiled run then makes one untimed call first: the call that compiles would inflate it."""
+    return num_images > limits.CONFIRM_IMAGES
+
+
 def confirm_run(command: str, num_images: int, done: int, seconds: float, yes: bool) -> None:
     """After the first `done` images took `seconds` (nothing saved yet): print the estimated time of a
     large run and, without --yes, ask on the terminal; a "no" leaves nothing behind."""
-    if num_images <= limits.CONFIRM_IMAGES:
+    if not estimates_time(num_images):
         return
     left = seconds / done * (num_images - done)
     print(f"hart {command}: {num_images} images; the first {done} took {seconds:.1f} s, so about "
@@ -177,6 +184,11 @@ def add_device_arguments(p) -> None:
     p.add_argument("--int8", action="store_true",
                    help="int8 weights and per-token int8 activations for the transformer blocks (needs torchao: "
                         "pip install 'hart[int8]'); for CPUs without native bf16; changes images slightly")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the transformer blocks and the diffusion MLP: the first image compiles (a "
+                        "minute or more on a CPU, which needs a C++ compiler), later ones run faster; images change "
+                        "only by float rounding (default off; on in the exact and fast runs of `hart benchmark "
+                        "--compare`)")
 
 
 def add_sampling_arguments(p, what: str = "the images") -> None:
@@ -286,10 +298,11 @@ def package_version() -> str:
 
 
 def load_pipeline(model: str, text_encoder: Optional[str] = None, device=None, dtype: str = "fp32",
-                  use_ema: bool = True, int8: bool = False):
+                  use_ema: bool = True, *, int8: bool = False, compile_model: bool = False):
     """HARTPipeline from any layout `hart.loading` reads (this package's `model_index.json`, a training run
     folder's `pipeline/`, the official `llm/` + `tokenizer/`), with the command's flags named in errors;
-    `int8` quantizes the transformer blocks (`HARTPipeline.quantize_int8`)."""
+    `int8` quantizes the transformer blocks (`HARTPipeline.quantize_int8`), `compile_model` compiles them
+    and the diffusion MLP (`HARTPipeline.compile_transformer`)."""
     import torch
 
     from hart import loading
@@ -320,6 +333,11 @@ def load_pipeline(model: str, text_encoder: Optional[str] = None, device=None, d
             pipe.quantize_int8()
         except ImportError as e:
             raise UsageError(f"--int8: {e}") from None
+    if compile_model:
+        try:
+            pipe.compile_transformer()
+        except RuntimeError as e:
+            raise UsageError(f"--compile: {e}") from None
     return pipe
 
 
@@ -327,4 +345,5 @@ def load_command_pipeline(args):
     """(pipeline, process state, device, dtype name, model) for a command's --model/--text-encoder/--device/--dtype."""
     model = resolve_model(args.model)
     state, device, dtype = device_and_dtype(args.device, args.dtype)
-    return load_pipeline(model, args.text_encoder, device, dtype, int8=args.int8), state, device, dtype, model
+    return (load_pipeline(model, args.text_encoder, device, dtype, int8=args.int8, compile_model=bool(args.compile)),
+            state, device, dtype, model)

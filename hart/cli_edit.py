@@ -13,8 +13,8 @@ from hart import limits
 from hart.cli_args import (
     METADATA_KEY, NON_NEGATIVE_INT, OFFSET, PATH, PIXELS, POSITIVE_INT, UsageError, add_device_arguments, add_model_arguments,
     add_run_arguments, add_sampling_arguments, as_recorded, check_output_folder, check_run_size, check_settings_fit,
-    checked, confirm_run, input_file, interactive, load_command_pipeline, package_version, sampling_settings,
-    save_output,
+    checked, confirm_run, estimates_time, input_file, interactive, load_command_pipeline, package_version,
+    sampling_settings, save_output,
 )
 
 
@@ -62,10 +62,14 @@ def _run_edit(args, pipeline_class, make_inputs) -> int:
                   model=as_recorded(model), text_encoder=as_recorded(args.text_encoder), dtype=dtype,
                   hart_version=package_version())
     for i in range(args.num_images):
-        seed, started = first_seed + i, time.perf_counter()
+        seed = first_seed + i
+        generate = lambda: pipe(args.prompt.strip(), **inputs, **settings,
+                                generator=torch.Generator().manual_seed(seed)).images[0]
         try:
-            image = pipe(args.prompt.strip(), **inputs, **settings,
-                         generator=torch.Generator().manual_seed(seed)).images[0]
+            if i == 0 and args.compile and estimates_time(args.num_images):
+                generate()  # compiles, untimed (`estimates_time`)
+            started = time.perf_counter()
+            image = generate()
         except ValueError as e:  # the pipeline's own input checks (empty mask, sizes, ...)
             raise UsageError(" ".join(str(e).split())) from None
         if i == 0:

@@ -80,3 +80,18 @@ def resolve_dtype(name: str, device: Union[str, torch.device] = "cpu") -> DtypeC
     if name == "fp16" and torch.device(device).type != "cuda":
         raise ValueError(f"dtype fp16 needs a CUDA device (device is {torch.device(device).type}); use fp32 or bf16")
     return DtypeChoice(name, DTYPE_NAMES[name], f"{name}: asked for")
+
+
+def check_compile_support(device: Union[str, torch.device] = "cpu") -> None:
+    """Raise RuntimeError, naming what is missing, where torch.compile cannot build kernels for `device`:
+    on a CPU, inductor compiles C++ and needs a compiler (it would otherwise fail at the first call)."""
+    if torch.device(device).type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # moved in a later torch: let the first call report it
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # inductor's InvalidCxxCompiler, or its own lookup failing
+        raise RuntimeError(f"compiling for the CPU needs a C++ compiler (g++ or clang++, or set CXX): {e}") from None

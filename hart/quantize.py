@@ -15,6 +15,8 @@ continuous detail of the image).
 """
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 INSTALL_HINT = "pip install 'hart[int8]'  (installs torchao)"
@@ -55,5 +57,8 @@ def quantize_transformer_int8(transformer: nn.Module) -> nn.Module:
     if not names:
         return transformer
     quantize_, Int8Config = _torchao_int8()
+    # Compiling the quantized blocks warns, once, that torchao's weight tensors don't hash for AOT
+    # autograd's on-disk cache (compilation works; only that cache is skipped): advice for torchao.
+    warnings.filterwarnings("ignore", "Int8Tensor does not implement _stable_hash_for_caching", UserWarning)
     quantize_(transformer, Int8Config(), filter_fn=lambda module, fqn: fqn in names and modules[fqn] is module)
     return transformer

@@ -10,6 +10,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from hart import limits, rng
+from hart.device import check_compile_support
 from hart.models.quantizer import area_down
 from hart.models.tokenizer import HybridTokenizer
 from hart.models.transformer import HARTTransformer
@@ -166,6 +167,22 @@ class HARTPipeline(DiffusionPipeline):
         """int8 weights and per-token int8 activations for the transformer blocks (`hart.quantize`,
         needs torchao), in place and irreversibly: for CPUs without native bf16. Returns the pipeline."""
         quantize_transformer_int8(self.transformer.eval())
+        return self
+
+    def compile_transformer(self) -> "HARTPipeline":
+        """torch.compile the transformer's blocks and its diffusion head's MLP, in place
+        (`HARTTransformer.compile_blocks`). Images change only by float rounding. The first call compiles
+        (a minute or more on a CPU, where a C++ compiler is needed); later calls, at any size the model
+        supports, reuse the graphs. Returns the pipeline.
+
+        Examples:
+            ```py
+            >>> pipe = HARTPipeline.from_pretrained("path/to/hart-pipeline").compile_transformer()
+            >>> pipe("a red circle", generator=torch.Generator().manual_seed(0))  # compiles; the next call is faster
+            ```
+        """
+        check_compile_support(self.transformer.device)
+        self.transformer.eval().compile_blocks()
         return self
 
     def set_head_and_decoder_dtype(self, dtype: torch.dtype) -> "HARTPipeline":

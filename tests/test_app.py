@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.utils import REPO_ROOT, free_port
+from tests.utils import REPO_ROOT, free_port, strict_recompiles
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
@@ -342,8 +342,10 @@ def test_banner_states_device_dtype_and_the_last_measured_time(fixture_pipe):
     assert last_run.banner() == f"Running on `{device}` with {dtype} weights; the last image took 0.30 s."
 
 
-def test_main_loads_the_model_and_serves_on_localhost(fixtures, sandbox, monkeypatch, capsys):
-    """`python -m hart.app`'s main() end to end, except that it returns instead of serving until Ctrl+C."""
+@pytest.mark.parametrize("flags", [[], ["--compile"]])
+def test_main_loads_the_model_and_serves_on_localhost(flags, fixtures, sandbox, monkeypatch, capsys):
+    """`python -m hart.app`'s main() end to end, except that it returns instead of serving until Ctrl+C;
+    with --compile, the model compiles before the app serves."""
     import gradio as gr
 
     from hart.app.__main__ import main
@@ -358,17 +360,20 @@ def test_main_loads_the_model_and_serves_on_localhost(fixtures, sandbox, monkeyp
     monkeypatch.setattr(gr.Blocks, "launch", launch)
     monkeypatch.setattr(gr.Blocks, "block_thread", lambda demo: None)
     port = free_port()
-    assert main(["--model", str(fixtures / "ckpt"), "--text-encoder", str(fixtures / "ckpt" / "text_encoder"),
-                 "--port", str(port), "--max-images", "2"]) == 0
-    try:
-        assert (launched["server_name"], launched["server_port"], launched["share"]) == ("127.0.0.1", port, False)
-        assert f"HART demo on http://127.0.0.1:{port}/" in capsys.readouterr().out
-        c = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(sandbox / "main"))
-        assert len(images(run(c, num_images=2)[-1][1])) == 2
-        with pytest.raises(AppError, match="Number of images must be a whole number from 1 to 2"):
-            run(c, num_images=3)
-    finally:
-        launched["demo"].close()
+    with strict_recompiles(4):  # the requests reuse what the warm-up image compiled
+        assert main(["--model", str(fixtures / "ckpt"), "--text-encoder", str(fixtures / "ckpt" / "text_encoder"),
+                     "--port", str(port), "--max-images", "2", *flags]) == 0
+        try:
+            assert (launched["server_name"], launched["server_port"], launched["share"]) == ("127.0.0.1", port, False)
+            out = capsys.readouterr().out
+            assert f"HART demo on http://127.0.0.1:{port}/" in out
+            assert ("compiling the model with one warm-up image" in out) == bool(flags)
+            c = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(sandbox / "main"))
+            assert len(images(run(c, num_images=2)[-1][1])) == 2
+            with pytest.raises(AppError, match="Number of images must be a whole number from 1 to 2"):
+                run(c, num_images=3)
+        finally:
+            launched["demo"].close()
 
 
 def test_shieldgemma_checker_loads_lazily_from_a_local_folder(tmp_path):

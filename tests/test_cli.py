@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from hart.cli import METADATA_KEY, main
-from tests.utils import REPO_ROOT, fixture_sizes, free_port
+from tests.utils import REPO_ROOT, fixture_sizes, free_port, strict_recompiles
 
 METADATA_FIELDS = {"prompt", "negative_prompt", "seed", "guidance_scale", "top_k", "top_p", "more_smooth",
                    "model", "text_encoder", "dtype", "hart_version", "prompt_index", "image_index", "batch"}
@@ -84,6 +84,27 @@ def test_from_png_regenerates_the_identical_image(package_model, tmp_path):
     assert [p.name for p in again.glob("*.png")] == ["00000_01.png"]
     assert np.array_equal(pixels(again / "00000_01.png"), pixels(first / "00000_01.png"))
     assert metadata(again / "00000_01.png") == metadata(first / "00000_01.png")
+
+
+def test_compile_flag_gives_the_eager_image_up_to_rounding(package_model, tmp_path):
+    argv = ["generate", "a blue house", "--seed", "5", "--top-k", "1"] + package_model
+    with strict_recompiles(4):
+        assert main(argv + ["--compile", "--out", str(tmp_path / "compiled")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "eager")]) == 0
+    compiled, eager = (pixels(tmp_path / name / "00000_00.png").astype(int) for name in ("compiled", "eager"))
+    assert np.abs(compiled - eager).max() <= 2
+
+
+def test_compile_without_a_cpp_compiler_is_a_clear_error(package_model, tmp_path, monkeypatch, capsys):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def missing():
+        raise RuntimeError("no working C++ compiler found in ('g++',)")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", missing)
+    assert main(["generate", "a blue house", "--compile", "--out", str(tmp_path / "out")] + package_model) == 2
+    assert "--compile: compiling for the CPU needs a C++ compiler" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_without_guidance_scale_the_model_s_own_is_used_and_recorded(fixture_pipe, tmp_path):
@@ -200,9 +221,44 @@ def test_accelerate_launch_splits_a_prompts_file_exactly(official, tmp_path):
         assert np.array_equal(pixels(out / row["file"]), pixels(tmp_path / "single" / row["file"]))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_compiled_large_run_estimates_from_a_call_after_compiling(compiled, package_model, tmp_path, capsys,
+                                                                    monkeypatch):
+    """The first call of a compiled pipeline compiles (here: a 3 s pause stands for it); timing that call
+    would inflate a large run's estimate by as much for every batch."""
+    import re
+    import time
+
+    import hart.cli
+    from hart import limits
+    from hart.pipelines import HARTPipeline
+
+    monkeypatch.setattr(limits, "CONFIRM_IMAGES", 2)
+    monkeypatch.setattr(HARTPipeline, "compile_transformer", lambda self: self)
+    real, calls = hart.cli.generate_batch, []
+
+    def first_call_compiles(*args):
+        calls.append(time.sleep(3 if not calls else 0))
+        return real(*args)
+
+    monkeypatch.setattr(hart.cli, "generate_batch", first_call_compiles)
+    assert main(["generate", "a red fox", "-n", "3", "--batch-size", "2", "--yes", "--out", str(tmp_path / "out")]
+                + package_model + (["--compile"] if compiled else [])) == 0
+    took = float(re.search(r"the first 2 took ([\d.]+) s", capsys.readouterr().out).group(1))
+    assert len(calls) == (3 if compiled else 2)
+    assert (took < 3) == compiled
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3
+
+
+def test_an_unknown_argument_with_a_line_break_is_still_one_line(capsys):
+    assert main(["generate", "-\r", "--out", "x"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["hart: error: unrecognized arguments: - (see --help)"]
+
+
 def test_hart_app_passes_its_options_to_the_app(capsys):
     assert main(["app", "--help"]) == 0
-    assert "--max-queue" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--max-queue" in out and "--compile" in out
     assert main(["app", "--model", "/no/such/folder"]) == 2
     assert "/no/such/folder" in capsys.readouterr().err
     assert main(["generate", "--no-such-flag"]) == 2

@@ -7,7 +7,7 @@ import torch
 from hart.loading import load_official_tokenizer, load_official_transformer
 from hart.sampling import ForcedTokens, sample_scales
 from hart.text import TextConditioning
-from tests.utils import assert_close
+from tests.utils import assert_close, strict_recompiles
 
 
 def _cases(root):
@@ -149,31 +149,19 @@ def test_maskgit_iterations_run(models, inputs):
 
 @pytest.mark.parametrize("prune", [1.0, 0.5])
 def test_compiled_blocks_match_eager_without_compiling_per_scale(models, inputs, prune):
-    """`hart benchmark --compile` compiles each block. The KV cache and the pruning cache must stay out
-    of the graphs: otherwise every scale of every layer compiles again, until Dynamo's recompile limit
+    """`--compile` compiles each block and the diffusion MLP. The KV cache and the pruning cache must stay
+    out of the graphs: otherwise every scale of every layer compiles again, until Dynamo's recompile limit
     silently turns compilation off (here: raises)."""
     import copy
 
-    import torch._dynamo
-
     transformer, vae = models
-    compiled = copy.deepcopy(transformer)
-    for block in compiled.blocks:
-        block.compile(dynamic=True)
-    # Dynamo's own patching: pytest's monkeypatch deletes these settings when it undoes them.
-    new_names = hasattr(torch._dynamo.config, "recompile_limit")  # torch < 2.7: cache_size_limit, fail_on_cache_limit_hit
-    strict = torch._dynamo.config.patch(**({"recompile_limit": 3, "fail_on_recompile_limit_hit": True} if new_names else
-                                           {"cache_size_limit": 3, "fail_on_cache_limit_hit": True}))
+    compiled = copy.deepcopy(transformer).compile_blocks()
     cond = _conditioning(inputs, 2)
     run = lambda model: sample_scales(model, vae.quantize, cond, guidance_scale=4.5, top_k=1, more_smooth=False,
                                       prune=prune, generator=torch.Generator().manual_seed(3))
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad(), strict:
-            eager, fast = run(transformer), run(compiled)
-            again = run(compiled)  # a second call reuses the graphs
-    finally:
-        torch._dynamo.reset()
+    with torch.no_grad(), strict_recompiles(3):
+        eager, fast = run(transformer), run(compiled)
+        again = run(compiled)  # a second call reuses the graphs
     # Compiled kernels round float32 differently: up to ~1e-5 on the latents per diffusion sampling
     # step (a few ulps at their magnitude), which guidance amplifies by up to 1 + 2t, t being the
     # last scale's guidance weight; the steps add up.

@@ -1,4 +1,5 @@
 """Test helpers: the reference fixture folder, recorded calls and a tolerance check."""
+import contextlib
 import json
 import os
 import socket
@@ -84,3 +85,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def strict_recompiles(limit: int):
+    """A fresh Dynamo under which a compiled module that recompiles more than `limit` times raises instead of
+    silently falling back to eager. Dynamo's own patching: pytest's monkeypatch deletes these settings when it
+    undoes them; torch < 2.7 names them cache_size_limit and fail_on_cache_limit_hit. Reset on both sides,
+    since Dynamo counts the recompiles of a code object (a block's forward) across models."""
+    import torch._dynamo
+
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        strict = torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True)
+    else:
+        strict = torch._dynamo.config.patch(cache_size_limit=limit, fail_on_cache_limit_hit=True)
+    torch._dynamo.reset()
+    try:
+        with strict:
+            yield
+    finally:
+        torch._dynamo.reset()

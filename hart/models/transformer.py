@@ -198,6 +198,14 @@ class HARTTransformer(CastWhileLoading, ConfigMixin):
     def patch_nums(self) -> Tuple[int, ...]:
         return tuple(self.config.patch_nums)
 
+    def compile_blocks(self) -> "HARTTransformer":
+        """torch.compile each block and the diffusion head's MLP, in place. Shapes are dynamic, so one graph
+        per module serves every scale and batch size; the KV cache and the pruning cache stay outside the
+        graphs (`KVCache.extend`, `hart.pruning.BranchCache`). The first call compiles. Returns self."""
+        for module in (*self.blocks, self.diffusion_head.net):
+            module.compile(dynamic=True)
+        return self
+
     # ---- conditioning and blocks, shared by training and inference ---------------------------
     def _embed_context(self, context_BTC: torch.Tensor, compacted: bool = False) -> torch.Tensor:
         """Text features -> `cond_BTD`: the text input tokens and the AdaLN conditioning source.
