@@ -15,12 +15,13 @@ busy moment of a shared machine would inflate every fraction). Result (benchmark
     options), batch_size, latency_s (median), latency_s_all, images_per_s, stages_s: {text_encoding,
     transformer, transformer_scales, diffusion, decoding, other}, peak_rss_mib (process peak so far),
     rss_increase_mib (during this batch size's calls), cuda_max_allocated_mib (null off CUDA),
-    achieved_flops_per_s and fraction_of_matmul_peak: {transformer, end_to_end}}]
+    achieved_flops_per_s and fraction_of_matmul_peak: {transformer, end_to_end}, warmup_s_all (the untimed
+    calls' latencies: a compiled run's first one includes compilation)}]
 
 `--compare` times three runs of one pipeline, their calls interleaved (docs/benchmark.md): `plain` (no option),
 `exact` (every option that changes results only by float rounding: text-key compaction, the diffusion
-head and decoder in bf16 in an fp32 run where the device multiplies bf16 natively, and compile when
-asked for) and `fast` (exact, plus pruning at `hart.pruning.DEFAULT_KEEP` and, where the dtype is
+head and decoder in bf16 in an fp32 run where the device multiplies bf16 natively, and compiled blocks
+unless `compile_model` is False) and `fast` (exact, plus pruning at `hart.pruning.DEFAULT_KEEP` and, where the dtype is
 fp32 because the CPU has no native bf16, int8 block projections). Without it, one run ("single") with
 the options given. Each run's fractions of the peak count the FLOPs that run does (fewer text keys, pruned tokens).
 
@@ -328,24 +329,23 @@ def _time_batch(clock: StageClock, runs: List[tuple], batch: int, warmup: int, i
         with clock.attached():
             return clock.run(prompts)
 
-    for options, models, _ in runs:
-        for _ in range(warmup):
-            call(options, models)
+    warmups = [[call(options, models)["total"] for _ in range(warmup)] for options, models, _ in runs]
     timings = [[] for _ in runs]
     for _ in range(iters):
         for timed, (options, models, _) in zip(timings, runs):
             timed.append(call(options, models))
     memory = dict(peak_rss_mib=_rss_mib(), rss_increase_mib=_rss_mib() - rss_before, cuda_max_allocated_mib=(
         torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None))
-    return [dict(_summary(timed, batch, flops), **memory) for timed, (_, _, flops) in zip(timings, runs)]
+    return [dict(_summary(timed, batch, flops), **memory, warmup_s_all=w) for timed, w, (_, _, flops)
+            in zip(timings, warmups, runs)]
 
 
 def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_sizes: Sequence[int] = (1,),
                   warmup: int = 1, iters: int = 3, *, random_text_features: bool = False,
-                  compile_model: bool = False, compare: bool = False, int8: bool = False, prune: float = 1.0,
+                  compile_model: Optional[bool] = None, compare: bool = False, int8: bool = False, prune: float = 1.0,
                   compact_text: bool = True) -> Dict[str, object]:
     """All figures of one configuration, dtype and device: one run per option set (`run_options`) and
-    batch size (schema: module docstring)."""
+    batch size (schema: module docstring). `compile_model` None: compiled with `compare`, else not."""
     from importlib.metadata import version
 
     if config not in CONFIG_NAMES:
@@ -353,6 +353,9 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError("--device cuda: no CUDA device is available here; use --device cpu")
+    compile_model = compare if compile_model is None else compile_model
+    if compile_model and warmup < 1:
+        raise BenchmarkError("compiled runs need --warmup 1 or more: the first call compiles (or pass --no-compile)")
     start = time.perf_counter()
     pipe = build_pipeline(config, DTYPES[dtype], dev, random_text_features)
     build_s, build_rss = time.perf_counter() - start, _rss_mib()
@@ -372,8 +375,8 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
         run_flops["total"] = sum(run_flops[k] for k in ("text_encoding", "transformer", "diffusion", "decoding"))
         try:
             plan.append((options, models_for(pipe, options, made), run_flops))
-        except ImportError as e:
-            raise BenchmarkError(f"--int8: {e}") from None
+        except (ImportError, RuntimeError) as e:  # torchao missing; no compiler for torch.compile
+            raise BenchmarkError(f"--{'int8' if isinstance(e, ImportError) else 'compile'}: {e}") from None
     clock, runs, own = StageClock(pipe, dev, text_fn), [], (pipe.transformer, pipe.vae)
     for batch in batch_sizes:
         figures = _time_batch(clock, plan, batch, warmup, iters)

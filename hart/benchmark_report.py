@@ -15,7 +15,9 @@ def format_summary(result: Dict[str, object]) -> str:
         s, frac, cuda = run["stages_s"], run["fraction_of_matmul_peak"], run["cuda_max_allocated_mib"]
         options = ", ".join(f"{k} {v}" for k, v in run["options"].items())
         speedup = f", {run['speedup']:.2f}x plain" if "speedup" in run else ""
-        lines += [f"{run['name']} ({options}) batch {run['batch_size']}: {run['latency_s']:.3f} s{speedup}, "
+        first = run.get("warmup_s_all", [])
+        compiling = f" (first call, compiling: {first[0]:.1f} s)" if first and run["options"]["compile"] else ""
+        lines += [f"{run['name']} ({options}) batch {run['batch_size']}: {run['latency_s']:.3f} s{speedup}{compiling}, "
                   f"{run['images_per_s']:.3g} images/s, peak RSS "
                   f"{run['peak_rss_mib']:.0f} MiB" + (f", CUDA max allocated {cuda:.0f} MiB" if cuda else ""),
                   "  stages (s): " + ", ".join(f"{k} {s[k]:.3f}" for k in stages),

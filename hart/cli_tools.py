@@ -47,7 +47,6 @@ def add_benchmark_command(subparsers) -> None:
     p.add_argument("--iters", type=POSITIVE_INT, default=3, help="timed calls; the median is reported (default 3)")
     p.add_argument("--random-text-features", action="store_true",
                    help="skip the text model: random text features of the right shape")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks and diffusion MLP")
     p.add_argument("--prune", nargs="?", const=DEFAULT_PRUNE_KEEP, default=1.0, metavar="KEEP",
                    type=checked(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
                    help=f"token pruning: the fraction kept at the largest scale, doubling at each scale before while "
@@ -55,8 +54,8 @@ def add_benchmark_command(subparsers) -> None:
     p.add_argument("--compact-text", action=argparse.BooleanOptionalAction, default=True,
                    help="exact text-key compaction (hart/text_keys.py; default on)")
     p.add_argument("--compare", action="store_true",
-                   help="three runs in one process: plain, exact (text-key compaction; in an fp32 run on a CPU with "
-                        "native bf16 the diffusion head and decoder in bf16; --compile if given) and fast "
+                   help="three runs in one process: plain, exact (text-key compaction, compiled unless --no-compile; "
+                        "in an fp32 run on a CPU with native bf16 the diffusion head and decoder in bf16) and fast "
                         "(exact + a bare --prune, + int8 where the CPU has no native bf16); speedups over plain")
     p.add_argument("--out", type=PATH, default="benchmark", help="output folder (default ./benchmark)")
     p.set_defaults(run=run_benchmark)

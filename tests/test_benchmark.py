@@ -11,6 +11,7 @@ from hart.device import auto_dtype
 from hart.cli import main
 from hart.pruning import DEFAULT_KEEP
 from hart.sampling import sample_scales
+from tests.utils import strict_recompiles
 
 
 def test_tiny_benchmark_writes_every_documented_field(tmp_path, capsys):
@@ -91,8 +92,8 @@ def test_analytic_flops_follow_text_compaction_and_pruning():
 
 
 def test_compare_times_plain_exact_and_fast_in_one_run(tmp_path, capsys):
-    assert main(["benchmark", "--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--compare", "--warmup", "0",
-                 "--iters", "1", "--random-text-features", "--out", str(tmp_path)]) == 0
+    assert main(["benchmark", "--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--compare", "--no-compile",
+                 "--warmup", "0", "--iters", "1", "--random-text-features", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "benchmark.json").read_text())
     assert result["compare"] is True
     runs = {run["name"]: run for run in result["runs"]}
@@ -112,6 +113,24 @@ def test_compare_times_plain_exact_and_fast_in_one_run(tmp_path, capsys):
         > runs["fast"]["flops_per_image"]["transformer"]
     out = capsys.readouterr().out
     assert "exact (" in out and "x plain" in out
+
+
+def test_compare_compiles_exact_and_fast_after_a_warm_up_call(tmp_path, capsys):
+    """`--compare` compiles the exact and fast runs (the issue's exact option set includes compilation); the
+    warm-up call that compiles is reported on its own, and no warm-up at all is refused."""
+    args = ["benchmark", "--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--compare", "--iters", "1",
+            "--random-text-features", "--out", str(tmp_path)]
+    assert main([*args, "--warmup", "0"]) == 2
+    assert "compiled runs need --warmup 1 or more" in capsys.readouterr().err
+    with strict_recompiles(4):
+        assert main([*args, "--warmup", "1"]) == 0
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    runs = {run["name"]: run for run in result["runs"]}
+    assert result["compile"] is True
+    assert [runs[n]["options"]["compile"] for n in ("plain", "exact", "fast")] == [False, True, True]
+    assert all(len(run["warmup_s_all"]) == 1 for run in runs.values())
+    out = capsys.readouterr().out
+    assert out.count("(first call, compiling: ") == 2
 
 
 def test_bad_configuration_is_a_clear_error(tmp_path, capsys):

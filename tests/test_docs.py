@@ -26,7 +26,7 @@ FIXTURE_CKPT = REPO_ROOT / "tests" / "fixtures" / "official-tiny" / "ckpt"
 # Flag values that run a command at toy size (replaced, or added where the command leaves the flag at
 # its default); the command is still parsed as written first.
 TOY = {
-    "hart benchmark": {"--config": "tiny", "--warmup": "0", "--iters": "1"},
+    "hart benchmark": {"--config": "tiny", "--warmup": "1", "--iters": "1"},  # one warm-up call compiles
     "hart convert": {"--model": str(FIXTURE_CKPT), "--text-encoder": str(FIXTURE_CKPT / "text_encoder"),
                      "--out": "converted"},
     "scripts/finetune.py": {"--max_steps": "2", "--tokenizer_steps": "2"},
