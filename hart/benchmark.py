@@ -45,6 +45,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hart.benchmark_runs import models_for, run_options
+from hart.device import CompilerMissing
 from hart.pruning import num_kept, pruned_scales
 
 PROMPTS = ("a red fox in the snow", "a lighthouse on a cliff at sunset, oil painting",
@@ -375,7 +376,7 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
         run_flops["total"] = sum(run_flops[k] for k in ("text_encoding", "transformer", "diffusion", "decoding"))
         try:
             plan.append((options, models_for(pipe, options, made), run_flops))
-        except (ImportError, RuntimeError) as e:  # torchao missing; no compiler for torch.compile
+        except (ImportError, CompilerMissing) as e:  # torchao missing; no compiler for torch.compile
             raise BenchmarkError(f"--{'int8' if isinstance(e, ImportError) else 'compile'}: {e}") from None
     clock, runs, own = StageClock(pipe, dev, text_fn), [], (pipe.transformer, pipe.vae)
     for batch in batch_sizes:

@@ -7,7 +7,7 @@ from typing import List
 
 import torch
 
-from hart.device import auto_dtype, check_compile_support, head_and_decoder_dtype
+from hart.device import auto_dtype, head_and_decoder_dtype
 from hart.pruning import DEFAULT_KEEP
 from hart.quantize import quantize_transformer_int8
 
@@ -44,7 +44,6 @@ def models_for(pipe, options: dict, made: dict):
         if bf16:
             transformer.diffusion_head.to(torch.bfloat16)
         if options["compile"]:
-            check_compile_support(transformer.device)
             transformer.compile_blocks()
         if ("vae", bf16) not in made:
             made["vae", bf16] = copy.deepcopy(pipe.vae).decoder_to(torch.bfloat16) if bf16 else pipe.vae

@@ -306,6 +306,7 @@ def load_pipeline(model: str, text_encoder: Optional[str] = None, device=None, d
     import torch
 
     from hart import loading
+    from hart.device import CompilerMissing
     from hart.pipelines import HARTPipeline
 
     def flagged(flag, find, name):
@@ -336,7 +337,7 @@ def load_pipeline(model: str, text_encoder: Optional[str] = None, device=None, d
     if compile_model:
         try:
             pipe.compile_transformer()
-        except RuntimeError as e:
+        except CompilerMissing as e:
             raise UsageError(f"--compile: {e}") from None
     return pipe
 

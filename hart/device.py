@@ -82,8 +82,12 @@ def resolve_dtype(name: str, device: Union[str, torch.device] = "cpu") -> DtypeC
     return DtypeChoice(name, DTYPE_NAMES[name], f"{name}: asked for")
 
 
+class CompilerMissing(RuntimeError):
+    """torch.compile cannot build kernels for the device (`check_compile_support`)."""
+
+
 def check_compile_support(device: Union[str, torch.device] = "cpu") -> None:
-    """Raise RuntimeError, naming what is missing, where torch.compile cannot build kernels for `device`:
+    """Raise CompilerMissing, naming what is missing, where torch.compile cannot build kernels for `device`:
     on a CPU, inductor compiles C++ and needs a compiler (it would otherwise fail at the first call)."""
     if torch.device(device).type != "cpu":
         return
@@ -94,4 +98,4 @@ def check_compile_support(device: Union[str, torch.device] = "cpu") -> None:
     try:
         get_cpp_compiler()
     except Exception as e:  # inductor's InvalidCxxCompiler, or its own lookup failing
-        raise RuntimeError(f"compiling for the CPU needs a C++ compiler (g++ or clang++, or set CXX): {e}") from None
+        raise CompilerMissing(f"compiling for the CPU needs a C++ compiler (g++ or clang++, or set CXX): {e}") from None

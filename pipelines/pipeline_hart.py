@@ -10,7 +10,6 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from hart import limits, rng
-from hart.device import check_compile_support
 from hart.models.quantizer import area_down
 from hart.models.tokenizer import HybridTokenizer
 from hart.models.transformer import HARTTransformer
@@ -181,7 +180,6 @@ class HARTPipeline(DiffusionPipeline):
             >>> pipe("a red circle", generator=torch.Generator().manual_seed(0))  # compiles; the next call is faster
             ```
         """
-        check_compile_support(self.transformer.device)
         self.transformer.eval().compile_blocks()
         return self
 

@@ -19,6 +19,7 @@ from diffusers import ModelMixin  # noqa: F401  (pipeline loading looks the base
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
+from hart.device import check_compile_support
 from hart.models.attention import KVCache, attention
 from hart.models.diffusion import DiffusionHead
 from hart.models.pretrained import CastWhileLoading
@@ -201,7 +202,9 @@ class HARTTransformer(CastWhileLoading, ConfigMixin):
     def compile_blocks(self) -> "HARTTransformer":
         """torch.compile each block and the diffusion head's MLP, in place. Shapes are dynamic, so one graph
         per module serves every scale and batch size; the KV cache and the pruning cache stay outside the
-        graphs (`KVCache.extend`, `hart.pruning.BranchCache`). The first call compiles. Returns self."""
+        graphs (`KVCache.extend`, `hart.pruning.BranchCache`). The first call compiles. Returns self; raises
+        `hart.device.CompilerMissing` where no kernels can be built for the model's device."""
+        check_compile_support(self.device)
         for module in (*self.blocks, self.diffusion_head.net):
             module.compile(dynamic=True)
         return self
