@@ -4,13 +4,15 @@
     python scripts/load_memory.py --config hart-0.7b-1024 --dtype bf16
     python scripts/load_memory.py --config medium --dtype bf16 --pickle   # llm/ema_model.bin, as released
     python scripts/load_memory.py --config hart-0.7b-1024 --dtype bf16 --image --prune 0.25 --layout pipeline
+    python scripts/load_memory.py --config hart-0.7b-1024 --dtype fp32 --int8 --image --prune 0.25 --layout pipeline
 
 A benchmark configuration's transformer (with its diffusion head) and tokenizer are built with random
 weights and saved in fp32, as released, both in this package's layout (`transformer/`, `vae/`, as
 `HARTPipeline.from_pretrained` reads them) and in the official one (`llm/`, `tokenizer/`). Each layout
 is then loaded in `--dtype` in a fresh process, whose peak RSS (`ru_maxrss`) is printed: after the
-imports, after loading, and with `--image` after one image from random text features (guidance 4.5;
-`--prune` as the pipeline's). `--layout` measures one layout only.
+imports, after loading, with `--int8` after quantizing the transformer blocks (`hart.quantize`, needs
+torchao), and with `--image` after one image from random text features (guidance 4.5; `--prune` as the
+pipeline's). `--layout` measures one layout only.
 """
 from __future__ import annotations
 
@@ -65,8 +67,8 @@ def save(config: str, folder: Path, pickle: bool) -> None:
     save_file({k: t.contiguous() for k, t in sd.items()}, folder / "tokenizer" / "model.safetensors")
 
 
-def measure(folder: Path, layout: str, dtype: str, image: bool, prune: float) -> dict:
-    """Peak RSS in this process: after the imports, after loading, after one image."""
+def measure(folder: Path, layout: str, dtype: str, image: bool, prune: float, int8: bool) -> dict:
+    """Peak RSS in this process: after the imports, after loading, after quantizing, after one image."""
     import torch
 
     from hart import HARTPipeline, HARTTransformer, HybridTokenizer, loading
@@ -82,6 +84,11 @@ def measure(folder: Path, layout: str, dtype: str, image: bool, prune: float) ->
         vae = loading.load_official_tokenizer(folder / "tokenizer", torch_dtype=torch_dtype)
     assert {p.dtype for p in (*transformer.parameters(), *vae.parameters())} == {torch_dtype}
     figures["loaded_mib"] = peak_mib()
+    if int8:
+        from hart.quantize import quantize_transformer_int8
+
+        quantize_transformer_int8(transformer.eval())
+        figures["int8_mib"] = peak_mib()
     if image:
         pipe = HARTPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae)
         pipe.set_progress_bar_config(disable=True)
@@ -99,6 +106,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=DTYPES)
     p.add_argument("--image", action="store_true", help="also generate one image after loading")
     p.add_argument("--prune", type=float, default=1.0, help="the image's token pruning (default 1, off)")
+    p.add_argument("--int8", action="store_true", help="quantize the transformer blocks to int8 after loading")
     p.add_argument("--pickle", action="store_true", help="official layout: the transformer from a torch pickle")
     p.add_argument("--layout", choices=LAYOUTS, help="measure this layout only (default: both)")
     p.add_argument("--folder", help=argparse.SUPPRESS)  # internal: save into / measure this folder
@@ -107,17 +115,19 @@ def main() -> None:
     if args.save:
         return save(args.config, Path(args.folder), args.pickle)
     if args.folder:
-        print(json.dumps(measure(Path(args.folder), args.layout, args.dtype, args.image, args.prune)))
+        print(json.dumps(measure(Path(args.folder), args.layout, args.dtype, args.image, args.prune, args.int8)))
         return
     # This process imports no torch and the work runs in children: a child's ru_maxrss starts at its
     # parent's resident size (Linux keeps the pre-exec high-water mark), which must stay small.
-    print(f"{args.config}, weights saved in fp32, loaded in {args.dtype}; peak RSS (ru_maxrss), MiB")
+    print(f"{args.config}, weights saved in fp32, loaded in {args.dtype}{', blocks in int8' if args.int8 else ''}; "
+          "peak RSS (ru_maxrss), MiB")
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, __file__, "--config", args.config, "--folder", tmp, "--save"]
                        + (["--pickle"] if args.pickle else []), check=True)
         for layout in [args.layout] if args.layout else LAYOUTS:
             cmd = [sys.executable, __file__, "--config", args.config, "--dtype", args.dtype, "--folder", tmp,
-                   "--layout", layout, "--prune", str(args.prune)] + (["--image"] if args.image else [])
+                   "--layout", layout, "--prune", str(args.prune)] + (["--image"] if args.image else []) \
+                + (["--int8"] if args.int8 else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             figures = json.loads(out.strip().splitlines()[-1])
             print(f"  {layout:9s} " + ", ".join(f"{k[:-4]} {v:.0f}" for k, v in figures.items()))
