@@ -337,8 +337,7 @@ def _time_batch(clock: StageClock, runs: List[tuple], batch: int, warmup: int, i
             timed.append(call(options, models))
     memory = dict(peak_rss_mib=_rss_mib(), rss_increase_mib=_rss_mib() - rss_before, cuda_max_allocated_mib=(
         torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None))
-    return [dict(_summary(timed, batch, flops), **memory, warmup_s_all=w) for timed, w, (_, _, flops)
-            in zip(timings, warmups, runs)]
+    return [dict(_summary(t, batch, f), **memory, warmup_s_all=w) for t, w, (_, _, f) in zip(timings, warmups, runs)]
 
 
 def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_sizes: Sequence[int] = (1,),
