@@ -7,10 +7,10 @@ busy moment of a shared machine would inflate every fraction). Result (benchmark
 
     config, dtype, device, device_name, torch_version, hart_version, warmup, iters, compile, compare,
     text_features ("text model" | "random"), image_size, patch_nums, build_s, build_peak_rss_mib (process peak
-    after building the pipeline), parameters: {transformer,
-    diffusion_head (part of transformer), vae, text_encoder}, matmul_peak: {size, seconds, flops_per_s},
-    flops_per_image: {text_encoding, transformer, transformer_scales: [per scale], diffusion, decoding, total,
-    compacted_text_tokens}, runs: [{name, options: {compact_text, prune, int8, compile, bf16_head_decoder}, speedup (--compare:
+    after building the pipeline), parameters: {transformer, diffusion_head (part of transformer), vae,
+    text_encoder}, matmul_peak: {size, seconds, flops_per_s}, flops_per_image: {text_encoding, transformer,
+    transformer_scales: [per scale], diffusion, decoding, total, compacted_text_tokens}, runs: [{name, options:
+    {compact_text, prune, int8, compile, bf16_head_decoder, bf16_cache}, speedup (--compare:
     plain's latency over this run's, same batch size), flops_per_image: {transformer, total} (this run's
     options), batch_size, latency_s (median), latency_s_all, images_per_s, stages_s: {text_encoding,
     transformer, transformer_scales, diffusion, decoding, other}, peak_rss_mib (process peak so far),
@@ -233,7 +233,7 @@ class StageClock:
 
     def __init__(self, pipe, device: torch.device, text_fn: Optional[Callable] = None):
         self.pipe, self.device, self.text_fn = pipe, device, text_fn
-        self.call_options: Dict[str, object] = {}  # the run's sampling options (compact_text, prune)
+        self.call_options: Dict[str, object] = {}  # the run's sampling options (compact_text, prune, bf16_cache)
         self.spans: Dict[str, tuple] = {}
         self.scale_ends: List[float] = []
 
@@ -326,7 +326,7 @@ def _time_batch(clock: StageClock, runs: List[tuple], batch: int, warmup: int, i
 
     def call(options, models):
         clock.pipe.transformer, clock.pipe.vae = models
-        clock.call_options = dict(compact_text=options["compact_text"], prune=options["prune"])
+        clock.call_options = {k: options[k] for k in ("compact_text", "prune", "bf16_cache")}
         with clock.attached():
             return clock.run(prompts)
 
@@ -343,7 +343,7 @@ def _time_batch(clock: StageClock, runs: List[tuple], batch: int, warmup: int, i
 def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_sizes: Sequence[int] = (1,),
                   warmup: int = 1, iters: int = 3, *, random_text_features: bool = False,
                   compile_model: Optional[bool] = None, compare: bool = False, int8: bool = False, prune: float = 1.0,
-                  compact_text: bool = True) -> Dict[str, object]:
+                  compact_text: bool = True, bf16_cache: bool = False) -> Dict[str, object]:
     """All figures of one configuration, dtype and device: one run per option set (`run_options`) and
     batch size (schema: module docstring). `compile_model` None: compiled with `compare`, else not."""
     from importlib.metadata import version
@@ -367,7 +367,7 @@ def run_benchmark(config: str, dtype: str = "bf16", device: str = "cpu", batch_s
 
     flops, peak = _count_flops(pipe, text_fn, dev), matmul_peak(DTYPES[dtype], dev)
     named = run_options(compare, dtype=dtype, device=dev, compile_model=compile_model, int8=int8, prune=prune,
-                        compact_text=compact_text)
+                        compact_text=compact_text, bf16_cache=bf16_cache)
     made, plan = {}, []
     for name, options in named:
         text_tokens = flops["compacted_text_tokens"] if options["compact_text"] else None

@@ -13,14 +13,17 @@ from hart.quantize import quantize_transformer_int8
 
 
 def run_options(compare: bool, *, dtype: str, device: torch.device, compile_model: bool, int8: bool, prune: float,
-                compact_text: bool) -> List[tuple]:
+                compact_text: bool, bf16_cache: bool = False) -> List[tuple]:
     """(name, options) of the runs: plain, exact and fast with `compare`, else the options given.
 
     `bf16_head_decoder`: the diffusion head and the decoder in bf16 inside an fp32 run, where the device
     multiplies bf16 natively (`hart.device.head_and_decoder_dtype`): part of exact (float rounding only).
+    `bf16_cache`: the KV and pruning caches stored in bf16 (`SamplingOptions.bf16_cache`), a memory option:
+    off in plain, exact and fast.
     """
-    options = dict(compact_text=compact_text, prune=prune, int8=int8, compile=compile_model, bf16_head_decoder=False)
-    plain = dict(compact_text=False, prune=1.0, int8=False, compile=False, bf16_head_decoder=False)
+    options = dict(compact_text=compact_text, prune=prune, int8=int8, compile=compile_model, bf16_head_decoder=False,
+                   bf16_cache=bf16_cache)
+    plain = dict(compact_text=False, prune=1.0, int8=False, compile=False, bf16_head_decoder=False, bf16_cache=False)
     if not compare:
         return [("single", options)]
     bf16_tail = dtype == "fp32" and head_and_decoder_dtype(torch.float32, device) == torch.bfloat16

@@ -122,6 +122,7 @@ def generate_batch(pipe, batch: List[Job], settings: dict, save_steps: bool):
         prompt=[job.prompt for job in batch], negative_prompt=None if negative is None else [negative] * len(batch),
         guidance_scale=settings["guidance_scale"], top_k=settings["top_k"], top_p=settings["top_p"],
         more_smooth=settings["more_smooth"], prune=settings["prune"], compact_text=settings["compact_text"],
+        bf16_cache=settings["bf16_cache"],
         generator=[torch.Generator().manual_seed(job.seed) for job in batch],
         callback_on_step_end=keep_preview if save_steps else None,
         callback_on_step_end_tensor_inputs=("preview",) if save_steps else (),

@@ -21,7 +21,7 @@ def run_benchmark(args) -> int:
         result = bench.run_benchmark(args.config, dtype, str(device), args.batch_size or [1], args.warmup, args.iters,
                                      random_text_features=args.random_text_features, compile_model=args.compile,
                                      compare=args.compare, int8=args.int8,
-                                     prune=args.prune, compact_text=args.compact_text)
+                                     prune=args.prune, compact_text=args.compact_text, bf16_cache=args.bf16_cache)
     except bench.BenchmarkError as e:
         raise UsageError(str(e)) from None
     out = Path(args.out)
@@ -53,6 +53,7 @@ def add_benchmark_command(subparsers) -> None:
                         f"under 1 (bare: {DEFAULT_PRUNE_KEEP:g})")
     p.add_argument("--compact-text", action=argparse.BooleanOptionalAction, default=True,
                    help="exact text-key compaction (hart/text_keys.py; default on)")
+    p.add_argument("--bf16-cache", action="store_true", help="the attention and pruning caches in bf16 (memory)")
     p.add_argument("--compare", action="store_true",
                    help="three runs in one process: plain, exact (text-key compaction, compiled unless --no-compile; "
                         "in an fp32 run on a CPU with native bf16 the diffusion head and decoder in bf16) and fast "

@@ -137,11 +137,12 @@ class BranchCache:
     at a pruned scale on the pivotal ones, the others restored from the recorded outputs. Either way
     the full output is recorded for the next scale, except at the last scale, which has none: there
     each recorded output is dropped once restored from (at 1024 px the 64 x 64 scale's outputs would
-    hold 0.8 GB in bf16).
+    hold 0.8 GB in bf16). `dtype` (None: the outputs' own) is what the recorded outputs are stored in.
     """
 
-    def __init__(self, record_from: int):
+    def __init__(self, record_from: int, dtype: Optional[torch.dtype] = None):
         self.record_from = record_from  # the scale before the first pruned one
+        self.dtype = dtype
         self.idx_Bk: Optional[torch.Tensor] = None
         self.side, self.record = 0, True
         self.outputs: Dict[Tuple[int, str], torch.Tensor] = {}
@@ -168,7 +169,7 @@ class BranchCache:
         """The branch's full output (restored around the pivotal tokens), recorded for the next scale."""
         out_BlC = out_BkC if self.idx_Bk is None else restore_tokens(out_BkC, self.idx_Bk, self.outputs[key], self.side)
         if self.record:
-            self.outputs[key] = out_BlC
+            self.outputs[key] = out_BlC if self.dtype is None else out_BlC.to(self.dtype)
         else:
             self.outputs.pop(key, None)
         return out_BlC

@@ -42,6 +42,9 @@ class SamplingOptions:
         With `num_maskgit_iters` > 1 the last scale is not pruned (MaskGIT forwards subsets there).
     compact_text: attend to each row's distinct text positions plus one weighted key for its padding
         (hart/text_keys.py) instead of all 300 positions: the same images up to float rounding.
+    bf16_cache: store the attention KV cache and the pruning cache in bf16 (attention still computes in
+        the model's dtype). For a model computing in fp32 that halves the memory they take, 1.3 GB less
+        at 1024 px; a bf16 model stores them in bf16 anyway. Changes images by rounding.
     """
 
     guidance_scale: float = limits.GUIDANCE_SCALE
@@ -52,6 +55,7 @@ class SamplingOptions:
     num_maskgit_iters: int = limits.NUM_MASKGIT_ITERS
     prune: float = 1.0
     compact_text: bool = COMPACT_TEXT
+    bf16_cache: bool = False
 
     def __post_init__(self):
         n = self.num_maskgit_iters
@@ -63,8 +67,9 @@ class SamplingOptions:
             check_keep(self.prune)
         except ValueError as e:
             raise ValueError(f"`prune`: {e}.") from None
-        if not isinstance(self.compact_text, bool):
-            raise ValueError(f"`compact_text` must be True or False, got {self.compact_text!r}.")
+        for name in ("compact_text", "bf16_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
 
     def top_ks(self, num_scales: int) -> List[int]:
         if self.top_k is None:
@@ -228,7 +233,7 @@ def sample_scales(
               if si < S - 1 or options.num_maskgit_iters == 1}
     state = transformer.prepare_inference(
         text, text_key_bias_NT=key_bias_NT if guided or key_bias_NT is None else key_bias_NT[:B],
-        record_from=min(pruned) - 1 if pruned else None,
+        record_from=min(pruned) - 1 if pruned else None, cache_dtype=torch.bfloat16 if options.bf16_cache else None,
     )
     device = state.text_BTC.device
     codebook_VCv = quantizer.embedding.weight.float().to(device)

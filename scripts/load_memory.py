@@ -5,14 +5,15 @@
     python scripts/load_memory.py --config medium --dtype bf16 --pickle   # llm/ema_model.bin, as released
     python scripts/load_memory.py --config hart-0.7b-1024 --dtype bf16 --image --prune 0.25 --layout pipeline
     python scripts/load_memory.py --config hart-0.7b-1024 --dtype fp32 --int8 --image --prune 0.25 --layout pipeline
+    python scripts/load_memory.py --config hart-0.7b-1024 --dtype fp32 --image --prune 0.25 --bf16-cache --layout pipeline
 
 A benchmark configuration's transformer (with its diffusion head) and tokenizer are built with random
 weights and saved in fp32, as released, both in this package's layout (`transformer/`, `vae/`, as
 `HARTPipeline.from_pretrained` reads them) and in the official one (`llm/`, `tokenizer/`). Each layout
 is then loaded in `--dtype` in a fresh process, whose peak RSS (`ru_maxrss`) is printed: after the
 imports, after loading, with `--int8` after quantizing the transformer blocks (`hart.quantize`, needs
-torchao), and with `--image` after one image from random text features (guidance 4.5; `--prune` as the
-pipeline's). `--layout` measures one layout only.
+torchao), and with `--image` after one image from random text features (guidance 4.5; `--prune` and
+`--bf16-cache` as the pipeline's). `--layout` measures one layout only.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def save(config: str, folder: Path, pickle: bool) -> None:
     save_file({k: t.contiguous() for k, t in sd.items()}, folder / "tokenizer" / "model.safetensors")
 
 
-def measure(folder: Path, layout: str, dtype: str, image: bool, prune: float, int8: bool) -> dict:
+def measure(folder: Path, layout: str, dtype: str, image: bool, prune: float, int8: bool, bf16_cache: bool) -> dict:
     """Peak RSS in this process: after the imports, after loading, after quantizing, after one image."""
     import torch
 
@@ -95,7 +96,8 @@ def measure(folder: Path, layout: str, dtype: str, image: bool, prune: float, in
         t = transformer.config
         pipe.encode_prompt = lambda prompts, device=None, **kw: bench.random_text_conditioning(
             len(prompts), t.context_tokens, t.context_dim, "cpu")
-        pipe("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt", prune=prune)
+        pipe("a red fox", generator=torch.Generator().manual_seed(0), output_type="pt", prune=prune,
+             bf16_cache=bf16_cache)
         figures["image_mib"] = peak_mib()
     return figures
 
@@ -107,6 +109,7 @@ def main() -> None:
     p.add_argument("--image", action="store_true", help="also generate one image after loading")
     p.add_argument("--prune", type=float, default=1.0, help="the image's token pruning (default 1, off)")
     p.add_argument("--int8", action="store_true", help="quantize the transformer blocks to int8 after loading")
+    p.add_argument("--bf16-cache", action="store_true", help="the image's attention and pruning caches in bf16")
     p.add_argument("--pickle", action="store_true", help="official layout: the transformer from a torch pickle")
     p.add_argument("--layout", choices=LAYOUTS, help="measure this layout only (default: both)")
     p.add_argument("--folder", help=argparse.SUPPRESS)  # internal: save into / measure this folder
@@ -115,11 +118,13 @@ def main() -> None:
     if args.save:
         return save(args.config, Path(args.folder), args.pickle)
     if args.folder:
-        print(json.dumps(measure(Path(args.folder), args.layout, args.dtype, args.image, args.prune, args.int8)))
+        print(json.dumps(measure(Path(args.folder), args.layout, args.dtype, args.image, args.prune, args.int8,
+                                 args.bf16_cache)))
         return
     # This process imports no torch and the work runs in children: a child's ru_maxrss starts at its
     # parent's resident size (Linux keeps the pre-exec high-water mark), which must stay small.
-    print(f"{args.config}, weights saved in fp32, loaded in {args.dtype}{', blocks in int8' if args.int8 else ''}; "
+    print(f"{args.config}, weights saved in fp32, loaded in {args.dtype}{', blocks in int8' if args.int8 else ''}"
+          f"{', caches in bf16' if args.bf16_cache else ''}; "
           "peak RSS (ru_maxrss), MiB")
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, __file__, "--config", args.config, "--folder", tmp, "--save"]
@@ -127,7 +132,7 @@ def main() -> None:
         for layout in [args.layout] if args.layout else LAYOUTS:
             cmd = [sys.executable, __file__, "--config", args.config, "--dtype", args.dtype, "--folder", tmp,
                    "--layout", layout, "--prune", str(args.prune)] + (["--image"] if args.image else []) \
-                + (["--int8"] if args.int8 else [])
+                + (["--int8"] if args.int8 else []) + (["--bf16-cache"] if args.bf16_cache else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             figures = json.loads(out.strip().splitlines()[-1])
             print(f"  {layout:9s} " + ", ".join(f"{k[:-4]} {v:.0f}" for k, v in figures.items()))

@@ -14,9 +14,14 @@ from hart.sampling import sample_scales
 from tests.utils import strict_recompiles
 
 
-def test_tiny_benchmark_writes_every_documented_field(tmp_path, capsys):
+def test_tiny_benchmark_writes_every_documented_field(tmp_path, capsys, monkeypatch):
+    from hart.models.attention import KVCache
+
+    cache_dtypes, init = set(), KVCache.__init__
+    monkeypatch.setattr(KVCache, "__init__", lambda self, *a: cache_dtypes.add(a[-1]) or init(self, *a))
     assert main(["benchmark", "--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--batch-size", "1",
-                 "--batch-size", "2", "--warmup", "0", "--iters", "1", "--out", str(tmp_path)]) == 0
+                 "--batch-size", "2", "--warmup", "0", "--iters", "1", "--bf16-cache", "--out", str(tmp_path)]) == 0
+    assert cache_dtypes == {torch.bfloat16}  # the option reached every call
     result = json.loads((tmp_path / "benchmark.json").read_text())
     for key in ("config", "dtype", "device", "device_name", "torch_version", "hart_version", "warmup", "iters",
                 "compile", "text_features", "image_size", "patch_nums", "build_s", "build_peak_rss_mib", "parameters", "matmul_peak",
@@ -37,6 +42,7 @@ def test_tiny_benchmark_writes_every_documented_field(tmp_path, capsys):
         assert run["images_per_s"] == pytest.approx(run["batch_size"] / run["latency_s"])
         assert run["peak_rss_mib"] >= result["build_peak_rss_mib"] > 0 and run["rss_increase_mib"] >= 0 and run["cuda_max_allocated_mib"] is None
         assert set(run["fraction_of_matmul_peak"]) == set(run["achieved_flops_per_s"]) == {"transformer", "end_to_end"}
+        assert run["options"]["bf16_cache"] is True
     with PIL.Image.open(tmp_path / "benchmark.png") as chart:
         chart.verify()
     assert "batch 2:" in capsys.readouterr().out
@@ -99,10 +105,11 @@ def test_compare_times_plain_exact_and_fast_in_one_run(tmp_path, capsys):
     runs = {run["name"]: run for run in result["runs"]}
     assert list(runs) == ["plain", "exact", "fast"]
     plain, exact, fast = runs["plain"]["options"], runs["exact"]["options"], runs["fast"]["options"]
-    assert plain == dict(compact_text=False, prune=1.0, int8=False, compile=False, bf16_head_decoder=False)
+    assert plain == dict(compact_text=False, prune=1.0, int8=False, compile=False, bf16_head_decoder=False,
+                         bf16_cache=False)
     assert exact == dict(plain, compact_text=True, bf16_head_decoder=auto_dtype("cpu").name == "bf16")
     assert fast["bf16_head_decoder"] == exact["bf16_head_decoder"]
-    assert fast["compact_text"] and fast["prune"] == DEFAULT_KEEP
+    assert fast["compact_text"] and fast["prune"] == DEFAULT_KEEP and not fast["bf16_cache"]
     assert runs["plain"]["speedup"] == 1.0
     for run in runs.values():
         assert run["speedup"] == pytest.approx(runs["plain"]["latency_s"] / run["latency_s"])

@@ -113,6 +113,42 @@ def test_the_last_scale_keeps_nothing_it_needs_no_more(models, cond, monkeypatch
         assert made[BranchCache].outputs == {}
 
 
+def test_the_bf16_cache_stores_half_and_reads_back_in_the_model_dtype():
+    cache = KVCache(depth=1, max_len=8, dtype=torch.bfloat16)
+    k_BHld, v_BHld = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    k, v = cache.extend(0, k_BHld, v_BHld)
+    assert cache.k[0].dtype == cache.v[0].dtype == torch.bfloat16 and k.dtype == v.dtype == torch.float32
+    assert torch.equal(k, k_BHld.bfloat16().float()) and torch.equal(v, v_BHld.bfloat16().float())
+    cache.keep_new = False  # the last scale: attended to, not stored, and not rounded
+    k, _ = cache.extend(0, k_BHld[:, :, :2], v_BHld[:, :, :2])
+    assert k.dtype == torch.float32 and torch.equal(k[:, :, 5:], k_BHld[:, :, :2]) and cache.len == [5]
+    branches = BranchCache(record_from=0, dtype=torch.bfloat16)
+    branches.start_scale(2, None)
+    out_BlC = branches.run((0, "attn"), torch.randn(2, 4, 3), lambda h: h * 2)
+    assert out_BlC.dtype == torch.float32 and branches.outputs[0, "attn"].dtype == torch.bfloat16
+
+
+def test_the_bf16_cache_changes_the_latent_by_rounding_only(models, cond, monkeypatch):
+    """Same tokens (forced from the fp32-cache run): what is left is the rounding of the keys, values and
+    recorded branch outputs, carried into the residual diffusion; and every cache is stored in bf16."""
+    transformer, _ = models
+    tokens = []
+    full = sample_scales(*_pair(models), cond, guidance_scale=4.5, more_smooth=False, prune=0.5,
+                         generator=torch.Generator().manual_seed(0), callback=lambda stage: tokens.append(stage.idx_Bl))
+    made = {}
+    for cls in (KVCache, BranchCache):
+        monkeypatch.setattr(cls, "__init__", _spy(cls.__init__, made))
+    half = sample_scales(*_pair(models), cond, guidance_scale=4.5, more_smooth=False, prune=0.5, bf16_cache=True,
+                         generator=torch.Generator().manual_seed(0), forced=ForcedTokens(idx=tokens))
+    assert {t.dtype for t in made[KVCache].k} == {torch.bfloat16} and made[BranchCache].dtype == torch.bfloat16
+    assert 0 < (half - full).abs().max() < 0.05  # 0.02 measured; a token drawn differently moves it by about 1
+
+
+def _pair(models):
+    transformer, vae = models
+    return transformer, vae.quantize
+
+
 def _spy(init, made):
     def spying_init(self, *args, **kwargs):
         made[type(self)] = self
@@ -123,7 +159,7 @@ def _spy(init, made):
 @pytest.mark.parametrize("settings, message", [
     (dict(prune=0.0), "prune"), (dict(prune=1.5), "prune"), (dict(prune=True), "prune"),
     (dict(prune="0.5"), "prune"),
-    (dict(compact_text=1), "compact_text"),
+    (dict(compact_text=1), "compact_text"), (dict(bf16_cache="yes"), "bf16_cache"),
 ])
 def test_bad_speed_options_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -152,12 +188,13 @@ def test_generate_flags_reach_the_pipeline_and_the_metadata(fixtures, tmp_path, 
 
     model = ["--model", str(fixtures / "ckpt"), "--text-encoder", str(fixtures / "ckpt" / "text_encoder")]
     out = tmp_path / "out"
-    assert main(["generate", "a cat", "--prune", "--no-compact-text", "--dtype", "auto", "--device", "cpu",
-                 "--out", str(out), *model]) == 0
+    assert main(["generate", "a cat", "--prune", "--no-compact-text", "--bf16-cache", "--dtype", "auto", "--device",
+                 "cpu", "--out", str(out), *model]) == 0
     said = capsys.readouterr()
     assert f"--dtype auto: {auto_dtype('cpu').reason}" in said.out and "--dtype auto" not in said.err
     meta = json.loads(Image.open(out / "00000_00.png").text[METADATA_KEY])
-    assert (meta["prune"], meta["compact_text"], meta["dtype"], meta["int8"]) == (0.25, False, auto_dtype("cpu").name, False)
+    assert (meta["prune"], meta["compact_text"], meta["bf16_cache"], meta["dtype"], meta["int8"]) == (
+        0.25, False, True, auto_dtype("cpu").name, False)
     again = tmp_path / "again"
     assert main(["generate", "--from-png", str(out / "00000_00.png"), "--out", str(again)]) == 0
     assert Image.open(again / "00000_00.png").tobytes() == Image.open(out / "00000_00.png").tobytes()
@@ -189,7 +226,8 @@ def test_cli_defaults_are_the_library_defaults():
     from hart.pruning import DEFAULT_KEEP
 
     defaults = SamplingOptions()
-    assert (SAMPLING_DEFAULTS["prune"], SAMPLING_DEFAULTS["compact_text"]) == (defaults.prune, defaults.compact_text)
+    assert [SAMPLING_DEFAULTS[k] for k in ("prune", "compact_text", "bf16_cache")] == [
+        defaults.prune, defaults.compact_text, defaults.bf16_cache]
     assert DEFAULT_PRUNE_KEEP == DEFAULT_KEEP
 
 

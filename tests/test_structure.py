@@ -144,7 +144,7 @@ def _every_argument(pipe):
         callback_on_step_end_tensor_inputs=["idx"], use_system_prompt=False,
         max_sequence_length=pipe.transformer.config.context_tokens,
         stale_last_scale_guidance=not limits.STALE_LAST_SCALE_GUIDANCE, num_maskgit_iters=2, prune=0.5,
-        compact_text=not SamplingOptions().compact_text,
+        compact_text=not SamplingOptions().compact_text, bf16_cache=not SamplingOptions().bf16_cache,
     )
     names = set(inspect.signature(HARTPipeline.__call__).parameters) - {"self", "prompt"}
     assert set(args) == names, "a new HARTPipeline.__call__ argument: add it here"

@@ -42,10 +42,12 @@ class KVCache:
     instead of re-copying every earlier scale (their pages become resident only as they are written).
     Once `keep_new` is False (the last scale, when nothing runs after it) new keys and values are
     attended to but not stored: at 1024 px that keeps the 64 x 64 scale's 0.8 GB (bf16) out of memory.
+    `dtype` (None: the keys' own) is what the buffers store; attention reads them back in the keys' dtype
+    (a bf16 cache for a model computing in fp32 halves the cache, 2.1 GB at 1024 px, and rounds it).
     """
 
-    def __init__(self, depth: int, max_len: int):
-        self.max_len = max_len
+    def __init__(self, depth: int, max_len: int, dtype: Optional[torch.dtype] = None):
+        self.max_len, self.dtype = max_len, dtype
         self.k: List[Optional[torch.Tensor]] = [None] * depth
         self.v: List[Optional[torch.Tensor]] = [None] * depth
         self.len = [0] * depth
@@ -57,15 +59,15 @@ class KVCache:
     def extend(self, layer: int, k_BHld: torch.Tensor, v_BHld: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.k[layer] is None:
             B, H, _, d = k_BHld.shape
-            self.k[layer] = k_BHld.new_empty(B, H, self.max_len, d)
-            self.v[layer] = v_BHld.new_empty(B, H, self.max_len, d)
+            self.k[layer] = k_BHld.new_empty(B, H, self.max_len, d, dtype=self.dtype or k_BHld.dtype)
+            self.v[layer] = v_BHld.new_empty(B, H, self.max_len, d, dtype=self.dtype or v_BHld.dtype)
         start, end = self.len[layer], self.len[layer] + k_BHld.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} positions")
         if not self.keep_new:
-            return (torch.cat((self.k[layer][:, :, :start], k_BHld), dim=2),
-                    torch.cat((self.v[layer][:, :, :start], v_BHld), dim=2))
+            return (torch.cat((self.k[layer][:, :, :start].to(k_BHld.dtype), k_BHld), dim=2),
+                    torch.cat((self.v[layer][:, :, :start].to(v_BHld.dtype), v_BHld), dim=2))
         self.k[layer][:, :, start:end] = k_BHld
         self.v[layer][:, :, start:end] = v_BHld
         self.len[layer] = end
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return self.k[layer][:, :, :end].to(k_BHld.dtype), self.v[layer][:, :, :end].to(v_BHld.dtype)

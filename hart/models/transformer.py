@@ -301,13 +301,15 @@ class HARTTransformer(CastWhileLoading, ConfigMixin):
     @apply_forward_hook
     def prepare_inference(
         self, text: TextConditioning, *, text_key_bias_NT: Optional[torch.Tensor] = None, record_from: Optional[int] = None,
+        cache_dtype: Optional[torch.dtype] = None,
     ) -> InferenceState:
         """Everything the scales of one sampling call share: the text tokens (scale 0's input), the
         AdaLN modulations (they depend on the text only) and an empty KV cache.
 
         `text_key_bias_NT`: the text was compacted by `hart.text_keys.compact_text`, which gave this
         key bias. `record_from`: token pruning is on; the scales from this one on record their
-        blocks' branch outputs (`hart.pruning.BranchCache`).
+        blocks' branch outputs (`hart.pruning.BranchCache`). `cache_dtype`: what the KV cache and the
+        recorded branch outputs are stored in (None: the model's dtype).
         """
         cond_BTD = self._embed_context(text.features_BTC, compacted=text_key_bias_NT is not None)
         cond_blocks, head_cond_BD = self._pool_condition(cond_BTD, text.mask_BT)
@@ -317,9 +319,10 @@ class HARTTransformer(CastWhileLoading, ConfigMixin):
             modulations=[block.modulation(cond_blocks) for block in self.blocks],
             head_cond_BD=head_cond_BD,
             offset_B=text.position_ids_BT[:, -1],
-            cache=KVCache(len(self.blocks), self.config.context_tokens + sum(p * p for p in self.patch_nums[1:])),
+            cache=KVCache(len(self.blocks), self.config.context_tokens + sum(p * p for p in self.patch_nums[1:]),
+                          cache_dtype),
             text_key_bias_NT=text_key_bias_NT,
-            branches=None if record_from is None else BranchCache(record_from),
+            branches=None if record_from is None else BranchCache(record_from, cache_dtype),
         )
 
     @apply_forward_hook
