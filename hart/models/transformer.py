@@ -99,8 +99,9 @@ class AdaLNBlock(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
-        """`(B, 1, 6, C)` gates, scales and shifts: text only, so computed once per sampling call."""
-        return self.ada_lin(cond_BD).view(cond_BD.shape[0], 1, 6, -1)
+        """`(B, 1, 6, C)` gates, scales and shifts: text only, so computed once per sampling call. In the
+        weights' dtype, which int8 models keep in bf16 (`hart.quantize`); `forward` casts them."""
+        return self.ada_lin(cond_BD.to(self.ada_lin[1].weight.dtype)).view(cond_BD.shape[0], 1, 6, -1)
 
     def forward(self, x_BLC, ada_B16C, rope_cos_sin, mask_LL=None, *, cache: Optional[KVCache] = None, layer: int = 0,
                 branches: Optional[BranchCache] = None):
