@@ -65,8 +65,9 @@ class KVCache:
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} positions")
         if not self.keep_new:
-            return (torch.cat((self.k[layer][:, :, :start].to(k_BHld.dtype), k_BHld), dim=2),
-                    torch.cat((self.v[layer][:, :, :start].to(v_BHld.dtype), v_BHld), dim=2))
+            # cat promotes a bf16 cache to the new keys' fp32 as it copies: no converted copy first
+            return (torch.cat((self.k[layer][:, :, :start], k_BHld), dim=2),
+                    torch.cat((self.v[layer][:, :, :start], v_BHld), dim=2))
         self.k[layer][:, :, start:end] = k_BHld
         self.v[layer][:, :, start:end] = v_BHld
         self.len[layer] = end
